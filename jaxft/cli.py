@@ -1,0 +1,92 @@
+"""`jaxft train | eval | export`: absl flags + ml_collections config files.
+
+  jaxft train  --config=configs/classify.py --workdir=DIR [--config.KEY=VALUE ...]
+  jaxft eval   --config=configs/classify.py --workdir=DIR [--config.KEY=VALUE ...]
+  jaxft export --workdir=DIR --out=HF_DIR
+
+User mistakes (unknown config key, wrong type, missing file, empty data) exit
+with code 2 and one line naming the problem, before anything compiles.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Sequence
+
+from absl import flags
+from ml_collections import config_flags
+
+from jaxft.errors import UserError
+
+COMMANDS = ("train", "eval", "export")
+USAGE = __doc__.split("\n\n")[1]
+
+FLAGS = flags.FLAGS
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Recipe file, e.g. configs/classify.py.")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run folder: checkpoints, metrics.jsonl, config.json.")
+_OUT = flags.DEFINE_string("out", None, "export: the Hugging Face folder to write.")
+
+
+def _flag_error(e: Exception, argv: Sequence[str]) -> str:
+  """A one-line explanation of why flag parsing failed."""
+  if isinstance(e, (AttributeError, KeyError)):
+    name = str(e).strip("'\"")
+    for arg in argv:
+      key = arg.lstrip("-").split("=", 1)[0]
+      if key.startswith("config.") and key.split(".")[-1] == name:
+        return f"unknown config key {key!r}"
+    return f"unknown config key {name!r}"
+  lines = [l.strip() for l in str(e).splitlines() if l.strip()]
+  if isinstance(e, OSError):  # A config file that failed to load: the cause is last.
+    return f"cannot load --config: {lines[-1]}"
+  return lines[0]
+
+
+def _parse(command: str, argv: Sequence[str]) -> None:
+  """Parses flags (argv without the command); every failure becomes a UserError."""
+  try:
+    FLAGS(list(argv))
+    config = _CONFIG.value
+    if config is not None:
+      config.to_dict()  # A config file that failed to load raises only when used.
+  except (flags.Error, AttributeError, KeyError, OSError, TypeError, ValueError) as e:
+    raise UserError(_flag_error(e, argv)) from e
+  if command != "export" and config is None:
+    raise UserError("--config is required, e.g. --config=configs/classify.py")
+  if not _WORKDIR.value:
+    raise UserError("--workdir is required")
+
+
+def run(argv: Sequence[str]) -> int:
+  """Runs one command; returns the process exit code."""
+  if len(argv) < 2 or argv[1] not in COMMANDS:
+    print(f"usage:\n{USAGE}", file=sys.stderr)
+    return 2
+  command = argv[1]
+  _parse(command, [argv[0], *argv[2:]])
+  from jaxft import train  # Deferred: JAX start-up is slow and --help should not pay it.
+  if command == "train":
+    result = train.train(_CONFIG.value, _WORKDIR.value)
+    if result is not None:
+      print(json.dumps(result))
+  elif command == "eval":
+    print(json.dumps(train.eval_command(_CONFIG.value, _WORKDIR.value)))
+  else:
+    if not _OUT.value:
+      raise UserError("export needs --out=HF_DIR")
+    train.export_command(_WORKDIR.value, _OUT.value)
+  return 0
+
+
+def main() -> None:
+  """Console-script entry point."""
+  try:
+    sys.exit(run(sys.argv))
+  except UserError as e:
+    print(f"jaxft: error: {e}", file=sys.stderr)
+    sys.exit(2)
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,98 @@
+"""Shared config defaults and validation with clear errors.
+
+A recipe in `configs/` calls `base()` and sets what it needs; `validate()` runs
+before anything is loaded or compiled, so a wrong value fails in milliseconds
+with a message that names the key.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import ml_collections
+
+from jaxft.errors import UserError
+
+SCHEDULES = ("linear", "cosine", "constant")
+DTYPES = ("float32", "bfloat16")
+
+
+def base() -> ml_collections.ConfigDict:
+  """Defaults common to every recipe; each field is documented where it is set."""
+  c = ml_collections.ConfigDict()
+
+  c.model = ml_collections.ConfigDict()
+  c.model.path = ""  # HF folder or hub id.
+  c.model.dtype = "float32"  # Compute dtype; parameters stay float32.
+  c.model.allow_pickle = False  # Read pytorch_model.bin (torch.load weights_only) if True.
+
+  c.data = ml_collections.ConfigDict()
+  c.data.train = ""  # csv/json/jsonl/parquet file, or a hub dataset name.
+  c.data.train_split = "train"  # Split to read when `train` is a hub name.
+  c.data.eval = ""
+  c.data.eval_split = "test"
+  c.data.max_length = 128  # Tokens per example; every batch has this fixed shape.
+
+  c.train = ml_collections.ConfigDict()
+  c.train.batch_size = 32  # Global batch: examples per optimizer update.
+  c.train.grad_accum = 1  # Micro-batches per update; batch_size must divide by it.
+  c.train.num_steps = 1000
+  c.train.eval_every = 0  # Steps between evals; 0: only at the end.
+  c.train.log_every = 20  # Steps between train-metric lines in metrics.jsonl.
+  c.train.seed = 0  # Seeds the head init, the data order and dropout.
+  c.train.eval_batch_size = 64
+
+  c.optim = ml_collections.ConfigDict()
+  c.optim.lr = 5e-5  # Peak learning rate (after warmup).
+  c.optim.schedule = "linear"  # Decay after warmup: linear | cosine | constant.
+  c.optim.warmup_steps = 0  # If 0, warmup_frac of num_steps is used.
+  c.optim.warmup_frac = 0.1
+  c.optim.weight_decay = 0.01  # AdamW decay; never applied to biases or LayerNorm.
+  c.optim.b1 = 0.9
+  c.optim.b2 = 0.999
+  c.optim.eps = 1e-8
+  c.optim.clip_norm = 1.0  # Global-norm gradient clipping; 0 turns it off.
+
+  c.checkpoint = ml_collections.ConfigDict()
+  c.checkpoint.every = 0  # Steps between checkpoints; 0: only at the end.
+  c.checkpoint.keep = 2  # How many recent checkpoints to keep.
+  return c
+
+
+def _require(ok: bool, key: str, expected: str, value: Any) -> None:
+  if not ok:
+    raise UserError(f"config.{key} must be {expected}, got {value!r}")
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Checks values that the type system of ConfigDict cannot; raises UserError."""
+  t, o, d = config.train, config.optim, config.data
+  _require(bool(config.model.path), "model.path", "a checkpoint folder or hub id", config.model.path)
+  _require(config.model.dtype in DTYPES, "model.dtype", f"one of {DTYPES}", config.model.dtype)
+  _require(bool(d.train), "data.train", "a data file or hub dataset name", d.train)
+  _require(d.max_length > 1, "data.max_length", "> 1", d.max_length)
+  for key in ("batch_size", "grad_accum", "num_steps", "eval_batch_size"):
+    _require(t[key] > 0, f"train.{key}", "> 0", t[key])
+  for key in ("eval_every", "log_every"):
+    _require(t[key] >= 0, f"train.{key}", ">= 0", t[key])
+  _require(t.batch_size % t.grad_accum == 0, "train.batch_size",
+           f"divisible by train.grad_accum={t.grad_accum}", t.batch_size)
+  _require(o.lr > 0, "optim.lr", "> 0", o.lr)
+  _require(o.schedule in SCHEDULES, "optim.schedule", f"one of {SCHEDULES}", o.schedule)
+  _require(0 <= o.warmup_frac < 1, "optim.warmup_frac", "in [0, 1)", o.warmup_frac)
+  _require(o.warmup_steps >= 0, "optim.warmup_steps", ">= 0", o.warmup_steps)
+  _require(o.weight_decay >= 0, "optim.weight_decay", ">= 0", o.weight_decay)
+  _require(o.clip_norm >= 0, "optim.clip_norm", ">= 0", o.clip_norm)
+  _require(config.checkpoint.every >= 0, "checkpoint.every", ">= 0", config.checkpoint.every)
+  _require(config.checkpoint.keep > 0, "checkpoint.keep", "> 0", config.checkpoint.keep)
+
+
+def to_json(config: ml_collections.ConfigDict) -> str:
+  """The resolved config as JSON, as written to DIR/config.json."""
+  return json.dumps(config.to_dict(), indent=2, sort_keys=True)
+
+
+def from_json(text: str) -> ml_collections.ConfigDict:
+  """Inverse of `to_json`, for commands that read a workdir's config."""
+  return ml_collections.ConfigDict(json.loads(text))

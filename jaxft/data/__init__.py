@@ -1,0 +1,1 @@
+"""Data: load datasets (files or hub), tokenize, and batch deterministically."""

@@ -1,0 +1,71 @@
+"""Metrics: classification scores, the JSONL log, and terminal progress."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from typing import Any, TextIO
+
+import numpy as np
+
+
+def classification(labels: np.ndarray, preds: np.ndarray, num_labels: int) -> dict[str, float]:
+  """Accuracy and macro-F1 (mean over classes that occur in labels or predictions)."""
+  f1s = []
+  for c in range(num_labels):
+    tp = np.sum((preds == c) & (labels == c))
+    fp = np.sum((preds == c) & (labels != c))
+    fn = np.sum((preds != c) & (labels == c))
+    if tp + fp + fn:
+      f1s.append(2 * tp / (2 * tp + fp + fn))
+  return {"accuracy": float(np.mean(preds == labels)), "f1": float(np.mean(f1s))}
+
+
+class JsonlWriter:
+  """Appends one JSON object per event to DIR/metrics.jsonl (appending across resumes)."""
+
+  def __init__(self, workdir: str):
+    self.path = os.path.join(workdir, "metrics.jsonl")
+
+  def write(self, step: int, split: str, metrics: dict[str, Any]) -> None:
+    record = {"step": int(step), "split": split, **{k: _plain(v) for k, v in metrics.items()}}
+    with open(self.path, "a", encoding="utf-8") as f:
+      f.write(json.dumps(record) + "\n")
+
+
+def _plain(v: Any) -> Any:
+  return v.item() if hasattr(v, "item") else v
+
+
+class Progress:
+  """A tqdm bar (loss, examples/s, ETA) on a terminal, else a plain line every `every` steps."""
+
+  def __init__(self, start: int, total: int, batch_size: int, every: int,
+               stream: TextIO = sys.stderr):
+    self.total, self.batch_size, self.every, self.stream = total, batch_size, max(every, 1), stream
+    self._t0, self._s0 = time.perf_counter(), start
+    self._bar = None
+    if stream.isatty():
+      from tqdm import tqdm  # pylint: disable=g-import-not-at-top
+      self._bar = tqdm(initial=start, total=total, file=stream, unit="step", dynamic_ncols=True)
+
+  def examples_per_sec(self, step: int) -> float:
+    elapsed = time.perf_counter() - self._t0
+    return (step - self._s0) * self.batch_size / max(elapsed, 1e-9)
+
+  def update(self, step: int, loss: float | None = None) -> None:
+    rate = self.examples_per_sec(step)
+    if self._bar is not None:
+      self._bar.update(step - self._bar.n)
+      if loss is not None:
+        self._bar.set_postfix(loss=f"{loss:.4f}", ex_per_s=f"{rate:.1f}")
+    elif loss is not None and (step % self.every == 0 or step == self.total):
+      eta = (self.total - step) * self.batch_size / max(rate, 1e-9)
+      print(f"step {step}/{self.total} loss {loss:.4f} {rate:.1f} ex/s eta {eta:.0f}s",
+            file=self.stream, flush=True)
+
+  def close(self) -> None:
+    if self._bar is not None:
+      self._bar.close()

@@ -1,0 +1,216 @@
+"""The training loop and the commands built on it: train, eval and export.
+
+Side effects (files, logs, printing) live here; the math is in `steps.py`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+import sys
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax import nnx
+
+from jaxft import checkpoint
+from jaxft import config as config_lib
+from jaxft import hf
+from jaxft import metrics as metrics_lib
+from jaxft import optim
+from jaxft import steps
+from jaxft.data import batches as batches_lib
+from jaxft.data import text
+from jaxft.errors import UserError
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def log(msg: str) -> None:
+  print(msg, file=sys.stderr, flush=True)
+
+
+@dataclasses.dataclass
+class Run:
+  """A model with its train state, restored from DIR/checkpoints or freshly loaded."""
+  graphdef: nnx.GraphDef
+  rest: nnx.State
+  state: steps.State
+  tx: optax.GradientTransformation
+  hf_config: Any
+  checkpointer: checkpoint.Checkpointer
+
+  @property
+  def step(self) -> int:
+    return int(self.state["step"])
+
+
+def _labels_file(workdir: str) -> str:
+  return os.path.join(workdir, "labels.json")
+
+
+def read_labels(workdir: str) -> list[str] | None:
+  """The label names a run in `workdir` trained with, or None for a new workdir."""
+  path = _labels_file(workdir)
+  if not os.path.exists(path):
+    return None
+  with open(path, encoding="utf-8") as f:
+    return json.load(f)
+
+
+def _concrete(abstract: Any) -> Any:
+  """Gives abstract arrays the default device's sharding, as Orbax restore wants one."""
+  sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
+                      abstract)
+
+
+def open_run(config: ml_collections.ConfigDict, workdir: str, model_path: str,
+             labels: list[str]) -> Run:
+  """Restores the latest checkpoint in `workdir`, or loads the pretrained model."""
+  ckpt = checkpoint.Checkpointer(workdir, keep=config.checkpoint.keep,
+                                 every=config.checkpoint.every)
+  id2label = dict(enumerate(labels))
+  dtype = _DTYPES[config.model.dtype]
+  hf_config = hf.load_hf_config(model_path, num_labels=len(labels), id2label=id2label)
+  latest = ckpt.latest_step()
+  if latest is None:
+    loaded = hf.load_classifier(model_path, num_labels=len(labels), id2label=id2label,
+                                dtype=dtype, seed=config.train.seed,
+                                allow_pickle=config.model.allow_pickle)
+    _report_load(loaded.report)
+    model = loaded.model
+  else:
+    # The checkpoint holds every parameter: build the model's shapes only.
+    model = nnx.eval_shape(lambda: hf.build_classifier(hf_config, dtype=dtype,
+                                                       seed=config.train.seed))
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  tx = optim.build(config, params)
+  if latest is None:
+    state = steps.init_state(params, tx)
+  else:
+    abstract = jax.eval_shape(functools.partial(steps.init_state, tx=tx), params)
+    state, _ = ckpt.restore(_concrete(abstract), latest)
+    log(f"restored checkpoint at step {latest} from {ckpt.directory}")
+  return Run(graphdef, rest, state, tx, hf_config, ckpt)
+
+
+def _report_load(report: hf.LoadReport) -> None:
+  if report.missing:
+    log(f"initialised (not in checkpoint): {', '.join(report.missing)}")
+  if report.unexpected:
+    log(f"unused checkpoint weights: {', '.join(report.unexpected)}")
+
+
+def evaluate(run: Run, examples: dict[str, np.ndarray], batch_size: int,
+             num_labels: int) -> dict[str, float]:
+  """Loss, accuracy and macro-F1 over every eval example (no example dropped)."""
+  fn = _eval_fn(run.graphdef, run.rest)
+  losses, preds, weights = [], [], []
+  for batch in batches_lib.eval_batches(examples, batch_size):
+    weight = batch.pop("weight")
+    loss, pred = fn(run.state["params"], batch)
+    losses.append(np.asarray(loss))
+    preds.append(np.asarray(pred))
+    weights.append(weight)
+  keep = np.concatenate(weights) > 0
+  loss = np.concatenate(losses)[keep]
+  scores = metrics_lib.classification(examples["label"], np.concatenate(preds)[keep], num_labels)
+  return {"loss": float(loss.mean()), **scores}
+
+
+@functools.lru_cache(maxsize=4)
+def _eval_fn(graphdef: nnx.GraphDef, rest: nnx.State):
+  return jax.jit(functools.partial(steps.eval_step, graphdef=graphdef, rest=rest))
+
+
+def _prepare(config: ml_collections.ConfigDict, workdir: str, *, need_train: bool):
+  config_lib.validate(config)
+  model_path = hf.resolve_path(config.model.path)
+  tokenizer = hf.load_tokenizer(model_path)
+  train_ex, eval_ex, labels = text.prepare(config, tokenizer, read_labels(workdir),
+                                           need_train=need_train)
+  return model_path, train_ex, eval_ex, labels
+
+
+def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float] | None:
+  """Trains (or resumes) to `train.num_steps`; returns the final eval metrics if any."""
+  model_path, train_ex, eval_ex, labels = _prepare(config, workdir, need_train=True)
+  os.makedirs(workdir, exist_ok=True)
+  run = open_run(config, workdir, model_path, labels)
+  with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
+    f.write(config_lib.to_json(config))
+  with open(_labels_file(workdir), "w", encoding="utf-8") as f:
+    json.dump(labels, f)
+  t = config.train
+  log(f"{batches_lib.num_examples(train_ex)} train examples, {len(labels)} classes; "
+      f"step {run.step} -> {t.num_steps}")
+  step_fn = jax.jit(functools.partial(
+      steps.train_step, graphdef=run.graphdef, rest=run.rest, tx=run.tx,
+      grad_accum=t.grad_accum, dropout_key=jax.random.key(t.seed)), donate_argnums=0)
+  data = batches_lib.TrainBatches(train_ex, t.batch_size, t.seed)
+  writer = metrics_lib.JsonlWriter(workdir)
+  lr = optim.schedule(config)
+  progress = metrics_lib.Progress(run.step, t.num_steps, t.batch_size, t.log_every)
+  result = None
+  for step in range(run.step + 1, t.num_steps + 1):
+    run.state, m = step_fn(run.state, data[step - 1])
+    if t.log_every and step % t.log_every == 0:
+      m = {k: float(v) for k, v in m.items()}
+      writer.write(step, "train", {**m, "lr": float(lr(step - 1)),
+                                   "examples_per_sec": progress.examples_per_sec(step)})
+      progress.update(step, m["loss"])
+    else:
+      progress.update(step)
+    if eval_ex is not None and t.eval_every and step % t.eval_every == 0 and step < t.num_steps:
+      writer.write(step, "eval", evaluate(run, eval_ex, t.eval_batch_size, len(labels)))
+    if run.checkpointer.should_save(step) and step < t.num_steps:
+      run.checkpointer.save(step, run.state, {"step": step})
+  progress.close()
+  final = run.step
+  if run.checkpointer.latest_step() != final:
+    run.checkpointer.save(final, run.state, {"step": final})
+  if eval_ex is not None:
+    result = evaluate(run, eval_ex, t.eval_batch_size, len(labels))
+    writer.write(final, "eval", result)
+  run.checkpointer.wait()
+  run.checkpointer.close()
+  return result
+
+
+def eval_command(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+  """Evaluates the latest checkpoint in `workdir`, or the pretrained model if none."""
+  model_path, _, eval_ex, labels = _prepare(config, workdir, need_train=False)
+  if eval_ex is None:
+    raise UserError("config.data.eval is empty: nothing to evaluate")
+  run = open_run(config, workdir, model_path, labels)
+  result = evaluate(run, eval_ex, config.train.eval_batch_size, len(labels))
+  run.checkpointer.close()
+  return {"step": run.step, **result}
+
+
+def export_command(workdir: str, out_dir: str) -> None:
+  """Writes the latest checkpoint of `workdir` as a Hugging Face folder."""
+  path = os.path.join(workdir, "config.json")
+  labels = read_labels(workdir)
+  if not os.path.exists(path) or labels is None:
+    raise UserError(f"{workdir} is not a jaxft workdir (no config.json / labels.json)")
+  with open(path, encoding="utf-8") as f:
+    config = config_lib.from_json(f.read())
+  checkpointer = checkpoint.Checkpointer(workdir)
+  if checkpointer.latest_step() is None:
+    raise UserError(f"no checkpoint in {checkpointer.directory}: train first")
+  checkpointer.close()
+  model_path = hf.resolve_path(config.model.path)
+  run = open_run(config, workdir, model_path, labels)
+  model = nnx.merge(run.graphdef, run.state["params"], run.rest)
+  hf.export_classifier(model, run.hf_config, out_dir, tokenizer_path=model_path)
+  run.checkpointer.close()
+  log(f"exported step {run.step} to {out_dir}")
