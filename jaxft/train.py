@@ -51,6 +51,11 @@ class Run:
   def step(self) -> int:
     return int(self.state["step"])
 
+  @functools.cached_property
+  def eval_fn(self):
+    """The jitted eval step, compiled once per run."""
+    return jax.jit(functools.partial(steps.eval_step, graphdef=self.graphdef, rest=self.rest))
+
 
 def _labels_file(workdir: str) -> str:
   return os.path.join(workdir, "labels.json")
@@ -112,11 +117,10 @@ def _report_load(report: hf.LoadReport) -> None:
 def evaluate(run: Run, examples: dict[str, np.ndarray], batch_size: int,
              num_labels: int) -> dict[str, float]:
   """Loss, accuracy and macro-F1 over every eval example (no example dropped)."""
-  fn = _eval_fn(run.graphdef, run.rest)
   losses, preds, weights = [], [], []
   for batch in batches_lib.eval_batches(examples, batch_size):
     weight = batch.pop("weight")
-    loss, pred = fn(run.state["params"], batch)
+    loss, pred = run.eval_fn(run.state["params"], batch)
     losses.append(np.asarray(loss))
     preds.append(np.asarray(pred))
     weights.append(weight)
@@ -124,11 +128,6 @@ def evaluate(run: Run, examples: dict[str, np.ndarray], batch_size: int,
   loss = np.concatenate(losses)[keep]
   scores = metrics_lib.classification(examples["label"], np.concatenate(preds)[keep], num_labels)
   return {"loss": float(loss.mean()), **scores}
-
-
-@functools.lru_cache(maxsize=4)
-def _eval_fn(graphdef: nnx.GraphDef, rest: nnx.State):
-  return jax.jit(functools.partial(steps.eval_step, graphdef=graphdef, rest=rest))
 
 
 def _prepare(config: ml_collections.ConfigDict, workdir: str, *, need_train: bool):
@@ -149,9 +148,17 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float] |
     f.write(config_lib.to_json(config))
   with open(_labels_file(workdir), "w", encoding="utf-8") as f:
     json.dump(labels, f)
-  t = config.train
   log(f"{batches_lib.num_examples(train_ex)} train examples, {len(labels)} classes; "
-      f"step {run.step} -> {t.num_steps}")
+      f"step {run.step} -> {config.train.num_steps}")
+  try:
+    return _loop(config, workdir, run, train_ex, eval_ex, len(labels))
+  finally:
+    run.checkpointer.close()  # Waits for a pending async save.
+
+
+def _loop(config: ml_collections.ConfigDict, workdir: str, run: Run, train_ex: dict,
+          eval_ex: dict | None, num_labels: int) -> dict[str, float] | None:
+  t = config.train
   step_fn = jax.jit(functools.partial(
       steps.train_step, graphdef=run.graphdef, rest=run.rest, tx=run.tx,
       grad_accum=t.grad_accum, dropout_key=jax.random.key(t.seed)), donate_argnums=0)
@@ -159,7 +166,6 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float] |
   writer = metrics_lib.JsonlWriter(workdir)
   lr = optim.schedule(config)
   progress = metrics_lib.Progress(run.step, t.num_steps, t.batch_size, t.log_every)
-  result = None
   for step in range(run.step + 1, t.num_steps + 1):
     run.state, m = step_fn(run.state, data[step - 1])
     if t.log_every and step % t.log_every == 0:
@@ -170,18 +176,16 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float] |
     else:
       progress.update(step)
     if eval_ex is not None and t.eval_every and step % t.eval_every == 0 and step < t.num_steps:
-      writer.write(step, "eval", evaluate(run, eval_ex, t.eval_batch_size, len(labels)))
+      writer.write(step, "eval", evaluate(run, eval_ex, t.eval_batch_size, num_labels))
     if run.checkpointer.should_save(step) and step < t.num_steps:
       run.checkpointer.save(step, run.state, {"step": step})
   progress.close()
-  final = run.step
-  if run.checkpointer.latest_step() != final:
-    run.checkpointer.save(final, run.state, {"step": final})
-  if eval_ex is not None:
-    result = evaluate(run, eval_ex, t.eval_batch_size, len(labels))
-    writer.write(final, "eval", result)
-  run.checkpointer.wait()
-  run.checkpointer.close()
+  if run.checkpointer.latest_step() != run.step:
+    run.checkpointer.save(run.step, run.state, {"step": run.step})
+  if eval_ex is None:
+    return None
+  result = evaluate(run, eval_ex, t.eval_batch_size, num_labels)
+  writer.write(run.step, "eval", result)
   return result
 
 
