@@ -63,7 +63,7 @@ def train_step(state: State, batch: dict, *, graphdef: nnx.GraphDef, rest: nnx.S
   updates, opt_state = tx.update(grads, state["opt_state"], params)
   new_state = {"step": state["step"] + 1, "params": optax.apply_updates(params, updates),
                "opt_state": opt_state}
-  return new_state, {"loss": loss, "accuracy": acc, "grad_norm": optax.global_norm(grads)}
+  return new_state, {"loss": loss, "accuracy": acc, "grad_norm": optax.tree_utils.tree_norm(grads)}
 
 
 def eval_step(params: nnx.State, batch: dict, *, graphdef: nnx.GraphDef,

@@ -132,7 +132,7 @@ def evaluate(run: Run, examples: dict[str, np.ndarray], batch_size: int,
 
 def _prepare(config: ml_collections.ConfigDict, workdir: str, *, need_train: bool):
   config_lib.validate(config)
-  model_path = hf.resolve_path(config.model.path)
+  model_path = hf.resolve_path(config.model.path, allow_pickle=config.model.allow_pickle)
   tokenizer = hf.load_tokenizer(model_path)
   train_ex, eval_ex, labels = text.prepare(config, tokenizer, read_labels(workdir),
                                            need_train=need_train)
@@ -212,7 +212,7 @@ def export_command(workdir: str, out_dir: str) -> None:
   if checkpointer.latest_step() is None:
     raise UserError(f"no checkpoint in {checkpointer.directory}: train first")
   checkpointer.close()
-  model_path = hf.resolve_path(config.model.path)
+  model_path = hf.resolve_path(config.model.path, allow_pickle=config.model.allow_pickle)
   run = open_run(config, workdir, model_path, labels)
   model = nnx.merge(run.graphdef, run.state["params"], run.rest)
   hf.export_classifier(model, run.hf_config, out_dir, tokenizer_path=model_path)

@@ -1,0 +1,410 @@
+"""Reading and writing Hugging Face checkpoints.
+
+In: a local folder or hub id with `config.json` and weights as safetensors
+(single or sharded), transformers' old `flax_model.msgpack`, or, only with
+`allow_pickle=True`, `pytorch_model.bin`. Out: `config.json`,
+`model.safetensors` (float32, PyTorch layout and names) and tokenizer files
+that `transformers.AutoModelForSequenceClassification` loads as is.
+
+Names and layouts are translated by each model family's `CheckpointLayout`
+(see `jaxft.models.registry`); this file only knows file formats.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import json
+import os
+import re
+from typing import Any, Callable, Iterator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import transformers
+from flax import nnx
+from jax.experimental import multihost_utils
+
+from jaxft.errors import UserError
+from jaxft.models import layers
+from jaxft.models import registry
+
+SAFETENSORS = "model.safetensors"
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+FLAX_MSGPACK = "flax_model.msgpack"
+TORCH_BIN = "pytorch_model.bin"
+TORCH_BIN_INDEX = "pytorch_model.bin.index.json"
+
+# What a hub download fetches: config, weights we can read safely, tokenizer.
+_HUB_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "tokenizer*",
+                 FLAX_MSGPACK]
+_HUB_PICKLE_PATTERNS = ["*.bin"]
+# Top-level files only: repos keep ONNX/OpenVINO exports and sentence-
+# transformers modules in subfolders, which would otherwise match too.
+_HUB_IGNORE = ["*/*"]
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
+
+# Non-persistent buffers that older transformers versions still saved.
+_IGNORED_KEYS = re.compile(r"(^|\.)(position_ids|embeddings\.token_type_ids)$")
+
+
+@dataclasses.dataclass
+class LoadReport:
+  """What a load did not match.
+
+  Attributes:
+    missing: our param paths that were initialised fresh (e.g. the head).
+    unexpected: checkpoint keys that were not used.
+  """
+  missing: list[str]
+  unexpected: list[str]
+
+
+@dataclasses.dataclass
+class Loaded:
+  """A model loaded from an HF checkpoint, with its config and report."""
+  model: nnx.Module
+  hf_config: transformers.PretrainedConfig
+  report: LoadReport
+  path: str
+
+
+# --- locating files ----------------------------------------------------------
+
+def resolve_path(path_or_hub_id: str, *, allow_pickle: bool = False) -> str:
+  """A local checkpoint folder for a folder path or a hub id.
+
+  Args:
+    path_or_hub_id: an existing folder (returned as is, made absolute), or a
+      Hugging Face hub id such as `org/name`, which is downloaded (config,
+      safetensors, msgpack and tokenizer files; `*.bin` only with
+      `allow_pickle`) into the hub cache.
+    allow_pickle: also download pickled PyTorch weights.
+
+  Returns:
+    The local folder.
+
+  Raises:
+    UserError: the folder does not exist and the name is not a downloadable
+      hub id.
+  """
+  path = os.path.expanduser(path_or_hub_id)
+  if os.path.isdir(path):
+    return os.path.abspath(path)
+  if os.path.exists(path):
+    raise UserError(f"Checkpoint path {path!r} is a file; expected a folder "
+                    "with config.json and weights.")
+  if path_or_hub_id.startswith((".", "/", "~")) or not _HUB_ID.fullmatch(
+      path_or_hub_id):
+    raise UserError(f"Checkpoint folder {path!r} does not exist.")
+  return _download(path_or_hub_id, allow_pickle)
+
+
+def _download(repo_id: str, allow_pickle: bool) -> str:
+  import huggingface_hub  # pylint: disable=g-import-not-at-top
+  patterns = _HUB_PATTERNS + (_HUB_PICKLE_PATTERNS if allow_pickle else [])
+  try:
+    return huggingface_hub.snapshot_download(
+        repo_id, allow_patterns=patterns, ignore_patterns=_HUB_IGNORE)
+  except Exception as e:  # every failure means the same to the user
+    raise UserError(
+        f"{repo_id!r} is not a local folder, and downloading it from the "
+        f"Hugging Face hub failed ({type(e).__name__}: {e}). Check the path, "
+        "the hub id, your network, and HF_TOKEN for gated models.") from e
+
+
+# --- config and tokenizer ----------------------------------------------------
+
+def load_hf_config(path: str, *, num_labels: int | None = None,
+                   id2label: dict[int, str] | None = None
+                   ) -> transformers.PretrainedConfig:
+  """Reads `config.json` and sets the label space.
+
+  Args:
+    path: checkpoint folder (or hub id).
+    num_labels: number of classes; keeps the checkpoint's label names when it
+      already has that many.
+    id2label: class index -> name; implies num_labels and sets label2id.
+
+  Raises:
+    UserError: unreadable config, or num_labels and id2label disagree.
+  """
+  folder = resolve_path(path)
+  try:
+    config = transformers.AutoConfig.from_pretrained(folder,
+                                                     trust_remote_code=False)
+  except (OSError, ValueError, KeyError) as e:
+    raise UserError(f"Cannot read a model config from {folder!r}: {e}") from e
+  if id2label is not None:
+    _set_labels(config, id2label, num_labels)
+  elif num_labels is not None:
+    config.num_labels = num_labels
+  # transformers 5 does not derive label2id when id2label changes.
+  config.label2id = {name: i for i, name in config.id2label.items()}
+  return config
+
+
+def _set_labels(config: transformers.PretrainedConfig,
+                id2label: dict[int, str], num_labels: int | None) -> None:
+  labels = {int(i): str(name) for i, name in id2label.items()}
+  if sorted(labels) != list(range(len(labels))):
+    raise UserError(f"id2label keys must be 0..n-1, got {sorted(labels)}.")
+  if num_labels is not None and num_labels != len(labels):
+    raise UserError(f"num_labels={num_labels} but id2label has "
+                    f"{len(labels)} entries.")
+  config.id2label = labels
+
+
+def load_tokenizer(path: str) -> transformers.PreTrainedTokenizerBase:
+  """The fast tokenizer of a checkpoint folder (or hub id); no remote code."""
+  folder = resolve_path(path)
+  try:
+    tokenizer = transformers.AutoTokenizer.from_pretrained(
+        folder, use_fast=True, trust_remote_code=False)
+  except (OSError, ValueError, KeyError) as e:
+    raise UserError(f"Cannot load a tokenizer from {folder!r}: {e}") from e
+  if not tokenizer.is_fast:
+    raise UserError(f"The tokenizer in {folder!r} has no fast (Rust) version; "
+                    "jaxft needs one (add a tokenizer.json).")
+  return tokenizer
+
+
+# --- building models ---------------------------------------------------------
+
+def build_classifier(hf_config: transformers.PretrainedConfig, *,
+                     dtype: Any = jnp.float32, param_dtype: Any = jnp.float32,
+                     seed: int = 0) -> nnx.Module:
+  """A randomly initialised sequence classifier for `hf_config`.
+
+  Works under `nnx.eval_shape` for abstract builds.
+  """
+  spec = registry.lookup(hf_config.model_type)
+  return spec.classifier(hf_config, dtype=dtype, param_dtype=param_dtype,
+                         rngs=nnx.Rngs(params=seed))
+
+
+def _flat_params(model: nnx.Module) -> tuple[Any, list[tuple[str, Any]]]:
+  """(param State, [(path 'a/b/0/kernel', Variable)]) of a model."""
+  state = nnx.state(model, nnx.Param)
+  flat = [("/".join(str(p) for p in path), var)
+          for path, var in nnx.to_flat_state(state)]
+  return state, flat
+
+
+# --- reading checkpoints -----------------------------------------------------
+
+@dataclasses.dataclass
+class _Checkpoint:
+  """Tensors of one checkpoint by dotted key; `fmt` picks the name rules."""
+  fmt: str
+  readers: dict[str, Callable[[], np.ndarray]]
+  source: str
+
+
+def _safetensors_files(folder: str) -> list[str] | None:
+  index = os.path.join(folder, SAFETENSORS_INDEX)
+  if os.path.exists(index):
+    with open(index) as f:
+      shards = sorted(set(json.load(f)["weight_map"].values()))
+    return [os.path.join(folder, s) for s in shards]
+  single = os.path.join(folder, SAFETENSORS)
+  return [single] if os.path.exists(single) else None
+
+
+@contextlib.contextmanager
+def _open_safetensors(files: list[str]) -> Iterator[_Checkpoint]:
+  from safetensors import safe_open  # pylint: disable=g-import-not-at-top
+  with contextlib.ExitStack() as stack:
+    readers = {}
+    for file in files:
+      handle = stack.enter_context(safe_open(file, framework="np"))
+      for key in handle.keys():
+        # Tensors are read one at a time, when matched, from the mmap.
+        readers[key] = lambda h=handle, k=key: h.get_tensor(k)
+    yield _Checkpoint("torch", readers, ", ".join(files))
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, np.ndarray]:
+  out = {}
+  for name, value in tree.items():
+    key = f"{prefix}{name}"
+    if isinstance(value, dict):
+      out.update(_flatten(value, key + "."))
+    else:
+      out[key] = np.asarray(value)
+  return out
+
+
+def _read_msgpack(file: str) -> _Checkpoint:
+  from flax import serialization  # pylint: disable=g-import-not-at-top
+  with open(file, "rb") as f:
+    # msgpack_restore only rebuilds arrays and dicts: no code runs.
+    tensors = _flatten(serialization.msgpack_restore(f.read()))
+  return _Checkpoint("flax", {k: (lambda v=v: v) for k, v in tensors.items()},
+                     file)
+
+
+def _torch_to_numpy(tensor: Any) -> np.ndarray:
+  import torch  # pylint: disable=g-import-not-at-top
+  if tensor.dtype == torch.bfloat16:  # numpy has no bfloat16
+    tensor = tensor.float()
+  return tensor.detach().cpu().numpy()
+
+
+def _read_torch_bin(files: list[str]) -> _Checkpoint:
+  try:
+    import torch  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    raise UserError("Loading pytorch_model.bin needs PyTorch, which is not "
+                    "installed (pip install torch), or convert the checkpoint "
+                    "to safetensors.") from None
+  tensors = {}
+  for file in files:
+    state = torch.load(file, map_location="cpu", weights_only=True)
+    tensors.update({k: _torch_to_numpy(v) for k, v in state.items()})
+  return _Checkpoint("torch", {k: (lambda v=v: v) for k, v in tensors.items()},
+                     ", ".join(files))
+
+
+def _torch_bin_files(folder: str) -> list[str] | None:
+  index = os.path.join(folder, TORCH_BIN_INDEX)
+  if os.path.exists(index):
+    with open(index) as f:
+      shards = sorted(set(json.load(f)["weight_map"].values()))
+    return [os.path.join(folder, s) for s in shards]
+  single = os.path.join(folder, TORCH_BIN)
+  return [single] if os.path.exists(single) else None
+
+
+@contextlib.contextmanager
+def _open_checkpoint(folder: str, allow_pickle: bool) -> Iterator[_Checkpoint]:
+  """The weights of `folder`, safest format first."""
+  safetensors_files = _safetensors_files(folder)
+  if safetensors_files:
+    with _open_safetensors(safetensors_files) as ckpt:
+      yield ckpt
+    return
+  if os.path.exists(os.path.join(folder, FLAX_MSGPACK)):
+    yield _read_msgpack(os.path.join(folder, FLAX_MSGPACK))
+    return
+  bin_files = _torch_bin_files(folder)
+  if bin_files and not allow_pickle:
+    raise UserError(
+        f"{folder!r} has only pickled PyTorch weights ({TORCH_BIN}), which can "
+        "run arbitrary code when loaded, so jaxft does not read them by "
+        "default. Set config.model.allow_pickle=True if you trust the source, "
+        "or convert the checkpoint to safetensors.")
+  if bin_files:
+    yield _read_torch_bin(bin_files)
+    return
+  raise UserError(
+      f"No weights found in {folder!r}: expected {SAFETENSORS}, "
+      f"{SAFETENSORS_INDEX}, {FLAX_MSGPACK} or (with "
+      f"config.model.allow_pickle=True) {TORCH_BIN}. Found: "
+      f"{sorted(os.listdir(folder))}.")
+
+
+def _assign_params(model: nnx.Module, layout: layers.CheckpointLayout,
+                   ckpt: _Checkpoint, param_dtype: Any) -> LoadReport:
+  """Copies matching checkpoint tensors into `model`; reports the rest."""
+  state, flat = _flat_params(model)
+  used, missing = set(), []
+  for path, var in flat:
+    found = [(k, t) for k, t in layout.candidates(path, ckpt.fmt)
+             if k in ckpt.readers]
+    if not found:
+      missing.append(path)
+      continue
+    key, transform = found[0]
+    raw = ckpt.readers[key]()
+    value = transform.to_ours(raw)
+    if value.shape != var.shape:
+      raise UserError(
+          f"Checkpoint tensor {key!r} has shape {raw.shape} (as our param "
+          f"{path!r}: {value.shape}) but the model built from config.json "
+          f"expects {var.shape}. Is num_labels or the config right?")
+    var.set_value(jnp.asarray(value, dtype=param_dtype))
+    used.add(key)
+  if not used:
+    raise UserError(
+        f"No tensor in {ckpt.source} matches a {type(model).__name__} "
+        f"parameter (e.g. {layout.candidates(flat[0][0], ckpt.fmt)[0][0]!r}); "
+        "does config.json's model_type match the weights?")
+  nnx.update(model, state)
+  unexpected = sorted(k for k in ckpt.readers
+                      if k not in used and not _IGNORED_KEYS.search(k))
+  return LoadReport(missing=missing, unexpected=unexpected)
+
+
+def load_classifier(path: str, *, num_labels: int,
+                    id2label: dict[int, str] | None = None,
+                    dtype: Any = jnp.float32, param_dtype: Any = jnp.float32,
+                    seed: int = 0, allow_pickle: bool = False) -> Loaded:
+  """Loads an HF checkpoint as a sequence classifier.
+
+  Params the checkpoint lacks (typically the classification head) are
+  initialised from `seed` and listed in `report.missing`.
+
+  Args:
+    path: checkpoint folder or hub id.
+    num_labels: number of classes of the head.
+    id2label: optional class names.
+    dtype: compute dtype.
+    param_dtype: dtype the params are stored in.
+    seed: init seed for fresh params.
+    allow_pickle: permit reading `pytorch_model.bin` (unpickling).
+
+  Raises:
+    UserError: missing folder or weights, unsupported model_type, or a
+      tensor whose shape does not fit the config.
+  """
+  folder = resolve_path(path, allow_pickle=allow_pickle)
+  hf_config = load_hf_config(folder, num_labels=num_labels, id2label=id2label)
+  spec = registry.lookup(hf_config.model_type)
+  model = build_classifier(hf_config, dtype=dtype, param_dtype=param_dtype,
+                           seed=seed)
+  with _open_checkpoint(folder, allow_pickle) as ckpt:
+    report = _assign_params(model, spec.layout, ckpt, param_dtype)
+  return Loaded(model=model, hf_config=hf_config, report=report, path=folder)
+
+
+# --- writing checkpoints -----------------------------------------------------
+
+def _to_host(value: jax.Array) -> np.ndarray:
+  if isinstance(value, jax.Array) and not value.is_fully_addressable:
+    value = multihost_utils.process_allgather(value, tiled=True)
+  return np.asarray(jax.device_get(value), dtype=np.float32)
+
+
+def export_classifier(model: nnx.Module,
+                      hf_config: transformers.PretrainedConfig, out_dir: str,
+                      *, tokenizer_path: str | None) -> None:
+  """Writes `model` as an HF checkpoint transformers can load.
+
+  Writes config.json (architectures, labels, dtype float32), model.safetensors
+  (float32, PyTorch names and layout, with the base-model prefix) and, if
+  `tokenizer_path` is given, its tokenizer files. Every process must call this
+  (sharded params are gathered); only process 0 writes.
+  """
+  from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
+  spec = registry.lookup(hf_config.model_type)
+  tensors = {}
+  for path, var in _flat_params(model)[1]:
+    key, transform = spec.layout.export_name(path)
+    value = transform.to_theirs(_to_host(var.get_value()))
+    tensors[key] = np.ascontiguousarray(value)
+  if jax.process_index() != 0:
+    return
+  os.makedirs(out_dir, exist_ok=True)
+  # transformers refuses safetensors files without a "format" entry.
+  save_file(tensors, os.path.join(out_dir, SAFETENSORS),
+            metadata={"format": "pt"})
+  config = copy.deepcopy(hf_config)
+  config.architectures = [spec.architecture]
+  config.dtype = "float32"
+  config.label2id = {name: i for i, name in config.id2label.items()}
+  config.save_pretrained(out_dir)
+  if tokenizer_path is not None:
+    load_tokenizer(tokenizer_path).save_pretrained(out_dir)

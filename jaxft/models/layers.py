@@ -1,0 +1,322 @@
+"""Shared building blocks for jaxft models and their checkpoint layout rules.
+
+Every parameter in every jaxft model is created by `_param` in this file, so
+attaching sharding (or any other per-parameter metadata) is a one-place change.
+Each parameter carries its logical axis names (`embed`, `mlp`, `heads`, `vocab`,
+...) as `logical_axes` metadata; nothing reads them yet. They are deliberately
+not passed as `sharding_names`, because flax then insists on an active mesh.
+
+Layers take two dtypes, as in Flax: `dtype` is the compute dtype (activations,
+matmul inputs) and `param_dtype` the storage dtype of the parameters, so
+`dtype=jnp.bfloat16, param_dtype=jnp.float32` is mixed precision.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import re
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxft.errors import UserError
+
+Array = jax.Array
+Dtype = Any
+Initializer = Callable[..., Array]
+LogicalAxes = tuple[str | None, ...]
+
+# HF initialises every Linear and Embedding with N(0, initializer_range).
+DEFAULT_INIT_STD = 0.02
+
+
+def normal_init(stddev: float) -> Initializer:
+  """N(0, stddev) initializer, as transformers' `_init_weights` uses."""
+  return nnx.initializers.normal(stddev)
+
+
+def _param(init: Initializer, rngs: nnx.Rngs | None, shape: Sequence[int],
+           param_dtype: Dtype, axes: LogicalAxes) -> nnx.Param:
+  # Constant initializers (ones/zeros) need no key; keeping `rngs` optional for
+  # them avoids consuming random numbers that would shift every later init.
+  key = rngs.params() if rngs is not None else jax.random.key(0)
+  return nnx.Param(init(key, tuple(shape), param_dtype), logical_axes=axes)
+
+
+# --- activations -------------------------------------------------------------
+
+def _quick_gelu(x: Array) -> Array:
+  return x * jax.nn.sigmoid(1.702 * x)
+
+
+# Keys are the `hidden_act` strings of transformers' ACT2FN.
+ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
+    "gelu": functools.partial(jax.nn.gelu, approximate=False),
+    "gelu_python": functools.partial(jax.nn.gelu, approximate=False),
+    "gelu_new": functools.partial(jax.nn.gelu, approximate=True),
+    "gelu_pytorch_tanh": functools.partial(jax.nn.gelu, approximate=True),
+    "gelu_fast": functools.partial(jax.nn.gelu, approximate=True),
+    "quick_gelu": _quick_gelu,
+    "relu": jax.nn.relu,
+    "silu": jax.nn.silu,
+    "swish": jax.nn.silu,
+    "tanh": jnp.tanh,
+    "sigmoid": jax.nn.sigmoid,
+    "linear": lambda x: x,
+}
+
+
+def activation(name: str) -> Callable[[Array], Array]:
+  """Returns the activation function for a transformers `hidden_act` name."""
+  if not isinstance(name, str) or name not in ACTIVATIONS:
+    raise UserError(f"Unsupported hidden_act {name!r} in the model config; "
+                    f"supported: {', '.join(sorted(ACTIVATIONS))}.")
+  return ACTIVATIONS[name]
+
+
+# --- parameterised layers ----------------------------------------------------
+
+class Linear(nnx.Module):
+  """y = x @ kernel + bias, `kernel` stored as (in_features, out_features)."""
+
+  def __init__(self, in_features: int, out_features: int, *,
+               use_bias: bool = True, dtype: Dtype = jnp.float32,
+               param_dtype: Dtype = jnp.float32,
+               kernel_init: Initializer = normal_init(DEFAULT_INIT_STD),
+               axes: LogicalAxes = (None, None), rngs: nnx.Rngs):
+    self.in_features = in_features
+    self.out_features = out_features
+    self.dtype = dtype
+    self.kernel = _param(kernel_init, rngs, (in_features, out_features),
+                         param_dtype, axes)
+    self.bias = (_param(nnx.initializers.zeros, None, (out_features,),
+                        param_dtype, axes[-1:]) if use_bias else None)
+
+  def __call__(self, x: Array) -> Array:
+    y = jnp.dot(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+    if self.bias is not None:
+      y = y + self.bias[...].astype(self.dtype)
+    return y
+
+
+class LayerNorm(nnx.Module):
+  """LayerNorm over the last axis with `scale` and `bias`.
+
+  Statistics are always computed in float32: bf16 variance is too coarse, and
+  PyTorch's fused LayerNorm also accumulates in float32.
+  """
+
+  def __init__(self, num_features: int, *, epsilon: float = 1e-12,
+               dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32,
+               axes: LogicalAxes = (None,)):
+    self.epsilon = epsilon
+    self.dtype = dtype
+    self.scale = _param(nnx.initializers.ones, None, (num_features,),
+                        param_dtype, axes)
+    self.bias = _param(nnx.initializers.zeros, None, (num_features,),
+                       param_dtype, axes)
+
+  def __call__(self, x: Array) -> Array:
+    x = x.astype(jnp.float32)
+    mean = jnp.mean(x, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
+    y = (x - mean) * jax.lax.rsqrt(var + self.epsilon)
+    scale = self.scale[...].astype(jnp.float32)
+    y = y * scale + self.bias[...].astype(jnp.float32)
+    return y.astype(self.dtype)
+
+
+class Embed(nnx.Module):
+  """Lookup table `embedding` of shape (num_embeddings, features)."""
+
+  def __init__(self, num_embeddings: int, features: int, *,
+               dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32,
+               embedding_init: Initializer = normal_init(DEFAULT_INIT_STD),
+               axes: LogicalAxes = ("vocab", "embed"), rngs: nnx.Rngs):
+    self.num_embeddings = num_embeddings
+    self.dtype = dtype
+    self.embedding = _param(embedding_init, rngs, (num_embeddings, features),
+                            param_dtype, axes)
+
+  def __call__(self, ids: Array) -> Array:
+    return jnp.take(self.embedding[...], ids, axis=0).astype(self.dtype)
+
+
+def dropout(rate: float) -> nnx.Dropout:
+  """A stateless dropout layer: randomness comes from `rngs` at call time.
+
+  Built without `rngs`, so the model holds no RNG state and the train step can
+  pass `nnx.Rngs(dropout=key)` per step.
+  """
+  return nnx.Dropout(rate)
+
+
+# --- attention ---------------------------------------------------------------
+
+def dot_product_attention(query: Array, key: Array, value: Array,
+                          mask: Array | None, *, dropout_layer: nnx.Dropout,
+                          deterministic: bool,
+                          rngs: nnx.Rngs | None) -> Array:
+  """Softmax attention over [batch, length, heads, head_dim] inputs.
+
+  Args:
+    query, key, value: [batch, q_len | kv_len, heads, head_dim].
+    mask: boolean [batch, 1 | heads, q_len | 1, kv_len], True where attending
+      is allowed; None attends everywhere.
+    dropout_layer: applied to the attention probabilities.
+    deterministic: disables dropout.
+    rngs: dropout randomness when not deterministic.
+
+  Returns:
+    [batch, q_len, heads, head_dim] in the dtype of `value`.
+  """
+  scale = query.shape[-1] ** -0.5
+  scores = jnp.einsum("bqhd,bkhd->bhqk", query, key,
+                      preferred_element_type=jnp.float32) * scale
+  if mask is not None:
+    # `where` rather than an additive bias: a fully padded row (a dummy
+    # example filling a fixed-shape batch) then softmaxes to uniform weights
+    # instead of NaN, which would poison a loss even when weighted by zero.
+    scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(scores, axis=-1)
+  probs = dropout_layer(probs, deterministic=deterministic, rngs=rngs)
+  return jnp.einsum("bhqk,bkhd->bqhd", probs.astype(value.dtype), value)
+
+
+def padding_mask(attention_mask: Array | None) -> Array | None:
+  """[batch, kv_len] 1/0 padding mask -> boolean [batch, 1, 1, kv_len]."""
+  if attention_mask is None:
+    return None
+  return (attention_mask != 0)[:, None, None, :]
+
+
+class SelfAttention(nnx.Module):
+  """Multi-head self-attention projections `query`, `key`, `value`.
+
+  The output projection is left to the caller, because model families name
+  and place it differently (BERT puts it with a LayerNorm in a sibling module).
+  """
+
+  def __init__(self, hidden_size: int, num_heads: int, *,
+               attention_dropout: float = 0.0, dtype: Dtype = jnp.float32,
+               param_dtype: Dtype = jnp.float32,
+               kernel_init: Initializer = normal_init(DEFAULT_INIT_STD),
+               rngs: nnx.Rngs):
+    if hidden_size % num_heads:
+      raise UserError(f"hidden_size {hidden_size} is not a multiple of "
+                      f"num_attention_heads {num_heads}.")
+    self.num_heads = num_heads
+    self.head_dim = hidden_size // num_heads
+    proj = functools.partial(Linear, hidden_size, hidden_size, dtype=dtype,
+                             param_dtype=param_dtype, kernel_init=kernel_init,
+                             axes=("embed", "heads"), rngs=rngs)
+    self.query = proj()
+    self.key = proj()
+    self.value = proj()
+    self.dropout = dropout(attention_dropout)
+
+  def __call__(self, x: Array, mask: Array | None, *, deterministic: bool,
+               rngs: nnx.Rngs | None) -> Array:
+    """[batch, length, hidden] -> [batch, length, hidden] (before out proj)."""
+    batch, length, _ = x.shape
+    split = lambda y: y.reshape(batch, length, self.num_heads, self.head_dim)
+    context = dot_product_attention(
+        split(self.query(x)), split(self.key(x)), split(self.value(x)), mask,
+        dropout_layer=self.dropout, deterministic=deterministic, rngs=rngs)
+    return context.reshape(batch, length, self.num_heads * self.head_dim)
+
+
+# --- checkpoint layout rules -------------------------------------------------
+# The layer layouts above differ from PyTorch's in known ways (Linear kernels
+# are transposed, LayerNorm says `scale`), so the rules translating between
+# the two live here, next to the layouts they describe.
+
+@dataclasses.dataclass(frozen=True)
+class Transform:
+  """A pair of inverse array maps between checkpoint and jaxft layouts."""
+  to_ours: Callable[[np.ndarray], np.ndarray]
+  to_theirs: Callable[[np.ndarray], np.ndarray]
+
+
+IDENTITY = Transform(to_ours=lambda a: a, to_theirs=lambda a: a)
+TRANSPOSE = Transform(to_ours=lambda a: np.transpose(a),
+                      to_theirs=lambda a: np.transpose(a))
+
+
+@dataclasses.dataclass(frozen=True)
+class NameRule:
+  """Our param path regex -> checkpoint key template (re.expand syntax).
+
+  Expanded templates have `/` replaced by `.`, so a group captured from our
+  path becomes a dotted module name.
+  """
+  ours: str
+  theirs: str
+  transform: Transform = IDENTITY
+
+  def key_for(self, path: str) -> str | None:
+    match = re.fullmatch(self.ours, path)
+    return match.expand(self.theirs).replace("/", ".") if match else None
+
+
+# PyTorch module names == our paths, modulo leaf names and kernel orientation.
+# Only LayerNorm has a `scale`, so leaf names alone decide. Order matters: the
+# first matching rule is the canonical (export) name; later ones are
+# alternatives accepted on import.
+TORCH_RULES: tuple[NameRule, ...] = (
+    NameRule(r"(.*)/scale", r"\1/weight"),
+    NameRule(r"(.*)/kernel", r"\1/weight", TRANSPOSE),
+    NameRule(r"(.*)/embedding", r"\1/weight"),
+    NameRule(r"(.*)/bias", r"\1/bias"),
+    # LayerNorm names of TF-era checkpoints.
+    NameRule(r"(.*)/scale", r"\1/gamma"),
+    NameRule(r"(.*)/bias", r"\1/beta"),
+)
+
+# transformers' old Flax checkpoints (flax_model.msgpack) used our exact layout.
+FLAX_RULES: tuple[NameRule, ...] = (NameRule(r"(.*)", r"\1"),)
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointLayout:
+  """How one model family's params are named in HF checkpoints.
+
+  Attributes:
+    prefix: base-model prefix in HF task checkpoints (`bert`); params outside
+      `head_modules` are written as `prefix.<name>` and read with or without it.
+    head_modules: top-level modules of the task head, never prefixed.
+    rules: per checkpoint format ("torch" for safetensors / .bin, "flax" for
+      msgpack), candidate names for each param, canonical first.
+  """
+  prefix: str
+  head_modules: tuple[str, ...]
+  rules: dict[str, tuple[NameRule, ...]] = dataclasses.field(
+      default_factory=lambda: {"torch": TORCH_RULES, "flax": FLAX_RULES})
+
+  def _prefixed(self, path: str) -> bool:
+    return path.split("/", 1)[0] not in self.head_modules
+
+  def candidates(self, path: str, fmt: str) -> list[tuple[str, Transform]]:
+    """Checkpoint keys that may hold our param `path`, most preferred first."""
+    out = []
+    for rule in self.rules[fmt]:
+      key = rule.key_for(path)
+      if key is None:
+        continue
+      names = [f"{self.prefix}.{key}", key] if self._prefixed(path) else [key]
+      out.extend((name, rule.transform) for name in names
+                 if name not in {n for n, _ in out})
+    return out
+
+  def export_name(self, path: str) -> tuple[str, Transform]:
+    """The PyTorch key (with prefix) and transform that export writes."""
+    for rule in self.rules["torch"]:
+      key = rule.key_for(path)
+      if key is not None:
+        return (f"{self.prefix}.{key}" if self._prefixed(path) else key,
+                rule.transform)
+    raise KeyError(f"No checkpoint name rule matches param {path!r}.")

@@ -1,0 +1,106 @@
+"""The `jaxft` command: exit code 2 for user mistakes, kill-and-resume, eval, export."""
+
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+import transformers
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+RECIPE = str(ROOT / "configs" / "classify.py")
+
+
+def jaxft(*args, **kwargs) -> subprocess.CompletedProcess:
+  return subprocess.run([sys.executable, "-m", "jaxft.cli", *args], capture_output=True,
+                        text=True, cwd=ROOT, timeout=600, **kwargs)
+
+
+def tiny_flags(root, workdir, *extra):
+  return ["--config=" + RECIPE, f"--workdir={workdir}",
+          f"--config.model.path={root / 'model'}", f"--config.data.train={root / 'train.jsonl'}",
+          f"--config.data.eval={root / 'test.jsonl'}", "--config.data.max_length=16",
+          "--config.train.batch_size=8", "--config.optim.lr=1e-3", *extra]
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--config.train.bogus=1"], "unknown config key 'config.train.bogus'"),
+    (["--config.train.batch_size=abc"], "config.train.batch_size"),
+    (["--config.model.path=/no/such/model"], "/no/such/model"),
+    (["--config.data.train=/no/such/file.jsonl"], "not found: /no/such/file.jsonl"),
+    (["--config.data.text_key=sentence"], "no column 'sentence'"),
+    (["--config.optim.schedule=triangle"], "config.optim.schedule"),
+])
+def test_user_mistakes_exit_2_with_a_message_and_no_traceback(tiny_setup, tmp_path, extra, message):
+  proc = jaxft("train", *tiny_flags(tiny_setup, tmp_path / "w", *extra))
+  assert proc.returncode == 2, proc.stderr
+  assert message in proc.stderr
+  assert "Traceback" not in proc.stderr
+  assert not (tmp_path / "w" / "checkpoints").exists()
+
+
+def test_empty_dataset_exits_2(tiny_setup, tmp_path):
+  empty = tmp_path / "empty.jsonl"
+  empty.write_text("")
+  proc = jaxft("train", *tiny_flags(tiny_setup, tmp_path / "w", f"--config.data.train={empty}"))
+  assert proc.returncode == 2 and "empty" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_sigkill_mid_run_then_rerun_resumes_and_finishes(tiny_setup, tmp_path):
+  workdir = tmp_path / "w"
+  args = [sys.executable, "-m", "jaxft.cli", "train",
+          *tiny_flags(tiny_setup, workdir, "--config.train.num_steps=400",
+                      "--config.checkpoint.every=20", "--config.train.log_every=20")]
+  proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  ckpts = workdir / "checkpoints"
+  deadline = time.time() + 300
+  while time.time() < deadline and not (ckpts.exists() and any(p.isdigit() for p in os.listdir(ckpts))):
+    time.sleep(0.2)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  assert proc.returncode == -signal.SIGKILL
+  saved = max(int(p) for p in os.listdir(ckpts) if p.isdigit())
+  assert saved < 400
+  rerun = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=600)
+  assert rerun.returncode == 0, rerun.stderr
+  assert f"restored checkpoint at step {saved}" in rerun.stderr
+  events = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()]
+  assert events[-1]["split"] == "eval" and events[-1]["step"] == 400
+  assert json.loads(rerun.stdout.strip().splitlines()[-1])["accuracy"] >= 0
+
+
+def test_eval_and_export_agree_with_transformers(tiny_setup, tmp_path):
+  workdir, out = tmp_path / "w", tmp_path / "hf"
+  assert jaxft("train", *tiny_flags(tiny_setup, workdir, "--config.train.num_steps=4")).returncode == 0
+  ev = jaxft("eval", *tiny_flags(tiny_setup, workdir))
+  assert ev.returncode == 0, ev.stderr
+  metrics = json.loads(ev.stdout.strip().splitlines()[-1])
+  assert metrics["step"] == 4 and {"loss", "accuracy", "f1"} <= set(metrics)
+  ex = jaxft("export", f"--workdir={workdir}", f"--out={out}")
+  assert ex.returncode == 0, ex.stderr
+  model, info = transformers.AutoModelForSequenceClassification.from_pretrained(
+      out, output_loading_info=True)
+  assert not info["missing_keys"] and not info["unexpected_keys"]
+  assert model.config.id2label == {0: "negative", 1: "positive"}
+  tok = transformers.AutoTokenizer.from_pretrained(out)
+  rows = [json.loads(l) for l in (tiny_setup / "test.jsonl").read_text().splitlines()]
+  enc = tok([r["text"] for r in rows], padding="max_length", truncation=True, max_length=16,
+            return_tensors="pt")
+  labels = torch.tensor([model.config.label2id[r["label"]] for r in rows])
+  with torch.no_grad():
+    out_pt = model.eval()(**enc, labels=labels)
+  assert abs(float(out_pt.loss) - metrics["loss"]) < 1e-4
+  acc = float((out_pt.logits.argmax(-1) == labels).float().mean())
+  assert acc == pytest.approx(metrics["accuracy"])
+
+
+def test_eval_without_checkpoint_uses_the_pretrained_model(tiny_setup, tmp_path):
+  ev = jaxft("eval", *tiny_flags(tiny_setup, tmp_path / "fresh"))
+  assert ev.returncode == 0, ev.stderr
+  assert json.loads(ev.stdout.strip().splitlines()[-1])["step"] == 0

@@ -1,0 +1,213 @@
+"""Checkpoint formats in and out: safetensors (sharded), msgpack, .bin, export."""
+
+import json
+import os
+import shutil
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from safetensors.numpy import load_file, save_file
+
+from jaxft import hf
+from jaxft.errors import UserError
+
+TOL = 1e-4
+
+
+def _logits(model, batch) -> np.ndarray:
+  return np.asarray(model(jnp.asarray(batch["input_ids"]),
+                          jnp.asarray(batch["attention_mask"]),
+                          None if "token_type_ids" not in batch
+                          else jnp.asarray(batch["token_type_ids"])))
+
+
+def _max_diff(a, b) -> float:
+  return float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
+
+
+def _state_dict(ckpt) -> dict[str, np.ndarray]:
+  return {k: v.numpy() for k, v in ckpt.torch_model.state_dict().items()}
+
+
+def _folder_with(tmp_path, ckpt, name="ckpt"):
+  """A copy of ckpt's config.json in a fresh folder, without weights."""
+  folder = tmp_path / name
+  folder.mkdir()
+  shutil.copy(os.path.join(ckpt.path, "config.json"), folder)
+  return folder
+
+
+def test_sharded_safetensors_load_equal(tiny_bert, tmp_path):
+  tiny_bert.torch_model.save_pretrained(tmp_path, max_shard_size="20KB")
+  assert (tmp_path / "model.safetensors.index.json").exists()
+  assert len(list(tmp_path.glob("model-*.safetensors"))) > 1
+  sharded = hf.load_classifier(str(tmp_path), num_labels=2)
+  single = hf.load_classifier(tiny_bert.path, num_labels=2)
+  assert sharded.report.missing == [] and sharded.report.unexpected == []
+  batch = tiny_bert.batch()
+  np.testing.assert_array_equal(_logits(sharded.model, batch),
+                                _logits(single.model, batch))
+
+
+def test_prefixless_checkpoint_reports_only_the_head_missing(minilm_path):
+  loaded = hf.load_classifier(minilm_path, num_labels=3)
+  assert loaded.report.missing == ["classifier/bias", "classifier/kernel"]
+  assert loaded.report.unexpected == []  # position_ids buffer is ignored
+  assert loaded.hf_config.num_labels == 3 and loaded.path == minilm_path
+  weight = load_file(os.path.join(minilm_path, "model.safetensors"))[
+      "encoder.layer.2.attention.self.query.weight"]
+  kernel = loaded.model.encoder.layer[2].attention.self.query.kernel[...]
+  np.testing.assert_array_equal(np.asarray(kernel), weight.T)
+
+
+def test_unexpected_key_is_reported(tiny_bert, tmp_path):
+  folder = _folder_with(tmp_path, tiny_bert)
+  tensors = _state_dict(tiny_bert)
+  tensors["cls.predictions.bias"] = np.zeros(100, np.float32)
+  save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+  report = hf.load_classifier(str(folder), num_labels=2).report
+  assert report.unexpected == ["cls.predictions.bias"]
+  assert report.missing == []
+
+
+def _to_flax_layout(state_dict):
+  """Torch names/layout -> nested Flax params, converted independently of jaxft."""
+  tree = {}
+  for key, value in state_dict.items():
+    *modules, leaf = key.split(".")
+    if leaf == "weight" and modules[-1] == "LayerNorm":
+      leaf = "scale"
+    elif leaf == "weight" and modules[-1].endswith("embeddings"):
+      leaf = "embedding"
+    elif leaf == "weight":
+      leaf, value = "kernel", value.T
+    node = tree
+    for m in modules:
+      node = node.setdefault(m, {})
+    node[leaf] = np.ascontiguousarray(value)
+  return tree
+
+
+@pytest.mark.parametrize("kind", ["bert", "roberta"])
+def test_flax_msgpack_loads_same_logits(kind, tiny_bert, tiny_roberta, tmp_path):
+  from flax import serialization
+  ckpt = {"bert": tiny_bert, "roberta": tiny_roberta}[kind]
+  folder = _folder_with(tmp_path, ckpt)
+  (folder / "flax_model.msgpack").write_bytes(
+      serialization.msgpack_serialize(_to_flax_layout(_state_dict(ckpt))))
+  loaded = hf.load_classifier(str(folder), num_labels=2)
+  assert loaded.report.missing == [] and loaded.report.unexpected == []
+  batch = ckpt.batch()
+  assert _max_diff(_logits(loaded.model, batch), ckpt.torch_logits(batch)) <= TOL
+
+
+def test_pickle_only_with_opt_in(tiny_bert, tmp_path):
+  import torch
+  folder = _folder_with(tmp_path, tiny_bert)
+  torch.save(tiny_bert.torch_model.state_dict(), folder / "pytorch_model.bin")
+  with pytest.raises(UserError, match=r"config\.model\.allow_pickle=True"):
+    hf.load_classifier(str(folder), num_labels=2)
+  loaded = hf.load_classifier(str(folder), num_labels=2, allow_pickle=True)
+  assert loaded.report.missing == [] and loaded.report.unexpected == []
+  batch = tiny_bert.batch()
+  assert _max_diff(_logits(loaded.model, batch),
+                   tiny_bert.torch_logits(batch)) <= TOL
+
+
+def test_shape_mismatch_names_key_and_shapes(tiny_bert, tmp_path):
+  folder = _folder_with(tmp_path, tiny_bert)
+  tensors = _state_dict(tiny_bert)
+  tensors["bert.pooler.dense.weight"] = np.zeros((31, 32), np.float32)
+  save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+  with pytest.raises(UserError) as err:
+    hf.load_classifier(str(folder), num_labels=2)
+  assert "bert.pooler.dense.weight" in str(err.value)
+  assert "(31, 32)" in str(err.value) and "(32, 32)" in str(err.value)
+  # A head trained for another label count is a mismatch too, not a reinit.
+  with pytest.raises(UserError, match="classifier"):
+    hf.load_classifier(tiny_bert.path, num_labels=3)
+
+
+def test_missing_folder(tmp_path):
+  with pytest.raises(UserError, match="does not exist"):
+    hf.load_classifier(str(tmp_path / "nope"), num_labels=2)
+
+
+def test_folder_without_weights(tiny_bert, tmp_path):
+  folder = _folder_with(tmp_path, tiny_bert)
+  with pytest.raises(UserError, match="No weights found"):
+    hf.load_classifier(str(folder), num_labels=2)
+
+
+@pytest.mark.parametrize("model_type", ["gpt2", "no_such_model"])
+def test_unknown_model_type(model_type, tmp_path):
+  (tmp_path / "config.json").write_text(json.dumps({"model_type": model_type}))
+  with pytest.raises(UserError, match=model_type):
+    hf.load_classifier(str(tmp_path), num_labels=2)
+  if model_type == "gpt2":  # known to transformers, not to jaxft
+    with pytest.raises(UserError, match=r"supports: .*bert.*roberta"):
+      hf.build_classifier(hf.load_hf_config(str(tmp_path)))
+
+
+def test_id2label_sets_label2id(minilm_path):
+  config = hf.load_hf_config(minilm_path, id2label={0: "neg", 1: "pos"})
+  assert config.num_labels == 2
+  assert config.label2id == {"neg": 0, "pos": 1}
+  with pytest.raises(UserError, match="num_labels=3"):
+    hf.load_hf_config(minilm_path, num_labels=3, id2label={0: "neg", 1: "pos"})
+
+
+def _load_exported(out):
+  import transformers
+  model, info = transformers.AutoModelForSequenceClassification.from_pretrained(
+      out, output_loading_info=True)
+  assert all(not v for v in info.values()), info
+  return model.eval()
+
+
+def test_export_round_trip_minilm(minilm_path, tmp_path):
+  import torch
+  import transformers
+  labels = {0: "neg", 1: "neutral", 2: "pos"}
+  loaded = hf.load_classifier(minilm_path, num_labels=3, id2label=labels)
+  out = str(tmp_path / "export")
+  hf.export_classifier(loaded.model, loaded.hf_config, out,
+                       tokenizer_path=minilm_path)
+  model = _load_exported(out)
+  assert type(model).__name__ == "BertForSequenceClassification"
+  assert model.config.architectures == ["BertForSequenceClassification"]
+  assert model.config.num_labels == 3 and model.config.id2label == labels
+  assert model.config.label2id == {v: k for k, v in labels.items()}
+  tokenizer = transformers.AutoTokenizer.from_pretrained(out)
+  batch = dict(tokenizer(["Great fun.", "Not my kind of movie at all."],
+                         padding=True, return_tensors="np"))
+  with torch.no_grad():
+    theirs = model(**{k: torch.from_numpy(v) for k, v in batch.items()}).logits
+  assert _max_diff(_logits(loaded.model, batch), theirs.numpy()) <= TOL
+
+
+@pytest.mark.parametrize("kind, body_key, head_key", [
+    ("roberta", "roberta.encoder.layer.0.attention.self.query.weight",
+     "classifier.out_proj.weight"),
+    ("distilbert", "distilbert.transformer.layer.0.sa_layer_norm.weight",
+     "pre_classifier.weight"),
+])
+def test_export_round_trip_tiny(kind, body_key, head_key, tiny_roberta,
+                                tiny_distilbert, tmp_path):
+  import torch
+  ckpt = {"roberta": tiny_roberta, "distilbert": tiny_distilbert}[kind]
+  loaded = hf.load_classifier(ckpt.path, num_labels=2)
+  out = str(tmp_path / "export")
+  hf.export_classifier(loaded.model, loaded.hf_config, out, tokenizer_path=None)
+  keys = set(load_file(os.path.join(out, "model.safetensors")))
+  assert {body_key, head_key} <= keys
+  model = _load_exported(out)
+  arch = {"roberta": "RobertaForSequenceClassification",
+          "distilbert": "DistilBertForSequenceClassification"}[kind]
+  assert type(model).__name__ == arch and model.config.architectures == [arch]
+  batch = ckpt.batch()
+  with torch.no_grad():
+    theirs = model(**{k: torch.from_numpy(v.astype(np.int64))
+                      for k, v in batch.items()}).logits
+  assert _max_diff(_logits(loaded.model, batch), theirs.numpy()) <= TOL
