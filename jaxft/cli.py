@@ -60,9 +60,11 @@ def _parse(command: str, argv: Sequence[str]) -> None:
 
 def run(argv: Sequence[str]) -> int:
   """Runs one command; returns the process exit code."""
-  if len(argv) < 2 or argv[1] not in COMMANDS:
-    print(f"usage:\n{USAGE}", file=sys.stderr)
-    return 2
+  if len(argv) < 2 or argv[1] not in COMMANDS or {"-h", "--help"} & set(argv):
+    help_asked = {"-h", "--help"} & set(argv)
+    print(f"usage:\n{USAGE}\n\nConfig keys: see the recipe file and jaxft/config.py.",
+          file=sys.stdout if help_asked else sys.stderr)
+    return 0 if help_asked else 2
   command = argv[1]
   _parse(command, [argv[0], *argv[2:]])
   from jaxft import train  # Deferred: JAX start-up is slow and --help should not pay it.

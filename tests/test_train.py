@@ -13,6 +13,7 @@ import torch
 import transformers
 
 from jaxft import train
+from jaxft.errors import UserError
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -86,3 +87,22 @@ def test_grad_accumulation_matches_the_full_batch(tiny_setup, tmp_path):
   _, b = _params(tmp_path / "four", four)
   jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6),
                a["params"], b["params"])
+
+
+def test_bfloat16_compute_trains_with_float32_params(tiny_setup, tmp_path):
+  config = tiny_config(tiny_setup, num_steps=2)
+  config.model.dtype = "bfloat16"
+  result = train.train(config, str(tmp_path))
+  assert np.isfinite(result["loss"])
+  _, state = _params(tmp_path, config)
+  assert {x.dtype for x in jax.tree.leaves(state["params"])} == {np.dtype("float32")}
+
+
+def test_corrupt_checkpoint_is_a_clear_error(tiny_setup, tmp_path):
+  config = tiny_config(tiny_setup, num_steps=3)
+  train.train(config, str(tmp_path))
+  for path in (tmp_path / "checkpoints" / "3" / "state").rglob("*"):
+    if path.is_file() and path.stat().st_size > 0:
+      path.write_bytes(b"garbage")
+  with pytest.raises(UserError, match="cannot restore checkpoint 3"):
+    train.eval_command(config, str(tmp_path))
