@@ -203,14 +203,15 @@ class _Checkpoint:
   source: str
 
 
-def _safetensors_files(folder: str) -> list[str] | None:
-  index = os.path.join(folder, SAFETENSORS_INDEX)
-  if os.path.exists(index):
-    with open(index) as f:
+def _weight_files(folder: str, single: str, index: str) -> list[str] | None:
+  """The shard files an index lists, else the single file, else None."""
+  index_path = os.path.join(folder, index)
+  if os.path.exists(index_path):
+    with open(index_path) as f:
       shards = sorted(set(json.load(f)["weight_map"].values()))
     return [os.path.join(folder, s) for s in shards]
-  single = os.path.join(folder, SAFETENSORS)
-  return [single] if os.path.exists(single) else None
+  single_path = os.path.join(folder, single)
+  return [single_path] if os.path.exists(single_path) else None
 
 
 @contextlib.contextmanager
@@ -268,20 +269,10 @@ def _read_torch_bin(files: list[str]) -> _Checkpoint:
                      ", ".join(files))
 
 
-def _torch_bin_files(folder: str) -> list[str] | None:
-  index = os.path.join(folder, TORCH_BIN_INDEX)
-  if os.path.exists(index):
-    with open(index) as f:
-      shards = sorted(set(json.load(f)["weight_map"].values()))
-    return [os.path.join(folder, s) for s in shards]
-  single = os.path.join(folder, TORCH_BIN)
-  return [single] if os.path.exists(single) else None
-
-
 @contextlib.contextmanager
 def _open_checkpoint(folder: str, allow_pickle: bool) -> Iterator[_Checkpoint]:
   """The weights of `folder`, safest format first."""
-  safetensors_files = _safetensors_files(folder)
+  safetensors_files = _weight_files(folder, SAFETENSORS, SAFETENSORS_INDEX)
   if safetensors_files:
     with _open_safetensors(safetensors_files) as ckpt:
       yield ckpt
@@ -289,7 +280,7 @@ def _open_checkpoint(folder: str, allow_pickle: bool) -> Iterator[_Checkpoint]:
   if os.path.exists(os.path.join(folder, FLAX_MSGPACK)):
     yield _read_msgpack(os.path.join(folder, FLAX_MSGPACK))
     return
-  bin_files = _torch_bin_files(folder)
+  bin_files = _weight_files(folder, TORCH_BIN, TORCH_BIN_INDEX)
   if bin_files and not allow_pickle:
     raise UserError(
         f"{folder!r} has only pickled PyTorch weights ({TORCH_BIN}), which can "

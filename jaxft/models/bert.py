@@ -40,6 +40,14 @@ def _check_absolute_positions(config: Any) -> None:
                     "jaxft BERT/RoBERTa only implement 'absolute'.")
 
 
+def _linear(config: Any, n_in: int, n_out: int, axes: layers.LogicalAxes, *,
+            dtype: Dtype, param_dtype: Dtype, rngs: nnx.Rngs) -> layers.Linear:
+  """A Linear initialised as transformers does: N(0, initializer_range)."""
+  return layers.Linear(n_in, n_out, dtype=dtype, param_dtype=param_dtype,
+                       kernel_init=layers.normal_init(config.initializer_range),
+                       axes=axes, rngs=rngs)
+
+
 class BertEmbeddings(nnx.Module):
   """Word + absolute position + token type embeddings, LayerNorm, dropout."""
 
@@ -104,10 +112,8 @@ class BertSelfOutput(nnx.Module):
 
   def __init__(self, config: Any, in_features: int, axes: layers.LogicalAxes,
                *, dtype: Dtype, param_dtype: Dtype, rngs: nnx.Rngs):
-    self.dense = layers.Linear(
-        in_features, config.hidden_size, dtype=dtype, param_dtype=param_dtype,
-        kernel_init=layers.normal_init(config.initializer_range), axes=axes,
-        rngs=rngs)
+    self.dense = _linear(config, in_features, config.hidden_size, axes,
+                         dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.LayerNorm = layers.LayerNorm(
         config.hidden_size, epsilon=config.layer_norm_eps, dtype=dtype,
         param_dtype=param_dtype, axes=("embed",))
@@ -150,11 +156,9 @@ class BertIntermediate(nnx.Module):
 
   def __init__(self, config: Any, *, dtype: Dtype, param_dtype: Dtype,
                rngs: nnx.Rngs):
-    self.dense = layers.Linear(
-        config.hidden_size, config.intermediate_size, dtype=dtype,
-        param_dtype=param_dtype,
-        kernel_init=layers.normal_init(config.initializer_range),
-        axes=("embed", "mlp"), rngs=rngs)
+    self.dense = _linear(config, config.hidden_size, config.intermediate_size,
+                         ("embed", "mlp"), dtype=dtype, param_dtype=param_dtype,
+                         rngs=rngs)
     self.act = layers.activation(config.hidden_act)
 
   def __call__(self, x: Array) -> Array:
@@ -200,11 +204,9 @@ class BertPooler(nnx.Module):
 
   def __init__(self, config: Any, *, dtype: Dtype, param_dtype: Dtype,
                rngs: nnx.Rngs):
-    self.dense = layers.Linear(
-        config.hidden_size, config.hidden_size, dtype=dtype,
-        param_dtype=param_dtype,
-        kernel_init=layers.normal_init(config.initializer_range),
-        axes=("embed", "embed"), rngs=rngs)
+    self.dense = _linear(config, config.hidden_size, config.hidden_size,
+                         ("embed", "embed"), dtype=dtype, param_dtype=param_dtype,
+                         rngs=rngs)
 
   def __call__(self, hidden: Array) -> Array:
     return jnp.tanh(self.dense(hidden[:, 0]))
@@ -250,11 +252,9 @@ class BertForSequenceClassification(BertModel):
                param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs):
     super().__init__(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.dropout = layers.dropout(_classifier_dropout(config))
-    self.classifier = layers.Linear(
-        config.hidden_size, config.num_labels, dtype=dtype,
-        param_dtype=param_dtype,
-        kernel_init=layers.normal_init(config.initializer_range),
-        axes=("embed", None), rngs=rngs)
+    self.classifier = _linear(config, config.hidden_size, config.num_labels,
+                              ("embed", None), dtype=dtype,
+                              param_dtype=param_dtype, rngs=rngs)
 
   def __call__(self, input_ids: Array, attention_mask: Array | None,
                token_type_ids: Array | None = None, *,
@@ -279,16 +279,12 @@ class RobertaClassificationHead(nnx.Module):
 
   def __init__(self, config: Any, *, dtype: Dtype, param_dtype: Dtype,
                rngs: nnx.Rngs):
-    init = layers.normal_init(config.initializer_range)
-    self.dense = layers.Linear(
-        config.hidden_size, config.hidden_size, dtype=dtype,
-        param_dtype=param_dtype, kernel_init=init, axes=("embed", "embed"),
-        rngs=rngs)
+    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.dense = _linear(config, config.hidden_size, config.hidden_size,
+                         ("embed", "embed"), **kw)
     self.dropout = layers.dropout(_classifier_dropout(config))
-    self.out_proj = layers.Linear(
-        config.hidden_size, config.num_labels, dtype=dtype,
-        param_dtype=param_dtype, kernel_init=init, axes=("embed", None),
-        rngs=rngs)
+    self.out_proj = _linear(config, config.hidden_size, config.num_labels,
+                            ("embed", None), **kw)
 
   def __call__(self, hidden: Array, *, deterministic: bool,
                rngs: nnx.Rngs | None) -> Array:
@@ -339,14 +335,6 @@ ROBERTA_CHECKPOINT = layers.CheckpointLayout(prefix="roberta",
 # no token types, no pooler: the head is `pre_classifier` -> ReLU -> dropout ->
 # `classifier`. Config fields use DistilBERT's names (dim, n_heads, ...).
 
-def _distil_linear(config: Any, n_in: int, n_out: int,
-                   axes: layers.LogicalAxes, *, dtype: Dtype,
-                   param_dtype: Dtype, rngs: nnx.Rngs) -> layers.Linear:
-  return layers.Linear(n_in, n_out, dtype=dtype, param_dtype=param_dtype,
-                       kernel_init=layers.normal_init(config.initializer_range),
-                       axes=axes, rngs=rngs)
-
-
 def _distil_layer_norm(config: Any, *, dtype: Dtype,
                        param_dtype: Dtype) -> layers.LayerNorm:
   # transformers hard-codes eps=1e-12 for DistilBERT.
@@ -395,10 +383,10 @@ class DistilBertSelfAttention(nnx.Module):
     self.num_heads = config.n_heads
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     d = config.dim
-    self.q_lin = _distil_linear(config, d, d, ("embed", "heads"), **kw)
-    self.k_lin = _distil_linear(config, d, d, ("embed", "heads"), **kw)
-    self.v_lin = _distil_linear(config, d, d, ("embed", "heads"), **kw)
-    self.out_lin = _distil_linear(config, d, d, ("heads", "embed"), **kw)
+    self.q_lin = _linear(config, d, d, ("embed", "heads"), **kw)
+    self.k_lin = _linear(config, d, d, ("embed", "heads"), **kw)
+    self.v_lin = _linear(config, d, d, ("embed", "heads"), **kw)
+    self.out_lin = _linear(config, d, d, ("heads", "embed"), **kw)
     self.dropout = layers.dropout(config.attention_dropout)
 
   def __call__(self, x: Array, mask: Array | None, *, deterministic: bool,
@@ -417,9 +405,9 @@ class DistilBertFFN(nnx.Module):
   def __init__(self, config: Any, *, dtype: Dtype, param_dtype: Dtype,
                rngs: nnx.Rngs):
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-    self.lin1 = _distil_linear(config, config.dim, config.hidden_dim,
+    self.lin1 = _linear(config, config.dim, config.hidden_dim,
                                ("embed", "mlp"), **kw)
-    self.lin2 = _distil_linear(config, config.hidden_dim, config.dim,
+    self.lin2 = _linear(config, config.hidden_dim, config.dim,
                                ("mlp", "embed"), **kw)
     self.act = layers.activation(config.activation)
     self.dropout = layers.dropout(config.dropout)
@@ -473,10 +461,10 @@ class DistilBertForSequenceClassification(nnx.Module):
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.embeddings = DistilBertEmbeddings(config, **kw)
     self.transformer = DistilBertTransformer(config, **kw)
-    self.pre_classifier = _distil_linear(config, config.dim, config.dim,
+    self.pre_classifier = _linear(config, config.dim, config.dim,
                                          ("embed", "embed"), **kw)
     self.dropout = layers.dropout(config.seq_classif_dropout)
-    self.classifier = _distil_linear(config, config.dim, config.num_labels,
+    self.classifier = _linear(config, config.dim, config.num_labels,
                                      ("embed", None), **kw)
 
   def __call__(self, input_ids: Array, attention_mask: Array | None,
