@@ -186,6 +186,7 @@ def _loop(config: ml_collections.ConfigDict, workdir: str, run: Run, train_ex: d
     return None
   result = evaluate(run, eval_ex, t.eval_batch_size, num_labels)
   writer.write(run.step, "eval", result)
+  log(f"held-out eval at step {run.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in result.items()))
   return result
 
 
