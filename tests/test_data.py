@@ -2,6 +2,7 @@
 
 import json
 
+import datasets
 import numpy as np
 import pytest
 import transformers
@@ -85,3 +86,24 @@ def test_eval_batches_keep_every_example_once():
   w = np.concatenate(weights)
   assert w.sum() == 10
   assert sorted(np.concatenate(seen)[w > 0]) == list(range(10))
+
+
+def test_a_hub_name_loads_that_dataset_and_split(monkeypatch):
+  calls = []
+
+  def fake_load_dataset(*args, **kwargs):
+    calls.append((args, kwargs))
+    return datasets.Dataset.from_dict({"text": ["a"], "label": [0]})
+
+  monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+  ds = sources.load_split("stanfordnlp/imdb", "unsupervised")
+  assert calls == [(("stanfordnlp/imdb",), {"split": "unsupervised"})] and len(ds) == 1
+
+
+def test_an_unreachable_hub_dataset_is_a_user_error(monkeypatch):
+  def offline(*args, **kwargs):
+    raise ConnectionError("offline")
+
+  monkeypatch.setattr(datasets, "load_dataset", offline)
+  with pytest.raises(UserError, match="cannot load dataset no/such"):
+    sources.load_split("no/such", "train")

@@ -211,3 +211,19 @@ def test_export_round_trip_tiny(kind, body_key, head_key, tiny_roberta,
     theirs = model(**{k: torch.from_numpy(v.astype(np.int64))
                       for k, v in batch.items()}).logits
   assert _max_diff(_logits(loaded.model, batch), theirs.numpy()) <= TOL
+
+
+def test_hub_id_downloads_safe_files_only(monkeypatch, tmp_path):
+  import huggingface_hub
+  calls = []
+
+  def fake_snapshot_download(repo_id, **kwargs):
+    calls.append((repo_id, kwargs))
+    return str(tmp_path)
+
+  monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+  assert hf.resolve_path("org/model") == str(tmp_path)
+  assert hf.resolve_path("org/model", allow_pickle=True) == str(tmp_path)
+  (_, safe), (_, pickled) = calls
+  assert "*.bin" not in safe["allow_patterns"] and "*.safetensors" in safe["allow_patterns"]
+  assert "*.bin" in pickled["allow_patterns"]
