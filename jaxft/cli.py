@@ -18,6 +18,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from jaxft.errors import UserError
+from jaxft.preemption import Interrupted
 
 COMMANDS = ("train", "eval", "export")
 USAGE = __doc__.split("\n\n")[1]
@@ -88,6 +89,9 @@ def main() -> None:
   except UserError as e:
     print(f"jaxft: error: {e}", file=sys.stderr)
     sys.exit(2)
+  except Interrupted as e:
+    print(f"jaxft: {e}", file=sys.stderr)
+    sys.exit(128 + e.signum)  # The shell's convention for "killed by signal N".
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ from jaxft import config as config_lib
 from jaxft import hf
 from jaxft import metrics as metrics_lib
 from jaxft import optim
+from jaxft import preemption
 from jaxft import steps
 from jaxft.data import batches as batches_lib
 from jaxft.data import text
@@ -166,26 +167,37 @@ def _loop(config: ml_collections.ConfigDict, workdir: str, run: Run, train_ex: d
   writer = metrics_lib.JsonlWriter(workdir)
   lr = optim.schedule(config)
   progress = metrics_lib.Progress(run.step, t.num_steps, t.batch_size, t.log_every)
-  for step in range(run.step + 1, t.num_steps + 1):
-    run.state, m = step_fn(run.state, data[step - 1])
-    if t.log_every and step % t.log_every == 0:
-      m = {k: float(v) for k, v in m.items()}
-      writer.write(step, "train", {**m, "lr": float(lr(step - 1)),
-                                   "examples_per_sec": progress.examples_per_sec(step)})
-      progress.update(step, m["loss"])
-    else:
-      progress.update(step)
-    if eval_ex is not None and t.eval_every and step % t.eval_every == 0 and step < t.num_steps:
-      writer.write(step, "eval", evaluate(run, eval_ex, t.eval_batch_size, num_labels))
-    if run.checkpointer.should_save(step) and step < t.num_steps:
-      run.checkpointer.save(step, run.state, {"step": step})
+
+  def run_eval() -> dict[str, float]:
+    result = evaluate(run, eval_ex, t.eval_batch_size, num_labels)
+    writer.write(run.step, "eval", result)
+    return result
+
+  with preemption.StopRequest() as stop:
+    for step in range(run.step + 1, t.num_steps + 1):
+      run.state, m = step_fn(run.state, data[step - 1])
+      loss = None
+      if t.log_every and step % t.log_every == 0:
+        m = {k: float(v) for k, v in m.items()}
+        writer.write(step, "train", {**m, "lr": float(lr(step - 1)),
+                                     "examples_per_sec": progress.examples_per_sec(step)})
+        loss = m["loss"]
+      progress.update(step, loss)
+      if step == t.num_steps:
+        break
+      if eval_ex is not None and t.eval_every and step % t.eval_every == 0:
+        run_eval()
+      if run.checkpointer.should_save(step) or stop.signum is not None:
+        run.checkpointer.save(step, run.state, {"step": step})
+      if stop.signum is not None:
+        progress.close()
+        raise preemption.Interrupted(stop.signum, step)
   progress.close()
   if run.checkpointer.latest_step() != run.step:
     run.checkpointer.save(run.step, run.state, {"step": run.step})
   if eval_ex is None:
     return None
-  result = evaluate(run, eval_ex, t.eval_batch_size, num_labels)
-  writer.write(run.step, "eval", result)
+  result = run_eval()
   log(f"held-out eval at step {run.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in result.items()))
   return result
 

@@ -104,3 +104,22 @@ def test_eval_without_checkpoint_uses_the_pretrained_model(tiny_setup, tmp_path)
   ev = jaxft("eval", *tiny_flags(tiny_setup, tmp_path / "fresh"))
   assert ev.returncode == 0, ev.stderr
   assert json.loads(ev.stdout.strip().splitlines()[-1])["step"] == 0
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_143(tiny_setup, tmp_path):
+  workdir = tmp_path / "w"
+  args = [sys.executable, "-m", "jaxft.cli", "train",
+          *tiny_flags(tiny_setup, workdir, "--config.train.num_steps=100000",
+                      "--config.checkpoint.every=0", "--config.train.log_every=1")]
+  proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                          text=True)
+  metrics = workdir / "metrics.jsonl"
+  deadline = time.time() + 300
+  while time.time() < deadline and not (metrics.exists() and metrics.read_text().count("\n") >= 3):
+    time.sleep(0.1)
+  proc.send_signal(signal.SIGTERM)
+  _, stderr = proc.communicate(timeout=120)
+  assert proc.returncode == 128 + signal.SIGTERM, stderr
+  assert "stopped by SIGTERM" in stderr
+  saved = [int(p) for p in os.listdir(workdir / "checkpoints") if p.isdigit()]
+  assert len(saved) == 1 and 3 <= saved[0] < 100000
