@@ -10,7 +10,6 @@ import functools
 import json
 import os
 import sys
-import time
 from typing import Any
 
 import jax

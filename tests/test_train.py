@@ -9,7 +9,6 @@ import shutil
 import jax
 import numpy as np
 import pytest
-import torch
 import transformers
 
 from jaxft import train
