@@ -27,6 +27,7 @@ import transformers
 from flax import nnx
 from jax.experimental import multihost_utils
 
+from jaxft import params as params_lib
 from jaxft.errors import UserError
 from jaxft.models import layers
 from jaxft.models import registry
@@ -188,9 +189,7 @@ def build_classifier(hf_config: transformers.PretrainedConfig, *,
 def _flat_params(model: nnx.Module) -> tuple[Any, list[tuple[str, Any]]]:
   """(param State, [(path 'a/b/0/kernel', Variable)]) of a model."""
   state = nnx.state(model, nnx.Param)
-  flat = [("/".join(str(p) for p in path), var)
-          for path, var in nnx.to_flat_state(state)]
-  return state, flat
+  return state, params_lib.named_variables(state)
 
 
 # --- reading checkpoints -----------------------------------------------------

@@ -8,30 +8,8 @@ import jax
 import ml_collections
 import optax
 
+from jaxft import params as params_lib
 
-
-def path_str(keypath: tuple) -> str:
-  """`encoder/layer/3/attention/self/query/kernel` from a jax tree key path.
-
-  The `.value` attribute that nnx Variables add as the last key is dropped.
-  """
-  parts = []
-  for k in keypath:
-    if isinstance(k, jax.tree_util.GetAttrKey):
-      if k.name != "value":
-        parts.append(k.name)
-    elif isinstance(k, jax.tree_util.DictKey):
-      parts.append(str(k.key))
-    elif isinstance(k, jax.tree_util.SequenceKey):
-      parts.append(str(k.idx))
-    else:
-      parts.append(str(k))
-  return "/".join(parts)
-
-
-def tree_paths(tree: Any) -> Any:
-  """A tree of the same structure whose leaves are their own path strings."""
-  return jax.tree_util.tree_map_with_path(lambda kp, _: path_str(kp), tree)
 
 
 def decays(path: str) -> bool:
@@ -42,7 +20,7 @@ def decays(path: str) -> bool:
 
 def decay_mask(params: Any) -> Any:
   """True where AdamW weight decay applies."""
-  return jax.tree.map(decays, tree_paths(params))
+  return jax.tree.map(decays, params_lib.tree_paths(params))
 
 
 def warmup_steps(config: ml_collections.ConfigDict) -> int:

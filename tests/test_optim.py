@@ -61,8 +61,13 @@ def test_clipping_bounds_the_global_norm():
   np.testing.assert_allclose(updates["w"], -np.ones(4), rtol=1e-5)
 
 
-def test_path_str_matches_hf_module_names():
+def test_optimizer_paths_equal_checkpoint_paths(tiny_bert):
+  # The decay mask (and later the lr rules) must name parameters exactly as
+  # the checkpoint tables do.
   from flax import nnx
-  layer = nnx.Linear(2, 2, rngs=nnx.Rngs(0))
-  paths = jax.tree.leaves(optim.tree_paths(nnx.state(layer, nnx.Param)))
-  assert sorted(paths) == ["bias", "kernel"]
+  from jaxft import hf, params
+  model = hf.load_classifier(tiny_bert.path, num_labels=2).model
+  state = nnx.state(model, nnx.Param)
+  names = [p for p, _ in params.named_variables(state)]
+  assert sorted(jax.tree.leaves(params.tree_paths(state))) == sorted(names)
+  assert "encoder/layer/1/attention/self/query/kernel" in names
