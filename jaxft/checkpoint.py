@@ -46,8 +46,6 @@ class Checkpointer:
       raise UserError(f"cannot restore checkpoint {step} in {self.directory}: {e}") from e
     return restored["state"], restored["meta"]
 
-  def wait(self) -> None:
-    self._manager.wait_until_finished()
-
   def close(self) -> None:
+    """Waits for a pending async save, then releases Orbax's threads."""
     self._manager.close()

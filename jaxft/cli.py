@@ -61,8 +61,8 @@ def _parse(command: str, argv: Sequence[str]) -> None:
 
 def run(argv: Sequence[str]) -> int:
   """Runs one command; returns the process exit code."""
-  if len(argv) < 2 or argv[1] not in COMMANDS or {"-h", "--help"} & set(argv):
-    help_asked = {"-h", "--help"} & set(argv)
+  help_asked = bool({"-h", "--help"} & set(argv))
+  if len(argv) < 2 or argv[1] not in COMMANDS or help_asked:
     print(f"usage:\n{USAGE}\n\nConfig keys: see the recipe file and jaxft/config.py.",
           file=sys.stdout if help_asked else sys.stderr)
     return 0 if help_asked else 2

@@ -207,8 +207,10 @@ def eval_command(config: ml_collections.ConfigDict, workdir: str) -> dict[str, f
   if eval_ex is None:
     raise UserError("config.data.eval is empty: nothing to evaluate")
   run = open_run(config, workdir, model_path, labels)
-  result = evaluate(run, eval_ex, config.train.eval_batch_size, len(labels))
-  run.checkpointer.close()
+  try:
+    result = evaluate(run, eval_ex, config.train.eval_batch_size, len(labels))
+  finally:
+    run.checkpointer.close()
   return {"step": run.step, **result}
 
 
@@ -226,7 +228,7 @@ def export_command(workdir: str, out_dir: str) -> None:
   checkpointer.close()
   model_path = hf.resolve_path(config.model.path, allow_pickle=config.model.allow_pickle)
   run = open_run(config, workdir, model_path, labels)
+  run.checkpointer.close()  # Export only reads the restored state.
   model = nnx.merge(run.graphdef, run.state["params"], run.rest)
   hf.export_classifier(model, run.hf_config, out_dir, tokenizer_path=model_path)
-  run.checkpointer.close()
   log(f"exported step {run.step} to {out_dir}")
