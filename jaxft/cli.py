@@ -2,10 +2,16 @@
 
   jaxft train  --config=configs/classify.py --workdir=DIR [--config.KEY=VALUE ...]
   jaxft eval   --config=configs/classify.py --workdir=DIR [--config.KEY=VALUE ...]
-  jaxft export --workdir=DIR --out=HF_DIR
+  jaxft export --workdir=DIR --out=HF_DIR [--format=hf|peft]
+  jaxft inspect --config=configs/classify.py [--params] [--config.KEY=VALUE ...]
 
 User mistakes (unknown config key, wrong type, missing file, empty data) exit
 with code 2 and one line naming the problem, before anything compiles.
+
+`inspect` builds the model from shapes alone, compiles one train step and
+prints the rules table, then (last line) a JSON object: params_total,
+params_trainable, param_bytes, optimizer_state_bytes, step_flops,
+peak_memory_bytes, devices.
 """
 
 from __future__ import annotations
@@ -20,13 +26,16 @@ from ml_collections import config_flags
 from jaxft.errors import UserError
 from jaxft.preemption import Interrupted
 
-COMMANDS = ("train", "eval", "export")
+COMMANDS = ("train", "eval", "export", "inspect")
 USAGE = __doc__.split("\n\n")[1]
 
 FLAGS = flags.FLAGS
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Recipe file, e.g. configs/classify.py.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run folder: checkpoints, metrics.jsonl, config.json.")
 _OUT = flags.DEFINE_string("out", None, "export: the Hugging Face folder to write.")
+_FORMAT = flags.DEFINE_enum("format", "hf", ["hf", "peft"],
+                            "export: hf (full checkpoint, LoRA merged) or peft (LoRA adapter).")
+_PARAMS = flags.DEFINE_bool("params", False, "inspect: also list every parameter and its rule.")
 
 
 def _flag_error(e: Exception, argv: Sequence[str]) -> str:
@@ -55,7 +64,7 @@ def _parse(command: str, argv: Sequence[str]) -> None:
     raise UserError(_flag_error(e, argv)) from e
   if command != "export" and config is None:
     raise UserError("--config is required, e.g. --config=configs/classify.py")
-  if not _WORKDIR.value:
+  if command != "inspect" and not _WORKDIR.value:
     raise UserError("--workdir is required")
 
 
@@ -75,10 +84,13 @@ def run(argv: Sequence[str]) -> int:
       print(json.dumps(result))
   elif command == "eval":
     print(json.dumps(train.eval_command(_CONFIG.value, _WORKDIR.value)))
+  elif command == "inspect":
+    from jaxft import footprint  # pylint: disable=g-import-not-at-top
+    print(json.dumps(footprint.inspect(_CONFIG.value, show_params=_PARAMS.value)))
   else:
     if not _OUT.value:
       raise UserError("export needs --out=HF_DIR")
-    train.export_command(_WORKDIR.value, _OUT.value)
+    train.export_command(_WORKDIR.value, _OUT.value, _FORMAT.value)
   return 0
 
 

@@ -15,6 +15,7 @@ import ml_collections
 from jaxft.errors import UserError
 
 SCHEDULES = ("linear", "cosine", "constant")
+OPTIMIZERS = ("adamw", "sgd")
 DTYPES = ("float32", "bfloat16")
 
 
@@ -26,6 +27,7 @@ def base() -> ml_collections.ConfigDict:
   c.model.path = ""  # HF folder or hub id.
   c.model.dtype = "float32"  # Compute dtype; parameters stay float32.
   c.model.allow_pickle = False  # Read pytorch_model.bin (torch.load weights_only) if True.
+  c.model.frozen_dtype = "float32"  # Storage of frozen params (and LoRA bases): or bfloat16.
 
   c.data = ml_collections.ConfigDict()
   c.data.train = ""  # csv/json/jsonl/parquet file, or a hub dataset name.
@@ -44,6 +46,7 @@ def base() -> ml_collections.ConfigDict:
   c.train.eval_batch_size = 64
 
   c.optim = ml_collections.ConfigDict()
+  c.optim.optimizer = "adamw"  # adamw | sgd.
   c.optim.lr = 5e-5  # Peak learning rate (after warmup).
   c.optim.schedule = "linear"  # Decay after warmup: linear | cosine | constant.
   c.optim.warmup_steps = 0  # If 0, warmup_frac of num_steps is used.
@@ -52,7 +55,19 @@ def base() -> ml_collections.ConfigDict:
   c.optim.b1 = 0.9
   c.optim.b2 = 0.999
   c.optim.eps = 1e-8
+  c.optim.momentum = 0.0  # SGD momentum (optimizer=sgd only).
   c.optim.clip_norm = 1.0  # Global-norm gradient clipping; 0 turns it off.
+  # Ordered (regex, value) pairs over param paths; first match wins. value:
+  # None (frozen), a float (lr multiplier) or a dict (lr_mult, weight_decay,
+  # schedule, warmup_steps, start_step). See jaxft/rules.py; () trains all.
+  c.optim.rules = ()
+  c.optim.layer_decay = 0.0  # If > 0: layer i of L gets lr x decay^(L-i).
+
+  c.lora = ml_collections.ConfigDict()
+  c.lora.rank = 0  # > 0 adds LoRA adapters and freezes everything but them and the head.
+  c.lora.alpha = 16.0  # Adapter output scale is alpha / rank.
+  c.lora.dropout = 0.0  # On the adapter input, in training.
+  c.lora.targets = r".*/(query|value|q_lin|v_lin|q_proj|v_proj)"  # Linear module paths (fullmatch).
 
   c.checkpoint = ml_collections.ConfigDict()
   c.checkpoint.every = 0  # Steps between checkpoints; 0: only at the end.
@@ -70,6 +85,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
   t, o, d = config.train, config.optim, config.data
   _require(bool(config.model.path), "model.path", "a checkpoint folder or hub id", config.model.path)
   _require(config.model.dtype in DTYPES, "model.dtype", f"one of {DTYPES}", config.model.dtype)
+  _require(config.model.frozen_dtype in DTYPES, "model.frozen_dtype", f"one of {DTYPES}",
+           config.model.frozen_dtype)
   _require(bool(d.train), "data.train", "a data file or hub dataset name", d.train)
   _require(d.max_length > 1, "data.max_length", "> 1", d.max_length)
   for key in ("batch_size", "grad_accum", "num_steps", "eval_batch_size"):
@@ -84,8 +101,15 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _require(o.warmup_steps >= 0, "optim.warmup_steps", ">= 0", o.warmup_steps)
   _require(o.weight_decay >= 0, "optim.weight_decay", ">= 0", o.weight_decay)
   _require(o.clip_norm >= 0, "optim.clip_norm", ">= 0", o.clip_norm)
+  _require(o.optimizer in OPTIMIZERS, "optim.optimizer", f"one of {OPTIMIZERS}", o.optimizer)
+  _require(0 <= o.momentum < 1, "optim.momentum", "in [0, 1)", o.momentum)
+  _require(0 <= o.layer_decay <= 1, "optim.layer_decay", "in [0, 1] (0: off)", o.layer_decay)
+  _require(isinstance(o.rules, (tuple, list)), "optim.rules", "a list of (regex, value)", o.rules)
   _require(config.checkpoint.every >= 0, "checkpoint.every", ">= 0", config.checkpoint.every)
   _require(config.checkpoint.keep > 0, "checkpoint.keep", "> 0", config.checkpoint.keep)
+  from jaxft import lora, rules  # pylint: disable=g-import-not-at-top  (they import this module)
+  lora.validate(config)
+  rules.user_rules(config)
 
 
 def to_json(config: ml_collections.ConfigDict) -> str:

@@ -1,4 +1,4 @@
-"""The optax optimizer: AdamW, warmup + decay schedule, clipping, decay mask."""
+"""The optax optimizer: per-rule groups of AdamW (or SGD), warmup + decay, clipping."""
 
 from __future__ import annotations
 
@@ -9,18 +9,7 @@ import ml_collections
 import optax
 
 from jaxft import params as params_lib
-
-
-
-def decays(path: str) -> bool:
-  """HF's convention: weight decay on everything but biases and norm parameters."""
-  *modules, name = path.split("/")
-  return name != "bias" and not any("norm" in m.lower() for m in modules)
-
-
-def decay_mask(params: Any) -> Any:
-  """True where AdamW weight decay applies."""
-  return jax.tree.map(decays, params_lib.tree_paths(params))
+from jaxft import rules as rules_lib
 
 
 def warmup_steps(config: ml_collections.ConfigDict) -> int:
@@ -28,26 +17,73 @@ def warmup_steps(config: ml_collections.ConfigDict) -> int:
   return o.warmup_steps or int(o.warmup_frac * config.train.num_steps)
 
 
-def schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
-  """Linear warmup from 0 to `optim.lr`, then linear / cosine decay to 0, or constant."""
+def schedule(config: ml_collections.ConfigDict,
+             rule: rules_lib.Rule | None = None) -> optax.Schedule:
+  """Linear warmup from 0 to the peak, then linear / cosine decay to 0, or constant.
+
+  The peak is `optim.lr`; a `rule` multiplies it and may replace the decay
+  kind, the warmup, and hold the rate at zero before its `start_step`.
+  """
   o, total = config.optim, config.train.num_steps
-  warmup = warmup_steps(config)
-  decay_steps = max(total - warmup, 1)
+  rule = rule or rules_lib.Rule(".*", True)
+  kind = rule.schedule or o.schedule
+  warmup = warmup_steps(config) if rule.warmup_steps is None else rule.warmup_steps
+  start = min(rule.start_step, total)
+  decay_steps = max(total - start - warmup, 1)
   after = {
       "linear": optax.linear_schedule(o.lr, 0.0, decay_steps),
       "cosine": optax.cosine_decay_schedule(o.lr, decay_steps),
       "constant": optax.constant_schedule(o.lr),
-  }[o.schedule]
-  if warmup == 0:
-    return after
-  return optax.join_schedules([optax.linear_schedule(0.0, o.lr, warmup), after], [warmup])
+  }[kind]
+  pieces, bounds = [after], []
+  if warmup:
+    pieces, bounds = [optax.linear_schedule(0.0, o.lr, warmup), after], [warmup]
+  if start:
+    pieces, bounds = [optax.constant_schedule(0.0), *pieces], [start] + [start + b for b in bounds]
+  base = pieces[0] if len(pieces) == 1 else optax.join_schedules(pieces, bounds)
+  if rule.lr_mult == 1.0:
+    return base
+  # Scaling the base rate (not the peak) keeps a 0.5 multiplier an exact half.
+  return lambda count: rule.lr_mult * base(count)
 
 
-def build(config: ml_collections.ConfigDict, params: Any) -> optax.GradientTransformation:
-  """AdamW with the config's schedule and clipping; `params` gives the decay mask."""
+def _transform(config: ml_collections.ConfigDict, lr: optax.Schedule,
+               weight_decay: float) -> optax.GradientTransformation:
   o = config.optim
-  adamw = optax.adamw(schedule(config), b1=o.b1, b2=o.b2, eps=o.eps,
-                      weight_decay=o.weight_decay, mask=decay_mask(params))
+  if o.optimizer == "adamw":
+    return optax.adamw(lr, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=weight_decay)
+  sgd = optax.sgd(lr, momentum=o.momentum or None)
+  return optax.chain(optax.add_decayed_weights(weight_decay), sgd) if weight_decay else sgd
+
+
+def labels(params: Any, assignment: rules_lib.Assignment) -> Any:
+  """Each param's optimizer group: its rule's index, split by whether it decays."""
+  def label(path: str) -> str:
+    return f"{assignment.of[path]}" + ("" if rules_lib.decays(path) else "/nodecay")
+  return jax.tree.map(label, params_lib.tree_paths(params))
+
+
+def build(config: ml_collections.ConfigDict, params: Any,
+          assignment: rules_lib.Assignment | None = None) -> optax.GradientTransformation:
+  """The optimizer over the trainable `params`: one group per rule, one clip.
+
+  Args:
+    config: the run's config (`optim.*`, `train.num_steps`).
+    params: the trainable parameter tree (frozen ones are not in it).
+    assignment: each param's rule; None trains every param alike.
+  """
+  o = config.optim
+  if assignment is None:
+    paths = jax.tree.leaves(params_lib.tree_paths(params))
+    assignment = rules_lib.Assignment([rules_lib.Rule(".*", True)], dict.fromkeys(paths, 0))
+  groups = set(jax.tree.leaves(labels(params, assignment)))
+  transforms = {}
+  for group in groups:
+    rule = assignment.rules[int(group.split("/")[0])]
+    decay = 0.0 if group.endswith("/nodecay") else (
+        o.weight_decay if rule.weight_decay is None else rule.weight_decay)
+    transforms[group] = _transform(config, schedule(config, rule), decay)
+  tx = optax.multi_transform(transforms, labels(params, assignment))
   if o.clip_norm > 0:
-    return optax.chain(optax.clip_by_global_norm(o.clip_norm), adamw)
-  return adamw
+    return optax.chain(optax.clip_by_global_norm(o.clip_norm), tx)
+  return tx

@@ -13,7 +13,6 @@ import sys
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
@@ -22,16 +21,18 @@ from flax import nnx
 from jaxft import checkpoint
 from jaxft import config as config_lib
 from jaxft import hf
+from jaxft import lora
 from jaxft import metrics as metrics_lib
 from jaxft import optim
 from jaxft import preemption
+from jaxft import rules
 from jaxft import steps
+from jaxft import trainable
 from jaxft.data import batches as batches_lib
 from jaxft.data import text
 from jaxft.errors import UserError
 
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-
+EXPORT_FORMATS = ("hf", "peft")
 
 def log(msg: str) -> None:
   print(msg, file=sys.stderr, flush=True)
@@ -40,8 +41,7 @@ def log(msg: str) -> None:
 @dataclasses.dataclass
 class Run:
   """A model with its train state, restored from DIR/checkpoints or freshly loaded."""
-  graphdef: nnx.GraphDef
-  rest: nnx.State
+  split: trainable.Split
   state: steps.State
   tx: optax.GradientTransformation
   hf_config: Any
@@ -51,10 +51,24 @@ class Run:
   def step(self) -> int:
     return int(self.state["step"])
 
+  def model(self) -> nnx.Module:
+    """The current model, frozen and trained parameters together."""
+    return self.split.merge(self.state["params"], self.state["frozen"])
+
   @functools.cached_property
   def eval_fn(self):
     """The jitted eval step, compiled once per run."""
-    return jax.jit(functools.partial(steps.eval_step, graphdef=self.graphdef, rest=self.rest))
+    return jax.jit(functools.partial(steps.eval_step, graphdef=self.split.graphdef,
+                                     rest=self.split.rest))
+
+
+def make_step_fn(config: ml_collections.ConfigDict, split: trainable.Split,
+                 tx: optax.GradientTransformation):
+  """The jitted train step (state donated), as `train` runs and `inspect` compiles it."""
+  t = config.train
+  return jax.jit(functools.partial(
+      steps.train_step, graphdef=split.graphdef, rest=split.rest, tx=tx,
+      grad_accum=t.grad_accum, dropout_key=jax.random.key(t.seed)), donate_argnums=0)
 
 
 def _labels_file(workdir: str) -> str:
@@ -78,33 +92,37 @@ def _concrete(abstract: Any) -> Any:
 
 
 def open_run(config: ml_collections.ConfigDict, workdir: str, model_path: str,
-             labels: list[str]) -> Run:
-  """Restores the latest checkpoint in `workdir`, or loads the pretrained model."""
+             labels: list[str], *, quiet: bool = False) -> Run:
+  """Restores the latest checkpoint in `workdir`, or loads the pretrained model.
+
+  Prints the rules table (which parameters train, how fast) unless `quiet`.
+  """
   ckpt = checkpoint.Checkpointer(workdir, keep=config.checkpoint.keep,
                                  every=config.checkpoint.every)
   id2label = dict(enumerate(labels))
-  dtype = _DTYPES[config.model.dtype]
   hf_config = hf.load_hf_config(model_path, num_labels=len(labels), id2label=id2label)
   latest = ckpt.latest_step()
   if latest is None:
     loaded = hf.load_classifier(model_path, num_labels=len(labels), id2label=id2label,
-                                dtype=dtype, seed=config.train.seed,
+                                dtype=trainable.compute_dtype(config), seed=config.train.seed,
                                 allow_pickle=config.model.allow_pickle)
     _report_load(loaded.report)
-    model = loaded.model
+    model = trainable.with_adapters(loaded.model, config)
   else:
     # The checkpoint holds every parameter: build the model's shapes only.
-    model = nnx.eval_shape(lambda: hf.build_classifier(hf_config, dtype=dtype,
-                                                       seed=config.train.seed))
-  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-  tx = optim.build(config, params)
+    model = trainable.abstract_model(hf_config, config)
+  split = trainable.split(model, config, hf_config.model_type)
+  if not quiet:
+    log(rules.table(split.assignment, split.sizes, config.optim.weight_decay))
+  tx = optim.build(config, split.params, split.assignment)
   if latest is None:
-    state = steps.init_state(params, tx)
+    state = steps.init_state(split.params, split.frozen, tx)
   else:
-    abstract = jax.eval_shape(functools.partial(steps.init_state, tx=tx), params)
+    abstract = jax.eval_shape(functools.partial(steps.init_state, tx=tx),
+                              split.params, split.frozen)
     state, _ = ckpt.restore(_concrete(abstract), latest)
     log(f"restored checkpoint at step {latest} from {ckpt.directory}")
-  return Run(graphdef, rest, state, tx, hf_config, ckpt)
+  return Run(split, state, tx, hf_config, ckpt)
 
 
 def _report_load(report: hf.LoadReport) -> None:
@@ -120,7 +138,7 @@ def evaluate(run: Run, examples: dict[str, np.ndarray], batch_size: int,
   losses, preds, weights = [], [], []
   for batch in batches_lib.eval_batches(examples, batch_size):
     weight = batch.pop("weight")
-    loss, pred = run.eval_fn(run.state["params"], batch)
+    loss, pred = run.eval_fn(run.state["params"], run.state["frozen"], batch)
     losses.append(np.asarray(loss))
     preds.append(np.asarray(pred))
     weights.append(weight)
@@ -159,9 +177,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float] |
 def _loop(config: ml_collections.ConfigDict, workdir: str, run: Run, train_ex: dict,
           eval_ex: dict | None, num_labels: int) -> dict[str, float] | None:
   t = config.train
-  step_fn = jax.jit(functools.partial(
-      steps.train_step, graphdef=run.graphdef, rest=run.rest, tx=run.tx,
-      grad_accum=t.grad_accum, dropout_key=jax.random.key(t.seed)), donate_argnums=0)
+  step_fn = make_step_fn(config, run.split, run.tx)
   data = batches_lib.TrainBatches(train_ex, t.batch_size, t.seed)
   writer = metrics_lib.JsonlWriter(workdir)
   lr = optim.schedule(config)
@@ -214,21 +230,37 @@ def eval_command(config: ml_collections.ConfigDict, workdir: str) -> dict[str, f
   return {"step": run.step, **result}
 
 
-def export_command(workdir: str, out_dir: str) -> None:
-  """Writes the latest checkpoint of `workdir` as a Hugging Face folder."""
+def export_command(workdir: str, out_dir: str, fmt: str = "hf") -> None:
+  """Writes the latest checkpoint of `workdir` as a Hugging Face folder.
+
+  `fmt` "hf": a full checkpoint (LoRA adapters merged into the kernels) that
+  transformers loads as is; "peft": only the LoRA adapters and the trained
+  modules, as a PEFT adapter over the run's base model.
+  """
+  if fmt not in EXPORT_FORMATS:
+    raise UserError(f"--format must be one of {EXPORT_FORMATS}, got {fmt!r}")
   path = os.path.join(workdir, "config.json")
   labels = read_labels(workdir)
   if not os.path.exists(path) or labels is None:
     raise UserError(f"{workdir} is not a jaxft workdir (no config.json / labels.json)")
   with open(path, encoding="utf-8") as f:
     config = config_lib.from_json(f.read())
+  if fmt == "peft" and not lora.enabled(config):
+    raise UserError(f"--format=peft needs a LoRA run; {workdir} trained without "
+                    "config.lora.rank (use --format=hf)")
   checkpointer = checkpoint.Checkpointer(workdir)
   if checkpointer.latest_step() is None:
     raise UserError(f"no checkpoint in {checkpointer.directory}: train first")
   checkpointer.close()
   model_path = hf.resolve_path(config.model.path, allow_pickle=config.model.allow_pickle)
-  run = open_run(config, workdir, model_path, labels)
+  run = open_run(config, workdir, model_path, labels, quiet=True)
   run.checkpointer.close()  # Export only reads the restored state.
-  model = nnx.merge(run.graphdef, run.state["params"], run.rest)
-  hf.export_classifier(model, run.hf_config, out_dir, tokenizer_path=model_path)
-  log(f"exported step {run.step} to {out_dir}")
+  model = run.model()
+  if fmt == "peft":
+    lora.export_peft(model, run.hf_config, config, run.split.assignment.trainable(), out_dir,
+                     base_model=config.model.path)
+    if jax.process_index() == 0:
+      hf.load_tokenizer(model_path).save_pretrained(out_dir)
+  else:
+    hf.export_classifier(lora.merge(model), run.hf_config, out_dir, tokenizer_path=model_path)
+  log(f"exported step {run.step} to {out_dir} ({fmt})")

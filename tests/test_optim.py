@@ -7,6 +7,7 @@ import pytest
 
 from jaxft import config as config_lib
 from jaxft import optim
+from jaxft import rules
 
 
 def _config(**optim_overrides):
@@ -28,15 +29,14 @@ def test_schedule_warms_up_then_decays_to_zero(kind):
 
 
 def test_no_weight_decay_on_biases_and_layernorm():
-  params = {"encoder": {"layer": {"0": {
-      "attention": {"self": {"query": {"kernel": 1, "bias": 1}}},
-      "output": {"LayerNorm": {"scale": 1, "bias": 1}, "dense": {"kernel": 1}}}}},
-      "embeddings": {"word_embeddings": {"embedding": 1}}}
-  mask = optim.decay_mask(params)
-  layer = mask["encoder"]["layer"]["0"]
-  assert layer["attention"]["self"]["query"] == {"kernel": True, "bias": False}
-  assert layer["output"]["LayerNorm"] == {"scale": False, "bias": False}
-  assert layer["output"]["dense"]["kernel"] and mask["embeddings"]["word_embeddings"]["embedding"]
+  decays = {p: rules.decays(p) for p in (
+      "encoder/layer/0/attention/self/query/kernel", "encoder/layer/0/attention/self/query/bias",
+      "encoder/layer/0/output/LayerNorm/scale", "encoder/layer/0/output/LayerNorm/bias",
+      "encoder/layer/0/output/dense/kernel", "embeddings/word_embeddings/embedding",
+      "encoder/layer/0/attention/self/query/lora_a")}
+  assert [p for p, d in decays.items() if not d] == [
+      "encoder/layer/0/attention/self/query/bias", "encoder/layer/0/output/LayerNorm/scale",
+      "encoder/layer/0/output/LayerNorm/bias"]
 
 
 def test_weight_decay_shrinks_only_masked_params():
@@ -62,7 +62,7 @@ def test_clipping_bounds_the_global_norm():
 
 
 def test_optimizer_paths_equal_checkpoint_paths(tiny_bert):
-  # The decay mask (and later the lr rules) must name parameters exactly as
+  # The optimizer rules must name parameters exactly as
   # the checkpoint tables do.
   from flax import nnx
   from jaxft import hf, params

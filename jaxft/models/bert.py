@@ -121,8 +121,8 @@ class BertSelfOutput(nnx.Module):
 
   def __call__(self, hidden: Array, residual: Array, *, deterministic: bool,
                rngs: nnx.Rngs | None) -> Array:
-    hidden = self.dropout(self.dense(hidden), deterministic=deterministic,
-                          rngs=rngs)
+    kw = dict(deterministic=deterministic, rngs=rngs)
+    hidden = self.dropout(self.dense(hidden, **kw), **kw)
     return self.LayerNorm(hidden + residual)
 
 
@@ -161,8 +161,9 @@ class BertIntermediate(nnx.Module):
                          rngs=rngs)
     self.act = layers.activation(config.hidden_act)
 
-  def __call__(self, x: Array) -> Array:
-    return self.act(self.dense(x))
+  def __call__(self, x: Array, *, deterministic: bool,
+               rngs: nnx.Rngs | None) -> Array:
+    return self.act(self.dense(x, deterministic=deterministic, rngs=rngs))
 
 
 class BertLayer(nnx.Module):
@@ -179,8 +180,8 @@ class BertLayer(nnx.Module):
   def __call__(self, x: Array, mask: Array | None, *, deterministic: bool,
                rngs: nnx.Rngs | None) -> Array:
     x = self.attention(x, mask, deterministic=deterministic, rngs=rngs)
-    return self.output(self.intermediate(x), x, deterministic=deterministic,
-                       rngs=rngs)
+    hidden = self.intermediate(x, deterministic=deterministic, rngs=rngs)
+    return self.output(hidden, x, deterministic=deterministic, rngs=rngs)
 
 
 class BertEncoder(nnx.Module):
@@ -208,8 +209,10 @@ class BertPooler(nnx.Module):
                          ("embed", "embed"), dtype=dtype, param_dtype=param_dtype,
                          rngs=rngs)
 
-  def __call__(self, hidden: Array) -> Array:
-    return jnp.tanh(self.dense(hidden[:, 0]))
+  def __call__(self, hidden: Array, *, deterministic: bool,
+               rngs: nnx.Rngs | None) -> Array:
+    first = hidden[:, 0]
+    return jnp.tanh(self.dense(first, deterministic=deterministic, rngs=rngs))
 
 
 class BertModel(nnx.Module):
@@ -242,7 +245,9 @@ class BertModel(nnx.Module):
     """Returns (last hidden states, pooled output or None)."""
     hidden = self.encode(input_ids, attention_mask, token_type_ids,
                          deterministic=deterministic, rngs=rngs)
-    return hidden, (self.pooler(hidden) if self.pooler is not None else None)
+    if self.pooler is None:
+      return hidden, None
+    return hidden, self.pooler(hidden, deterministic=deterministic, rngs=rngs)
 
 
 class BertForSequenceClassification(BertModel):
@@ -263,9 +268,9 @@ class BertForSequenceClassification(BertModel):
     """Returns float32 logits [batch, num_labels]."""
     hidden = self.encode(input_ids, attention_mask, token_type_ids,
                          deterministic=deterministic, rngs=rngs)
-    pooled = self.dropout(self.pooler(hidden), deterministic=deterministic,
-                          rngs=rngs)
-    return self.classifier(pooled).astype(jnp.float32)
+    kw = dict(deterministic=deterministic, rngs=rngs)
+    pooled = self.dropout(self.pooler(hidden, **kw), **kw)
+    return self.classifier(pooled, **kw).astype(jnp.float32)
 
 
 class RobertaModel(BertModel):
@@ -289,9 +294,9 @@ class RobertaClassificationHead(nnx.Module):
   def __call__(self, hidden: Array, *, deterministic: bool,
                rngs: nnx.Rngs | None) -> Array:
     x = self.dropout(hidden[:, 0], deterministic=deterministic, rngs=rngs)
-    x = jnp.tanh(self.dense(x))
+    x = jnp.tanh(self.dense(x, deterministic=deterministic, rngs=rngs))
     x = self.dropout(x, deterministic=deterministic, rngs=rngs)
-    return self.out_proj(x)
+    return self.out_proj(x, deterministic=deterministic, rngs=rngs)
 
 
 class RobertaForSequenceClassification(RobertaModel):
@@ -393,10 +398,12 @@ class DistilBertSelfAttention(nnx.Module):
                rngs: nnx.Rngs | None) -> Array:
     batch, length, dim = x.shape
     split = lambda y: y.reshape(batch, length, self.num_heads, -1)
+    kw = dict(deterministic=deterministic, rngs=rngs)
     context = layers.dot_product_attention(
-        split(self.q_lin(x)), split(self.k_lin(x)), split(self.v_lin(x)), mask,
+        split(self.q_lin(x, **kw)), split(self.k_lin(x, **kw)),
+        split(self.v_lin(x, **kw)), mask,
         dropout_layer=self.dropout, deterministic=deterministic, rngs=rngs)
-    return self.out_lin(context.reshape(batch, length, dim))
+    return self.out_lin(context.reshape(batch, length, dim), **kw)
 
 
 class DistilBertFFN(nnx.Module):
@@ -414,8 +421,9 @@ class DistilBertFFN(nnx.Module):
 
   def __call__(self, x: Array, *, deterministic: bool,
                rngs: nnx.Rngs | None) -> Array:
-    return self.dropout(self.lin2(self.act(self.lin1(x))),
-                        deterministic=deterministic, rngs=rngs)
+    kw = dict(deterministic=deterministic, rngs=rngs)
+    hidden = self.act(self.lin1(x, **kw))
+    return self.dropout(self.lin2(hidden, **kw), **kw)
 
 
 class DistilBertBlock(nnx.Module):
@@ -476,9 +484,10 @@ class DistilBertForSequenceClassification(nnx.Module):
     x = self.embeddings(input_ids, deterministic=deterministic, rngs=rngs)
     x = self.transformer(x, layers.padding_mask(attention_mask),
                          deterministic=deterministic, rngs=rngs)
-    pooled = jax.nn.relu(self.pre_classifier(x[:, 0]))
-    pooled = self.dropout(pooled, deterministic=deterministic, rngs=rngs)
-    return self.classifier(pooled).astype(jnp.float32)
+    kw = dict(deterministic=deterministic, rngs=rngs)
+    pooled = jax.nn.relu(self.pre_classifier(x[:, 0], **kw))
+    pooled = self.dropout(pooled, **kw)
+    return self.classifier(pooled, **kw).astype(jnp.float32)
 
 
 DISTILBERT_CHECKPOINT = layers.CheckpointLayout(

@@ -80,8 +80,17 @@ def activation(name: str) -> Callable[[Array], Array]:
 
 # --- parameterised layers ----------------------------------------------------
 
+class LoRAParam(nnx.Param):
+  """A LoRA adapter matrix: a Param that `jaxft.lora` adds and export folds in."""
+
+
 class Linear(nnx.Module):
-  """y = x @ kernel + bias, `kernel` stored as (in_features, out_features)."""
+  """y = x @ kernel + bias, `kernel` stored as (in_features, out_features).
+
+  With a LoRA adapter attached (`jaxft.lora.attach`), also adds
+  `lora_scale * dropout(x) @ lora_a @ lora_b`; `lora_a` is (in, rank) and
+  `lora_b` (rank, out), so the base kernel keeps its path and layout.
+  """
 
   def __init__(self, in_features: int, out_features: int, *,
                use_bias: bool = True, dtype: Dtype = jnp.float32,
@@ -91,13 +100,26 @@ class Linear(nnx.Module):
     self.in_features = in_features
     self.out_features = out_features
     self.dtype = dtype
+    self.axes = axes
     self.kernel = _param(kernel_init, rngs, (in_features, out_features),
                          param_dtype, axes)
     self.bias = (_param(nnx.initializers.zeros, None, (out_features,),
                         param_dtype, axes[-1:]) if use_bias else None)
+    # Data attributes (not static), so `jaxft.lora.attach` may set them later.
+    self.lora_a: LoRAParam | None = nnx.data(None)
+    self.lora_b: LoRAParam | None = nnx.data(None)
+    self.lora_scale = 0.0
+    self.lora_dropout = dropout(0.0)
 
-  def __call__(self, x: Array) -> Array:
-    y = jnp.dot(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+  def __call__(self, x: Array, *, deterministic: bool = True,
+               rngs: nnx.Rngs | None = None) -> Array:
+    """`deterministic` and `rngs` only matter for LoRA dropout."""
+    x = x.astype(self.dtype)
+    y = jnp.dot(x, self.kernel[...].astype(self.dtype))
+    if self.lora_a is not None:
+      h = self.lora_dropout(x, deterministic=deterministic, rngs=rngs)
+      h = jnp.dot(h, self.lora_a[...].astype(self.dtype))
+      y = y + self.lora_scale * jnp.dot(h, self.lora_b[...].astype(self.dtype))
     if self.bias is not None:
       y = y + self.bias[...].astype(self.dtype)
     return y
@@ -224,8 +246,10 @@ class SelfAttention(nnx.Module):
     """[batch, length, hidden] -> [batch, length, hidden] (before out proj)."""
     batch, length, _ = x.shape
     split = lambda y: y.reshape(batch, length, self.num_heads, self.head_dim)
+    kw = dict(deterministic=deterministic, rngs=rngs)
     context = dot_product_attention(
-        split(self.query(x)), split(self.key(x)), split(self.value(x)), mask,
+        split(self.query(x, **kw)), split(self.key(x, **kw)),
+        split(self.value(x, **kw)), mask,
         dropout_layer=self.dropout, deterministic=deterministic, rngs=rngs)
     return context.reshape(batch, length, self.num_heads * self.head_dim)
 
