@@ -22,7 +22,8 @@ def jaxft(*args, **kwargs) -> subprocess.CompletedProcess:
 
 
 def tiny_flags(root, workdir, *extra):
-  return ["--config=" + RECIPE, f"--workdir={workdir}",
+  """Flags for the tiny setup; workdir None leaves --workdir out (inspect)."""
+  return ["--config=" + RECIPE, *([f"--workdir={workdir}"] if workdir else []),
           f"--config.model.path={root / 'model'}", f"--config.data.train={root / 'train.jsonl'}",
           f"--config.data.eval={root / 'test.jsonl'}", "--config.data.max_length=16",
           "--config.train.batch_size=8", "--config.optim.lr=1e-3", *extra]
@@ -35,6 +36,10 @@ def tiny_flags(root, workdir, *extra):
     (["--config.data.train=/no/such/file.jsonl"], "not found: /no/such/file.jsonl"),
     (["--config.data.text_key=sentence"], "no column 'sentence'"),
     (["--config.optim.schedule=triangle"], "config.optim.schedule"),
+    (["--config.optim.rules=(('embedings/.*', None), ('.*', 1.0))"],
+     "config.optim.rules[0]='embedings/.*' matches no parameter"),
+    (["--config.optim.rules=(('embeddings/.*', None),)"], "matches no rule"),
+    (["--config.lora.rank=4", "--config.lora.targets=.*/qkv"], "matches no Linear layer"),
 ])
 def test_user_mistakes_exit_2_with_a_message_and_no_traceback(tiny_setup, tmp_path, extra, message):
   proc = jaxft("train", *tiny_flags(tiny_setup, tmp_path / "w", *extra))
@@ -122,3 +127,21 @@ def test_sigterm_saves_a_checkpoint_and_exits_143(tiny_setup, tmp_path):
   assert "stopped by SIGTERM" in stderr
   saved = [int(p) for p in os.listdir(workdir / "checkpoints") if p.isdigit()]
   assert len(saved) == 1 and 3 <= saved[0] < 100000
+
+
+def test_inspect_prints_the_rules_and_params_then_a_json_line(tiny_setup):
+  proc = jaxft("inspect", "--params", *tiny_flags(
+      tiny_setup, None, "--config.optim.rules=(('embeddings/.*', None), ('.*', 1.0))"))
+  assert proc.returncode == 0, proc.stderr
+  lines = proc.stdout.strip().splitlines()
+  figures = json.loads(lines[-1])
+  assert {"params_total", "params_trainable", "param_bytes", "optimizer_state_bytes",
+          "step_flops", "peak_memory_bytes", "devices"} <= set(figures)
+  assert 0 < figures["params_trainable"] < figures["params_total"]
+  assert figures["step_flops"] > 0 and figures["peak_memory_bytes"] > 0
+  listing = {l.split()[0]: l.split() for l in lines if l.startswith(("embeddings/", "encoder/"))}
+  assert listing["embeddings/word_embeddings/embedding"][1:] == [
+      "30522x32", "optim.rules[0]", "frozen", "-"]
+  assert listing["encoder/layer/0/attention/self/query/bias"][1:] == [
+      "32", "optim.rules[1]", "1", "0"]
+  assert any(l.startswith("optim.rules[0]") for l in lines)

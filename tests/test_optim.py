@@ -7,6 +7,7 @@ import pytest
 
 from jaxft import config as config_lib
 from jaxft import optim
+from jaxft import params as params_lib
 from jaxft import rules
 
 
@@ -71,3 +72,53 @@ def test_optimizer_paths_equal_checkpoint_paths(tiny_bert):
   names = [p for p, _ in params.named_variables(state)]
   assert sorted(jax.tree.leaves(params.tree_paths(state))) == sorted(names)
   assert "encoder/layer/1/attention/self/query/kernel" in names
+
+
+def _tiny_split(tiny, rule_list, **optim_overrides):
+  from jaxft import hf, trainable
+  c = _config(schedule="constant", warmup_frac=0.0, clip_norm=0.0, **optim_overrides)
+  c.optim.rules = tuple(rule_list)
+  model = hf.load_classifier(tiny.path, num_labels=2).model
+  return c, trainable.split(model, c, "bert")
+
+
+def test_lr_multiplier_half_gives_exactly_half_the_sgd_update(tiny_bert):
+  from jaxft import steps
+  batch = {**tiny_bert.batch(), "label": np.array([0, 1, 1], np.int32)}
+  updates = {}
+  for name, rule_list in (("full", []), ("half", [("encoder/layer/1/.*", 0.5), (".*", 1.0)])):
+    c, split = _tiny_split(tiny_bert, rule_list, optimizer="sgd", weight_decay=0.0, lr=0.125)
+    tx = optim.build(c, split.params, split.assignment)
+    _, _, grads = steps._loss_and_grads(split.graphdef, split.rest, split.params, split.frozen,
+                                        batch, None)
+    u, _ = tx.update(grads, tx.init(split.params), split.params)
+    updates[name] = dict(params_lib.named_variables(u))
+    if name == "full":
+      sgd = {p: -0.125 * np.asarray(v.get_value()) for p, v in params_lib.named_variables(grads)}
+  assert updates["full"].keys() == updates["half"].keys()
+  for path, full in updates["full"].items():
+    full, half = np.asarray(full.get_value()), np.asarray(updates["half"][path].get_value())
+    np.testing.assert_array_equal(full, sgd[path])
+    assert np.any(full != 0), path
+    expected = 0.5 * full if path.startswith("encoder/layer/1/") else full
+    np.testing.assert_array_equal(half, expected, err_msg=path)
+
+
+def test_start_step_holds_the_rate_at_zero_then_warms_up():
+  c = _config(schedule="linear", warmup_steps=10)
+  s = optim.schedule(c, rules.Rule(".*", True, lr_mult=2.0, start_step=20))
+  assert [float(s(i)) for i in (0, 19, 20, 25, 30)] == pytest.approx([0, 0, 0, 1.0, 2.0])
+  assert float(s(100)) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_a_rule_can_set_its_own_weight_decay(tiny_bert):
+  c, split = _tiny_split(tiny_bert, [("classifier/.*", dict(weight_decay=0.5)), (".*", 1.0)],
+                         lr=0.1, weight_decay=0.0)
+  tx = optim.build(c, split.params, split.assignment)
+  zeros = jax.tree.map(jnp.zeros_like, split.params)
+  u = dict(params_lib.named_variables(tx.update(zeros, tx.init(split.params), split.params)[0]))
+  p = dict(params_lib.named_variables(split.params))
+  np.testing.assert_allclose(u["classifier/kernel"].get_value(),
+                             -0.05 * p["classifier/kernel"].get_value(), rtol=1e-6)
+  assert not np.any(u["classifier/bias"].get_value())  # Biases never decay.
+  assert not np.any(u["pooler/dense/kernel"].get_value())

@@ -1,0 +1,94 @@
+"""Frozen parameters cost nothing and stay exactly as pretrained; `jaxft inspect` shows it."""
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from safetensors.numpy import load_file
+
+from jaxft import footprint
+from jaxft import train
+from tests.test_train import tiny_config
+
+FREEZE_BOTTOM = (("embeddings/.*", None), ("encoder/layer/[0-3]/.*", None), (".*", 1.0))
+
+
+def _minilm_config(root, minilm_path, **overrides):
+  c = tiny_config(root, num_steps=4)
+  c.model.path = minilm_path
+  c.data.max_length = 32
+  c.optim.update(warmup_frac=0.0, rules=FREEZE_BOTTOM)
+  c.update_from_flattened_dict(overrides)
+  return c
+
+
+def test_frozen_tensors_export_bit_identical_and_trainable_ones_change(
+    tiny_setup, minilm_path, tmp_path):
+  config = _minilm_config(tiny_setup, minilm_path)
+  train.train(config, str(tmp_path / "w"))
+  train.export_command(str(tmp_path / "w"), str(tmp_path / "hf"))
+  before = load_file(os.path.join(minilm_path, "model.safetensors"))
+  after = {k.removeprefix("bert."): v
+           for k, v in load_file(str(tmp_path / "hf" / "model.safetensors")).items()}
+  frozen = [k for k in after if k.startswith(("embeddings.", *(f"encoder.layer.{i}." for i in range(4))))]
+  trained = [k for k in after if k.startswith(("encoder.layer.4.", "encoder.layer.5.", "pooler."))]
+  assert len(frozen) == 5 + 4 * 16 and len(trained) == 2 * 16 + 2
+  for key in frozen:
+    assert after[key].dtype == before[key].dtype and np.array_equal(after[key], before[key]), key
+  for key in trained:
+    assert not np.array_equal(after[key], before[key]), key
+
+
+def test_frozen_params_get_no_optimizer_state_and_no_update(tiny_setup, tmp_path):
+  config = tiny_config(tiny_setup, num_steps=3)
+  config.optim.rules = (("encoder/layer/0/.*", None), ("embeddings/.*", None), (".*", 1.0))
+  labels = ["neg", "pos"]
+  run = train.open_run(config, str(tmp_path), config.model.path, labels, quiet=True)
+  run.checkpointer.close()
+  frozen_before = jax.tree.map(np.asarray, run.state["frozen"])
+  trainable = footprint.tree_size(run.state["params"])
+  # AdamW keeps two moments per trainable parameter and nothing for frozen ones,
+  # plus two step counters in each of the groups (decayed, not decayed).
+  assert footprint.tree_size(run.state["opt_state"]) == 2 * trainable + 2 * 2
+  paths = {p for p in run.split.assignment.of if p.startswith(("embeddings/", "encoder/layer/0/"))}
+  assert paths and not paths & run.split.assignment.trainable()
+  train.train(config, str(tmp_path))
+  run = train.open_run(config, str(tmp_path), config.model.path, labels, quiet=True)
+  run.checkpointer.close()
+  assert run.step == 3
+  jax.tree.map(np.testing.assert_array_equal, frozen_before,
+               jax.tree.map(np.asarray, run.state["frozen"]))
+
+
+def test_frozen_params_can_be_stored_in_bfloat16(tiny_setup, tmp_path):
+  config = tiny_config(tiny_setup, num_steps=2)
+  config.optim.rules = (("encoder/.*", None), (".*", 1.0))
+  config.model.frozen_dtype = "bfloat16"
+  result = train.train(config, str(tmp_path))
+  run = train.open_run(config, str(tmp_path), config.model.path, ["neg", "pos"], quiet=True)
+  run.checkpointer.close()
+  assert {x.dtype for x in jax.tree.leaves(run.state["frozen"])} == {jnp.dtype(jnp.bfloat16)}
+  assert {x.dtype for x in jax.tree.leaves(run.state["params"])} == {jnp.dtype(jnp.float32)}
+  assert np.isfinite(result["loss"])
+
+
+def test_inspect_shows_freezing_and_lora_shrink_flops_and_optimizer_state(minilm_path):
+  # The issue's recipe: MiniLM, batch 32, length 128; compiled, never run.
+  from tests.test_train import _recipe
+  def figures(**overrides):
+    c = _recipe()
+    c.model.path = minilm_path
+    c.data.max_length = 128
+    c.update_from_flattened_dict(overrides)
+    return footprint.inspect(c)
+  full = figures()
+  frozen = figures(**{"optim.rules": FREEZE_BOTTOM})
+  lora = figures(**{"lora.rank": 8, "lora.targets": r".*/attention/self/(query|value)"})
+  assert full["params_trainable"] == full["params_total"] == 22_713_986
+  assert full["optimizer_state_bytes"] >= 2 * 4 * full["params_total"]
+  assert frozen["step_flops"] <= 0.6 * full["step_flops"]
+  assert frozen["optimizer_state_bytes"] <= 0.2 * full["optimizer_state_bytes"]
+  assert frozen["peak_memory_bytes"] < full["peak_memory_bytes"]
+  assert lora["optimizer_state_bytes"] <= 0.05 * full["optimizer_state_bytes"]
+  assert lora["params_trainable"] == 6 * 2 * 2 * 384 * 8 + 384 * 2 + 2
