@@ -109,6 +109,7 @@ def open_run(config: ml_collections.ConfigDict, workdir: str, model_path: str,
     _report_load(loaded.report)
     model = trainable.with_adapters(loaded.model, config)
   else:
+    _check_same_partition(config, workdir)
     # The checkpoint holds every parameter: build the model's shapes only.
     model = trainable.abstract_model(hf_config, config)
   split = trainable.split(model, config, hf_config.model_type)
@@ -123,6 +124,28 @@ def open_run(config: ml_collections.ConfigDict, workdir: str, model_path: str,
     state, _ = ckpt.restore(_concrete(abstract), latest)
     log(f"restored checkpoint at step {latest} from {ckpt.directory}")
   return Run(split, state, tx, hf_config, ckpt)
+
+
+# Keys that decide the checkpoint's structure (what is trainable, its dtype).
+_PARTITION_KEYS = ("optim.rules", "optim.layer_decay", "optim.optimizer", "lora",
+                   "model.frozen_dtype")
+
+
+def _check_same_partition(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """Raises UserError if the run in `workdir` split its parameters differently."""
+  path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path):
+    return
+  with open(path, encoding="utf-8") as f:
+    saved = json.load(f)
+  now = json.loads(config_lib.to_json(config))
+  for key in _PARTITION_KEYS:
+    section, name = key.split(".") if "." in key else (key, None)
+    get = lambda c: c.get(section, {}).get(name) if name else c.get(section)
+    if get(saved) != get(now):
+      raise UserError(f"{workdir} was trained with config.{key}={get(saved)!r}, not "
+                      f"{get(now)!r}; its checkpoints cannot resume with other "
+                      "trainable parameters. Use a new --workdir.")
 
 
 def _report_load(report: hf.LoadReport) -> None:

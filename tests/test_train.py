@@ -105,3 +105,11 @@ def test_corrupt_checkpoint_is_a_clear_error(tiny_setup, tmp_path):
       path.write_bytes(b"garbage")
   with pytest.raises(UserError, match="cannot restore checkpoint 3"):
     train.eval_command(config, str(tmp_path))
+
+
+def test_resuming_with_other_rules_is_a_clear_error(tiny_setup, tmp_path):
+  train.train(tiny_config(tiny_setup, num_steps=2), str(tmp_path))
+  config = tiny_config(tiny_setup, num_steps=4)
+  config.optim.rules = (("embeddings/.*", None), (".*", 1.0))
+  with pytest.raises(UserError, match="trained with config.optim.rules=.*new --workdir"):
+    train.train(config, str(tmp_path))
