@@ -8,6 +8,14 @@ eval included):
 
   jaxft train --config=configs/classify.py --workdir=runs/demo
 
+Train only the top of the model, or adapters (see jaxft/rules.py; `jaxft
+inspect` with the same flags prints what trains and what a step costs):
+
+  jaxft train --config=configs/classify.py --workdir=runs/top2 \
+    --config.optim.rules="(('embeddings/.*', None), ('encoder/layer/[0-3]/.*', None), ('.*', 1.0))"
+  jaxft train --config=configs/classify.py --workdir=runs/lora --config.lora.rank=8
+  jaxft train --config=configs/classify.py --workdir=runs/lld --config.optim.layer_decay=0.8
+
 Any file with a text and a label column works the same way:
 
   jaxft train --config=configs/classify.py --workdir=runs/imdb \
