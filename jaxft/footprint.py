@@ -72,7 +72,7 @@ def compiled_costs(compiled: Any) -> tuple[float, int]:
 def inspect(config: ml_collections.ConfigDict, show_params: bool = False) -> dict[str, Any]:
   """Prints the rules table (and with `show_params` every parameter); returns the figures."""
   config_lib.validate(config)
-  model_path = hf.resolve_path(config.model.path, allow_pickle=config.model.allow_pickle)
+  model_path = hf.resolve_path(config.model.path, weights=False)
   labels = _labels(config)
   hf_config = hf.load_hf_config(model_path, num_labels=len(labels),
                                 id2label=dict(enumerate(labels)))

@@ -74,7 +74,8 @@ class Loaded:
 
 # --- locating files ----------------------------------------------------------
 
-def resolve_path(path_or_hub_id: str, *, allow_pickle: bool = False) -> str:
+def resolve_path(path_or_hub_id: str, *, allow_pickle: bool = False,
+                 weights: bool = True) -> str:
   """A local checkpoint folder for a folder path or a hub id.
 
   Args:
@@ -83,6 +84,7 @@ def resolve_path(path_or_hub_id: str, *, allow_pickle: bool = False) -> str:
       safetensors, msgpack and tokenizer files; `*.bin` only with
       `allow_pickle`) into the hub cache.
     allow_pickle: also download pickled PyTorch weights.
+    weights: False fetches only config and tokenizer files (for `inspect`).
 
   Returns:
     The local folder.
@@ -100,12 +102,14 @@ def resolve_path(path_or_hub_id: str, *, allow_pickle: bool = False) -> str:
   if path_or_hub_id.startswith((".", "/", "~")) or not _HUB_ID.fullmatch(
       path_or_hub_id):
     raise UserError(f"Checkpoint folder {path!r} does not exist.")
-  return _download(path_or_hub_id, allow_pickle)
+  return _download(path_or_hub_id, allow_pickle, weights)
 
 
-def _download(repo_id: str, allow_pickle: bool) -> str:
+def _download(repo_id: str, allow_pickle: bool, weights: bool) -> str:
   import huggingface_hub  # pylint: disable=g-import-not-at-top
   patterns = _HUB_PATTERNS + (_HUB_PICKLE_PATTERNS if allow_pickle else [])
+  if not weights:
+    patterns = [p for p in patterns if p not in ("*.safetensors", "*.bin", FLAX_MSGPACK)]
   try:
     return huggingface_hub.snapshot_download(
         repo_id, allow_patterns=patterns, ignore_patterns=_HUB_IGNORE)

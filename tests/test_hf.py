@@ -224,6 +224,10 @@ def test_hub_id_downloads_safe_files_only(monkeypatch, tmp_path):
   monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
   assert hf.resolve_path("org/model") == str(tmp_path)
   assert hf.resolve_path("org/model", allow_pickle=True) == str(tmp_path)
-  (_, safe), (_, pickled) = calls
+  assert hf.resolve_path("org/model", weights=False) == str(tmp_path)
+  (_, safe), (_, pickled), (_, no_weights) = calls
   assert "*.bin" not in safe["allow_patterns"] and "*.safetensors" in safe["allow_patterns"]
   assert "*.bin" in pickled["allow_patterns"]
+  # jaxft inspect reads config and tokenizer only.
+  assert {"*.json", "tokenizer*"} <= set(no_weights["allow_patterns"])
+  assert not {"*.safetensors", "*.bin", hf.FLAX_MSGPACK} & set(no_weights["allow_patterns"])
