@@ -33,7 +33,9 @@ from jaxft import config as config_lib
 from jaxft import lora
 from jaxft.errors import UserError
 
-_DICT_KEYS = ("lr_mult", "weight_decay", "schedule", "warmup_steps", "start_step")
+# Keys a dict value may hold, and the types they take.
+_DICT_KEYS = {"lr_mult": (int, float), "weight_decay": (int, float), "schedule": (str,),
+              "warmup_steps": (int,), "start_step": (int,)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,27 +68,26 @@ class Rule:
 
 
 def _parse_value(value: Any, where: str) -> dict[str, Any]:
+  """Rule fields from a rule's value: None, a multiplier, or a dict."""
   if value is None:
     return {"trainable": False}
-  if isinstance(value, bool) or not isinstance(value, (int, float, dict, ml_collections.ConfigDict)):
+  if isinstance(value, (int, float)) and not isinstance(value, bool):
+    value = {"lr_mult": value}
+  if not isinstance(value, (dict, ml_collections.ConfigDict)):
     raise UserError(f"config.{where}: value must be None (frozen), a float "
                     f"(lr multiplier) or a dict, got {value!r}")
-  if not isinstance(value, (dict, ml_collections.ConfigDict)):
-    value = {"lr_mult": value}
   value = dict(value)
-  unknown = sorted(set(value) - set(_DICT_KEYS))
-  if unknown:
-    raise UserError(f"config.{where}: unknown key {unknown[0]!r}; "
-                    f"allowed: {', '.join(_DICT_KEYS)}")
-  if value.get("lr_mult", 1.0) < 0:
-    raise UserError(f"config.{where}: lr_mult must be >= 0, got {value['lr_mult']}")
-  if value.get("weight_decay", 0.0) < 0:
-    raise UserError(f"config.{where}: weight_decay must be >= 0")
+  for key, v in value.items():
+    if key not in _DICT_KEYS:
+      raise UserError(f"config.{where}: unknown key {key!r}; allowed: {', '.join(_DICT_KEYS)}")
+    if isinstance(v, bool) or not isinstance(v, _DICT_KEYS[key]):
+      kind = {int: "an integer", float: "a number", str: "a string"}[_DICT_KEYS[key][-1]]
+      raise UserError(f"config.{where}: {key} must be {kind}, got {v!r}")
+    if key != "schedule" and v < 0:
+      raise UserError(f"config.{where}: {key} must be >= 0, got {v!r}")
   if value.get("schedule", "linear") not in config_lib.SCHEDULES:
     raise UserError(f"config.{where}: schedule must be one of "
                     f"{config_lib.SCHEDULES}, got {value['schedule']!r}")
-  if value.get("start_step", 0) < 0 or value.get("warmup_steps", 0) < 0:
-    raise UserError(f"config.{where}: start_step and warmup_steps must be >= 0")
   return {"trainable": True, **value}
 
 

@@ -69,6 +69,8 @@ def test_rules_match_the_whole_path_not_a_substring():
     (("x", {"lr": 1.0}), "unknown key 'lr'"),
     (("x", {"schedule": "triangle"}), "schedule must be one of"),
     (("x", -1.0), "lr_mult must be >= 0"),
+    (("x", {"lr_mult": "fast"}), "lr_mult must be a number"),
+    (("x", {"start_step": 1.5}), "start_step must be an integer"),
     (("(unclosed", 1.0), "is not a regex"),
     ("classifier", "must be a \\(regex, value\\) pair"),
 ])
