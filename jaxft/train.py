@@ -34,6 +34,7 @@ from jaxft.errors import UserError
 
 EXPORT_FORMATS = ("hf", "peft")
 
+
 def log(msg: str) -> None:
   print(msg, file=sys.stderr, flush=True)
 
@@ -139,12 +140,16 @@ def _check_same_partition(config: ml_collections.ConfigDict, workdir: str) -> No
   with open(path, encoding="utf-8") as f:
     saved = json.load(f)
   now = json.loads(config_lib.to_json(config))
+
+  def get(tree: dict, key: str) -> Any:
+    for part in key.split("."):
+      tree = tree.get(part, {})
+    return tree
+
   for key in _PARTITION_KEYS:
-    section, name = key.split(".") if "." in key else (key, None)
-    get = lambda c: c.get(section, {}).get(name) if name else c.get(section)
-    if get(saved) != get(now):
-      raise UserError(f"{workdir} was trained with config.{key}={get(saved)!r}, not "
-                      f"{get(now)!r}; its checkpoints cannot resume with other "
+    if get(saved, key) != get(now, key):
+      raise UserError(f"{workdir} was trained with config.{key}={get(saved, key)!r}, not "
+                      f"{get(now, key)!r}; its checkpoints cannot resume with other "
                       "trainable parameters. Use a new --workdir.")
 
 
