@@ -90,7 +90,7 @@ def attach(model: nnx.Module, config: ml_collections.ConfigDict,
     names = ", ".join(p for p, _ in linear_modules(model)[:6])
     raise UserError(f"config.lora.targets={c.targets!r} matches no Linear layer "
                     f"(module paths look like: {names}, ...)")
-  key = jax.random.fold_in(jax.random.key(seed), 0x10A)  # A stream apart from the head init.'s.
+  key = jax.random.fold_in(jax.random.key(seed), 0x10A)  # Apart from the head init's stream.
   modules = dict(linear_modules(model))
   for i, path in enumerate(chosen):
     m = modules[path]
