@@ -35,6 +35,10 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Run folder: checkpoints, metric
 _OUT = flags.DEFINE_string("out", None, "export: the Hugging Face folder to write.")
 _FORMAT = flags.DEFINE_enum("format", "hf", ["hf", "peft"],
                             "export: hf (full checkpoint, LoRA merged) or peft (LoRA adapter).")
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None, "Multi-process: HOST:PORT of process 0 (jax.distributed).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Multi-process: how many.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "Multi-process: this one's index.")
 _PARAMS = flags.DEFINE_bool("params", False, "inspect: also list every parameter and its rule.")
 
 
@@ -77,7 +81,9 @@ def run(argv: Sequence[str]) -> int:
     return 0 if help_asked else 2
   command = argv[1]
   _parse(command, [argv[0], *argv[2:]])
-  from jaxft import train  # Deferred: JAX start-up is slow and --help should not pay it.
+  from jaxft import distributed  # Deferred: JAX start-up is slow and --help should not pay it.
+  distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  from jaxft import train  # pylint: disable=g-import-not-at-top
   if command == "train":
     result = train.train(_CONFIG.value, _WORKDIR.value)
     if result is not None:

@@ -69,6 +69,14 @@ def base() -> ml_collections.ConfigDict:
   c.lora.dropout = 0.0  # On the adapter input, in training.
   c.lora.targets = r".*/(query|value|q_lin|v_lin|q_proj|v_proj)"  # Linear module paths (fullmatch).
 
+  # Device mesh (see jaxft/sharding.py): data x fsdp x tensor must equal the
+  # device count; one axis may be -1 to take the remaining devices.
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.data = 1  # Replicas; the batch splits over data x fsdp.
+  c.mesh.fsdp = -1  # Params, grads and optimizer state sharded (ZeRO-3 style).
+  c.mesh.tensor = 1  # Megatron-style: attention heads and MLP columns split.
+  c.mesh.rules = ()  # (logical axis, mesh axes) pairs overriding sharding.DEFAULT_RULES.
+
   c.checkpoint = ml_collections.ConfigDict()
   c.checkpoint.every = 0  # Steps between checkpoints; 0: only at the end.
   c.checkpoint.keep = 2  # How many recent checkpoints to keep.

@@ -21,6 +21,7 @@ from jaxft import hf
 from jaxft import optim
 from jaxft import params as params_lib
 from jaxft import rules
+from jaxft import sharding
 from jaxft import steps
 from jaxft import train
 from jaxft import trainable
@@ -57,6 +58,8 @@ def abstract_batch(config: ml_collections.ConfigDict, with_token_types: bool) ->
 def compiled_costs(compiled: Any) -> tuple[float, int]:
   """(FLOPs, peak bytes per device) of a compiled computation.
 
+  On a mesh, XLA reports both per device (the SPMD program each one runs).
+
   Peak memory is arguments + outputs - donated (aliased) + temporaries: what
   XLA's buffer assignment must hold at once at most.
   """
@@ -69,6 +72,20 @@ def compiled_costs(compiled: Any) -> tuple[float, int]:
   return float(cost.get("flops", 0.0)), int(peak)
 
 
+def compile_step(config: ml_collections.ConfigDict, split: trainable.Split,
+                 with_token_types: bool) -> tuple[Any, Any, jax.sharding.Mesh]:
+  """(compiled train step, its abstract sharded state, the mesh): nothing runs."""
+  mesh = sharding.make_mesh(config)
+  tx = optim.build(config, split.params, split.assignment)
+  state = jax.eval_shape(functools.partial(steps.init_state, tx=tx), split.params, split.frozen)
+  where = train.placement(config, mesh, state)
+  state = sharding.with_shardings(state, where.state)
+  batch = abstract_batch(config, with_token_types)
+  batch = sharding.with_shardings(batch, jax.tree.map(lambda _: where.batch, batch))
+  compiled = train.make_step_fn(config, split, tx, where).lower(state, batch).compile()
+  return compiled, state, mesh
+
+
 def inspect(config: ml_collections.ConfigDict, show_params: bool = False) -> dict[str, Any]:
   """Prints the rules table (and with `show_params` every parameter); returns the figures."""
   config_lib.validate(config)
@@ -77,6 +94,7 @@ def inspect(config: ml_collections.ConfigDict, show_params: bool = False) -> dic
   hf_config = hf.load_hf_config(model_path, num_labels=len(labels),
                                 id2label=dict(enumerate(labels)))
   tokenizer = hf.load_tokenizer(model_path)
+  sharding.check_fits(config, sharding.make_mesh(config), hf_config.num_attention_heads)
   split = trainable.split(trainable.abstract_model(hf_config, config), config,
                           hf_config.model_type)
   decay = config.optim.weight_decay
@@ -87,10 +105,8 @@ def inspect(config: ml_collections.ConfigDict, show_params: bool = False) -> dic
     print(rules.listing(split.assignment, dict(sorted(shapes.items())), decay))
     print()
   print(rules.table(split.assignment, split.sizes, decay))
-  tx = optim.build(config, split.params, split.assignment)
-  state = jax.eval_shape(functools.partial(steps.init_state, tx=tx), split.params, split.frozen)
-  batch = abstract_batch(config, "token_type_ids" in tokenizer.model_input_names)
-  compiled = train.make_step_fn(config, split, tx).lower(state, batch).compile()
+  compiled, state, mesh = compile_step(config, split,
+                                       "token_type_ids" in tokenizer.model_input_names)
   flops, peak = compiled_costs(compiled)
   return {
       "params_total": tree_size(state["params"]) + tree_size(state["frozen"]),
@@ -100,6 +116,9 @@ def inspect(config: ml_collections.ConfigDict, show_params: bool = False) -> dic
       "step_flops": flops,
       "peak_memory_bytes": peak,
       "devices": jax.device_count(),
+      "mesh": dict(mesh.shape),
+      "param_bytes_per_device": sharding.bytes_per_device([state["params"], state["frozen"]]),
+      "optimizer_state_bytes_per_device": sharding.bytes_per_device(state["opt_state"]),
       "batch_size": config.train.batch_size,
       "max_length": config.data.max_length,
   }

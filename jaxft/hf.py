@@ -319,7 +319,7 @@ def _assign_params(model: nnx.Module, layout: layers.CheckpointLayout,
           f"Checkpoint tensor {key!r} has shape {raw.shape} (as our param "
           f"{path!r}: {value.shape}) but the model built from config.json "
           f"expects {var.shape}. Is num_labels or the config right?")
-    var.set_value(jnp.asarray(value, dtype=param_dtype))
+    var.set_value(_place(value.astype(param_dtype), var.get_value()))
     used.add(key)
   if not used:
     raise UserError(
@@ -332,10 +332,25 @@ def _assign_params(model: nnx.Module, layout: layers.CheckpointLayout,
   return LoadReport(missing=missing, unexpected=unexpected)
 
 
+def _place(value: np.ndarray, like: jax.Array) -> jax.Array:
+  """`value` laid out as `like` is: each device gets only its own slice."""
+  return jax.make_array_from_callback(value.shape, like.sharding, lambda index: value[index])
+
+
+def _build_sharded(hf_config: transformers.PretrainedConfig, shardings: Callable[[Any], Any],
+                   **kwargs: Any) -> nnx.Module:
+  """Initialises the model directly into its shards: no host holds it whole."""
+  build = lambda: build_classifier(hf_config, **kwargs)
+  graphdef, abstract = nnx.split(nnx.eval_shape(build))
+  state = jax.jit(lambda: nnx.split(build())[1], out_shardings=shardings(abstract))()
+  return nnx.merge(graphdef, state)
+
+
 def load_classifier(path: str, *, num_labels: int,
                     id2label: dict[int, str] | None = None,
                     dtype: Any = jnp.float32, param_dtype: Any = jnp.float32,
-                    seed: int = 0, allow_pickle: bool = False) -> Loaded:
+                    seed: int = 0, allow_pickle: bool = False,
+                    shardings: Callable[[Any], Any] | None = None) -> Loaded:
   """Loads an HF checkpoint as a sequence classifier.
 
   Params the checkpoint lacks (typically the classification head) are
@@ -349,6 +364,9 @@ def load_classifier(path: str, *, num_labels: int,
     param_dtype: dtype the params are stored in.
     seed: init seed for fresh params.
     allow_pickle: permit reading `pytorch_model.bin` (unpickling).
+    shardings: maps the model's abstract state to shardings; the model is then
+      initialised sharded and each checkpoint tensor is copied straight into
+      its shards. None: everything on the default device.
 
   Raises:
     UserError: missing folder or weights, unsupported model_type, or a
@@ -357,8 +375,11 @@ def load_classifier(path: str, *, num_labels: int,
   folder = resolve_path(path, allow_pickle=allow_pickle)
   hf_config = load_hf_config(folder, num_labels=num_labels, id2label=id2label)
   spec = registry.lookup(hf_config.model_type)
-  model = build_classifier(hf_config, dtype=dtype, param_dtype=param_dtype,
-                           seed=seed)
+  kwargs = dict(dtype=dtype, param_dtype=param_dtype, seed=seed)
+  if shardings is None:
+    model = build_classifier(hf_config, **kwargs)
+  else:
+    model = _build_sharded(hf_config, shardings, **kwargs)
   with _open_checkpoint(folder, allow_pickle) as ckpt:
     report = _assign_params(model, spec.layout, ckpt, param_dtype)
   return Loaded(model=model, hf_config=hf_config, report=report, path=folder)

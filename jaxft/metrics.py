@@ -23,6 +23,12 @@ def classification(labels: np.ndarray, preds: np.ndarray, num_labels: int) -> di
   return {"accuracy": float(np.mean(preds == labels)), "f1": float(np.mean(f1s))}
 
 
+def is_primary() -> bool:
+  """Whether this process writes logs, metrics and exports (process 0 of a multi-host run)."""
+  import jax  # pylint: disable=g-import-not-at-top  (keeps `jaxft --help` free of JAX)
+  return jax.process_index() == 0
+
+
 class JsonlWriter:
   """Appends one JSON object per event to DIR/metrics.jsonl (appending across resumes)."""
 
@@ -30,6 +36,8 @@ class JsonlWriter:
     self.path = os.path.join(workdir, "metrics.jsonl")
 
   def write(self, step: int, split: str, metrics: dict[str, Any]) -> None:
+    if not is_primary():
+      return
     record = {"step": int(step), "split": split, **{k: _plain(v) for k, v in metrics.items()}}
     with open(self.path, "a", encoding="utf-8") as f:
       f.write(json.dumps(record) + "\n")
@@ -47,7 +55,8 @@ class Progress:
     self.total, self.batch_size, self.every, self.stream = total, batch_size, max(every, 1), stream
     self._t0, self._s0 = time.perf_counter(), start
     self._bar = None
-    if stream.isatty():
+    self._quiet = not is_primary()
+    if stream.isatty() and not self._quiet:
       from tqdm import tqdm  # pylint: disable=g-import-not-at-top
       self._bar = tqdm(initial=start, total=total, file=stream, unit="step", dynamic_ncols=True)
 
@@ -61,7 +70,7 @@ class Progress:
       self._bar.update(step - self._bar.n)
       if loss is not None:
         self._bar.set_postfix(loss=f"{loss:.4f}", ex_per_s=f"{rate:.1f}")
-    elif loss is not None and (step % self.every == 0 or step == self.total):
+    elif loss is not None and not self._quiet and (step % self.every == 0 or step == self.total):
       eta = (self.total - step) * self.batch_size / max(rate, 1e-9)
       print(f"step {step}/{self.total} loss {loss:.4f} {rate:.1f} ex/s eta {eta:.0f}s",
             file=self.stream, flush=True)

@@ -26,6 +26,7 @@ from jaxft import metrics as metrics_lib
 from jaxft import optim
 from jaxft import preemption
 from jaxft import rules
+from jaxft import sharding
 from jaxft import steps
 from jaxft import trainable
 from jaxft.data import batches as batches_lib
@@ -36,7 +37,8 @@ EXPORT_FORMATS = ("hf", "peft")
 
 
 def log(msg: str) -> None:
-  print(msg, file=sys.stderr, flush=True)
+  if metrics_lib.is_primary():
+    print(msg, file=sys.stderr, flush=True)
 
 
 @dataclasses.dataclass
@@ -47,6 +49,7 @@ class Run:
   tx: optax.GradientTransformation
   hf_config: Any
   checkpointer: checkpoint.Checkpointer
+  placement: Placement
 
   @property
   def step(self) -> int:
@@ -59,17 +62,53 @@ class Run:
   @functools.cached_property
   def eval_fn(self):
     """The jitted eval step, compiled once per run."""
-    return jax.jit(functools.partial(steps.eval_step, graphdef=self.split.graphdef,
-                                     rest=self.split.rest))
+    p = self.placement
+    fn = p.traced_under_rules(functools.partial(
+        steps.eval_step, graphdef=self.split.graphdef, rest=self.split.rest))
+    return jax.jit(fn, in_shardings=(p.state["params"], p.state["frozen"], p.batch),
+                   out_shardings=p.batch)
+
+
+@dataclasses.dataclass
+class Placement:
+  """Where a run's arrays live: the mesh, the logical rules and the shardings.
+
+  Attributes:
+    mesh: the device mesh of config.mesh.
+    rules: logical axis name -> mesh axes.
+    state: shardings of the train state (same structure).
+    batch: sharding of every batch array (rows split over data x fsdp).
+  """
+  mesh: jax.sharding.Mesh
+  rules: sharding.Rules
+  state: Any
+  batch: jax.sharding.NamedSharding
+
+  def traced_under_rules(self, fn):
+    """`fn` with activation constraints active while jit traces it."""
+    def wrapped(*args, **kwargs):
+      with sharding.activation_rules(self.mesh, self.rules):
+        return fn(*args, **kwargs)
+    return wrapped
+
+
+def placement(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
+              abstract_state: Any) -> Placement:
+  rules_ = sharding.logical_rules(config)
+  return Placement(mesh, rules_, sharding.tree_shardings(abstract_state, mesh, rules_),
+                   sharding.batch_sharding(mesh, rules_))
 
 
 def make_step_fn(config: ml_collections.ConfigDict, split: trainable.Split,
-                 tx: optax.GradientTransformation):
-  """The jitted train step (state donated), as `train` runs and `inspect` compiles it."""
+                 tx: optax.GradientTransformation, where: Placement):
+  """The jitted, sharded train step (state donated), as `train` runs and `inspect` compiles it."""
   t = config.train
-  return jax.jit(functools.partial(
+  fn = where.traced_under_rules(functools.partial(
       steps.train_step, graphdef=split.graphdef, rest=split.rest, tx=tx,
-      grad_accum=t.grad_accum, dropout_key=jax.random.key(t.seed)), donate_argnums=0)
+      grad_accum=t.grad_accum, dropout_key=jax.random.key(t.seed)))
+  replicated = jax.sharding.NamedSharding(where.mesh, jax.sharding.PartitionSpec())
+  return jax.jit(fn, in_shardings=(where.state, where.batch),
+                 out_shardings=(where.state, replicated), donate_argnums=0)
 
 
 def _labels_file(workdir: str) -> str:
@@ -85,28 +124,25 @@ def read_labels(workdir: str) -> list[str] | None:
     return json.load(f)
 
 
-def _concrete(abstract: Any) -> Any:
-  """Gives abstract arrays the default device's sharding, as Orbax restore wants one."""
-  sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
-                      abstract)
-
-
 def open_run(config: ml_collections.ConfigDict, workdir: str, model_path: str,
              labels: list[str], *, quiet: bool = False) -> Run:
   """Restores the latest checkpoint in `workdir`, or loads the pretrained model.
 
   Prints the rules table (which parameters train, how fast) unless `quiet`.
   """
-  ckpt = checkpoint.Checkpointer(workdir, keep=config.checkpoint.keep,
-                                 every=config.checkpoint.every)
+  mesh = sharding.make_mesh(config)
+  rules_ = sharding.logical_rules(config)
   id2label = dict(enumerate(labels))
   hf_config = hf.load_hf_config(model_path, num_labels=len(labels), id2label=id2label)
+  sharding.check_fits(config, mesh, hf_config.num_attention_heads)
+  ckpt = checkpoint.Checkpointer(workdir, keep=config.checkpoint.keep,
+                                 every=config.checkpoint.every)
   latest = ckpt.latest_step()
   if latest is None:
     loaded = hf.load_classifier(model_path, num_labels=len(labels), id2label=id2label,
                                 dtype=trainable.compute_dtype(config), seed=config.train.seed,
-                                allow_pickle=config.model.allow_pickle)
+                                allow_pickle=config.model.allow_pickle,
+                                shardings=lambda s: sharding.tree_shardings(s, mesh, rules_))
     _report_load(loaded.report)
     model = trainable.with_adapters(loaded.model, config)
   else:
@@ -117,14 +153,14 @@ def open_run(config: ml_collections.ConfigDict, workdir: str, model_path: str,
   if not quiet:
     log(rules.table(split.assignment, split.sizes, config.optim.weight_decay))
   tx = optim.build(config, split.params, split.assignment)
+  abstract = jax.eval_shape(functools.partial(steps.init_state, tx=tx), split.params, split.frozen)
+  where = placement(config, mesh, abstract)
   if latest is None:
-    state = steps.init_state(split.params, split.frozen, tx)
+    state = jax.device_put(steps.init_state(split.params, split.frozen, tx), where.state)
   else:
-    abstract = jax.eval_shape(functools.partial(steps.init_state, tx=tx),
-                              split.params, split.frozen)
-    state, _ = ckpt.restore(_concrete(abstract), latest)
+    state, _ = ckpt.restore(sharding.with_shardings(abstract, where.state), latest)
     log(f"restored checkpoint at step {latest} from {ckpt.directory}")
-  return Run(split, state, tx, hf_config, ckpt)
+  return Run(split, state, tx, hf_config, ckpt, where)
 
 
 # Keys that decide the checkpoint's structure (what is trainable, its dtype).
@@ -166,9 +202,10 @@ def evaluate(run: Run, examples: dict[str, np.ndarray], batch_size: int,
   losses, preds, weights = [], [], []
   for batch in batches_lib.eval_batches(examples, batch_size):
     weight = batch.pop("weight")
+    batch = sharding.global_batch(batch, run.placement.batch)
     loss, pred = run.eval_fn(run.state["params"], run.state["frozen"], batch)
-    losses.append(np.asarray(loss))
-    preds.append(np.asarray(pred))
+    losses.append(sharding.to_host(loss))
+    preds.append(sharding.to_host(pred))
     weights.append(weight)
   keep = np.concatenate(weights) > 0
   loss = np.concatenate(losses)[keep]
@@ -185,15 +222,22 @@ def _prepare(config: ml_collections.ConfigDict, workdir: str, *, need_train: boo
   return model_path, train_ex, eval_ex, labels
 
 
+def _write_atomic(path: str, text: str) -> None:
+  """Other processes of a multi-host run may read `path` meanwhile: never half-written."""
+  tmp = f"{path}.tmp"
+  with open(tmp, "w", encoding="utf-8") as f:
+    f.write(text)
+  os.replace(tmp, path)
+
+
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float] | None:
   """Trains (or resumes) to `train.num_steps`; returns the final eval metrics if any."""
   model_path, train_ex, eval_ex, labels = _prepare(config, workdir, need_train=True)
   os.makedirs(workdir, exist_ok=True)
   run = open_run(config, workdir, model_path, labels)
-  with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
-    f.write(config_lib.to_json(config))
-  with open(_labels_file(workdir), "w", encoding="utf-8") as f:
-    json.dump(labels, f)
+  if metrics_lib.is_primary():
+    _write_atomic(os.path.join(workdir, "config.json"), config_lib.to_json(config))
+    _write_atomic(_labels_file(workdir), json.dumps(labels))
   log(f"{batches_lib.num_examples(train_ex)} train examples, {len(labels)} classes; "
       f"step {run.step} -> {config.train.num_steps}")
   try:
@@ -205,7 +249,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float] |
 def _loop(config: ml_collections.ConfigDict, workdir: str, run: Run, train_ex: dict,
           eval_ex: dict | None, num_labels: int) -> dict[str, float] | None:
   t = config.train
-  step_fn = make_step_fn(config, run.split, run.tx)
+  step_fn = make_step_fn(config, run.split, run.tx, run.placement)
   data = batches_lib.TrainBatches(train_ex, t.batch_size, t.seed)
   writer = metrics_lib.JsonlWriter(workdir)
   lr = optim.schedule(config)
@@ -218,7 +262,8 @@ def _loop(config: ml_collections.ConfigDict, workdir: str, run: Run, train_ex: d
 
   with preemption.StopRequest() as stop:
     for step in range(run.step + 1, t.num_steps + 1):
-      run.state, m = step_fn(run.state, data[step - 1])
+      batch = sharding.global_batch(data.lazy(step - 1), run.placement.batch)
+      run.state, m = step_fn(run.state, batch)
       loss = None
       if t.log_every and step % t.log_every == 0:
         m = {k: float(v) for k, v in m.items()}

@@ -99,18 +99,16 @@ def test_training_only_the_head_costs_one_forward_pass_and_no_backward(minilm_pa
   # at all: its FLOPs are the forward pass's plus dropout's (~2%), where a
   # backward pass through the encoder would add about twice the forward.
   import functools
-  from jaxft import hf, optim, steps, trainable
+  from jaxft import hf, steps, trainable
   from tests.test_train import _recipe
   c = _recipe()
   c.model.path = minilm_path
   c.optim.rules = (("classifier/.*", 1.0), (".*", None))
   hf_config = hf.load_hf_config(minilm_path, num_labels=2)
   split = trainable.split(trainable.abstract_model(hf_config, c), c, "bert")
-  tx = optim.build(c, split.params, split.assignment)
-  state = jax.eval_shape(functools.partial(steps.init_state, tx=tx), split.params, split.frozen)
+  compiled, state, _ = footprint.compile_step(c, split, with_token_types=True)
+  step_flops, _ = footprint.compiled_costs(compiled)
   batch = footprint.abstract_batch(c, with_token_types=True)
-  step_flops, _ = footprint.compiled_costs(
-      train.make_step_fn(c, split, tx).lower(state, batch).compile())
   forward = jax.jit(functools.partial(steps.eval_step, graphdef=split.graphdef, rest=split.rest))
   forward_flops, _ = footprint.compiled_costs(
       forward.lower(state["params"], state["frozen"], batch).compile())

@@ -32,6 +32,24 @@ class TrainBatches:
     idx = np.asarray(self._indices[step])
     return {k: v[idx] for k, v in self._examples.items()}
 
+  def lazy(self, step: int) -> dict[str, Rows]:
+    """Batch `step` as views that gather only the rows asked for (a process's slice)."""
+    idx = np.asarray(self._indices[step])
+    return {k: Rows(v, idx) for k, v in self._examples.items()}
+
+
+class Rows:
+  """`column[indices]`, gathered lazily: `rows[a:b]` reads only rows a..b."""
+
+  def __init__(self, column: np.ndarray, indices: np.ndarray):
+    self._column, self._indices = column, indices
+    self.shape = (len(indices), *column.shape[1:])
+    self.dtype = column.dtype
+
+  def __getitem__(self, index) -> np.ndarray:
+    first, *rest = index if isinstance(index, tuple) else (index,)
+    return self._column[self._indices[first]][(slice(None), *rest)]
+
 
 def eval_batches(examples: Examples, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
   """Fixed-shape batches in order; the last is padded and `weight` marks real rows."""

@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxft import sharding
 from jaxft.errors import UserError
 from jaxft.models import layers
 
@@ -163,7 +164,8 @@ class BertIntermediate(nnx.Module):
 
   def __call__(self, x: Array, *, deterministic: bool,
                rngs: nnx.Rngs | None) -> Array:
-    return self.act(self.dense(x, deterministic=deterministic, rngs=rngs))
+    hidden = self.act(self.dense(x, deterministic=deterministic, rngs=rngs))
+    return sharding.constrain(hidden, ("batch", "length", "mlp"))
 
 
 class BertLayer(nnx.Module):
@@ -197,6 +199,7 @@ class BertEncoder(nnx.Module):
                rngs: nnx.Rngs | None) -> Array:
     for block in self.layer:
       x = block(x, mask, deterministic=deterministic, rngs=rngs)
+      x = sharding.constrain(x, ("batch", "length", "embed"))
     return x
 
 
@@ -458,6 +461,7 @@ class DistilBertTransformer(nnx.Module):
                rngs: nnx.Rngs | None) -> Array:
     for block in self.layer:
       x = block(x, mask, deterministic=deterministic, rngs=rngs)
+      x = sharding.constrain(x, ("batch", "length", "embed"))
     return x
 
 

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxft import sharding
 from jaxft.errors import UserError
 
 Array = jax.Array
@@ -251,7 +252,8 @@ class SelfAttention(nnx.Module):
         split(self.query(x, **kw)), split(self.key(x, **kw)),
         split(self.value(x, **kw)), mask,
         dropout_layer=self.dropout, deterministic=deterministic, rngs=rngs)
-    return context.reshape(batch, length, self.num_heads * self.head_dim)
+    context = context.reshape(batch, length, self.num_heads * self.head_dim)
+    return sharding.constrain(context, ("batch", "length", "heads"))
 
 
 # --- checkpoint layout rules -------------------------------------------------
