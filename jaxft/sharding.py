@@ -53,7 +53,8 @@ def mesh_shape(config: ml_collections.ConfigDict, device_count: int) -> dict[str
   fixed = math.prod(n for n in sizes.values() if n != -1)
   if free:
     if device_count % fixed:
-      raise UserError(f"config.mesh {sizes}: {device_count} devices do not divide by {fixed}")
+      raise UserError(f"config.mesh {sizes}: {fixed} does not divide the device count "
+                      f"({device_count})")
     sizes[free[0]] = device_count // fixed
   if math.prod(sizes.values()) != device_count:
     raise UserError(f"config.mesh {sizes} needs {math.prod(sizes.values())} devices; "

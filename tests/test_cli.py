@@ -40,6 +40,8 @@ def tiny_flags(root, workdir, *extra):
      "config.optim.rules[0]='embedings/.*' matches no parameter"),
     (["--config.optim.rules=(('embeddings/.*', None),)"], "matches no rule"),
     (["--config.lora.rank=4", "--config.lora.targets=.*/qkv"], "matches no Linear layer"),
+    (["--config.mesh.data=2"], "2 does not divide the device count (1)"),
+    (["--num_processes=2", "--process_id=0"], "need all of --coordinator_address"),
 ])
 def test_user_mistakes_exit_2_with_a_message_and_no_traceback(tiny_setup, tmp_path, extra, message):
   proc = jaxft("train", *tiny_flags(tiny_setup, tmp_path / "w", *extra))
@@ -145,3 +147,14 @@ def test_inspect_prints_the_rules_and_params_then_a_json_line(tiny_setup):
   assert listing["encoder/layer/0/attention/self/query/bias"][1:] == [
       "32", "optim.rules[1]", "1", "0"]
   assert any(l.startswith("optim.rules[0]") for l in lines)
+
+
+def test_inspect_reports_per_device_bytes_under_the_mesh(tiny_setup):
+  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+  proc = jaxft("inspect", *tiny_flags(tiny_setup, None, "--config.mesh.fsdp=8"), env=env)
+  assert proc.returncode == 0, proc.stderr
+  figures = json.loads(proc.stdout.strip().splitlines()[-1])
+  assert figures["devices"] == 8 and figures["mesh"] == {"data": 1, "fsdp": 8, "tensor": 1}
+  assert figures["param_bytes_per_device"] <= (1 / 8 + 0.05) * figures["param_bytes"]
+  assert figures["optimizer_state_bytes_per_device"] <= (
+      (1 / 8 + 0.05) * figures["optimizer_state_bytes"])

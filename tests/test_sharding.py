@@ -140,7 +140,7 @@ def test_mesh_fills_the_minus_one_axis(mesh, devices, expected):
 @pytest.mark.parametrize("mesh, message", [
     (dict(data=2, fsdp=1, tensor=1), "needs 2 devices; there are 8"),
     (dict(data=-1, fsdp=-1, tensor=1), "at most one may be -1"),
-    (dict(data=3, fsdp=-1, tensor=1), "do not divide by 3"),
+    (dict(data=3, fsdp=-1, tensor=1), "3 does not divide the device count \\(8\\)"),
 ])
 def test_impossible_meshes_are_clear_errors(mesh, message):
   c = config_lib.base()
