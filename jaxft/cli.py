@@ -4,6 +4,8 @@
   jaxft eval   --config=configs/classify.py --workdir=DIR [--config.KEY=VALUE ...]
   jaxft export --workdir=DIR --out=HF_DIR [--format=hf|peft]
   jaxft inspect --config=configs/classify.py [--params] [--config.KEY=VALUE ...]
+  (many hosts: add --coordinator_address=HOST:PORT --num_processes=N --process_id=I
+   where JAX does not find them itself, as it does on TPU VMs and under SLURM)
 
 User mistakes (unknown config key, wrong type, missing file, empty data) exit
 with code 2 and one line naming the problem, before anything compiles.
