@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# Creates a TPU VM slice, or queues one (--queued), for jaxft.
+set -euo pipefail
+# shellcheck source=common.sh
+source "$(dirname "$0")/common.sh"
+
+usage() {
+  cat <<USAGE
+usage: tpu/create.sh [--dry-run] --tpu=NAME --zone=ZONE --type=ACCELERATOR
+                     [--version=RUNTIME] [--project=P] [--queued] [--spot]
+
+  --type     accelerator type, e.g. v5litepod-8, v5p-16, v6e-8, v4-8
+  --version  TPU software version; default by generation:
+             v5litepod -> v2-alpha-tpuv5-lite, v5p -> v2-alpha-tpuv5,
+             v6e -> v2-alpha-tpuv6e, v4 -> tpu-ubuntu2204-base
+  --queued   use a queued resource (waits for capacity) instead of creating now
+  --spot     spot capacity (cheaper, preemptible: jaxft resumes from its checkpoint)
+  --dry-run  print the gcloud command instead of running it
+USAGE
+}
+
+NAME="" ZONE="" TYPE="" VERSION="" QUEUED=0 SPOT=0
+for arg in "$@"; do
+  case $arg in
+    -h|--help) usage; exit 0 ;;
+    --dry-run) DRY_RUN=1 ;;
+    --tpu=*) NAME=$(value_of "$arg") ;;
+    --zone=*) ZONE=$(value_of "$arg") ;;
+    --type=*) TYPE=$(value_of "$arg") ;;
+    --version=*) VERSION=$(value_of "$arg") ;;
+    --project=*) PROJECT=$(value_of "$arg") ;;
+    --queued) QUEUED=1 ;;
+    --spot) SPOT=1 ;;
+    *) die "unknown argument: $arg" ;;
+  esac
+done
+require "$NAME" tpu
+require "$ZONE" zone
+require "$TYPE" type
+if [[ -z $VERSION ]]; then
+  case $TYPE in
+    v5litepod-*) VERSION=v2-alpha-tpuv5-lite ;;
+    v5p-*) VERSION=v2-alpha-tpuv5 ;;
+    v6e-*) VERSION=v2-alpha-tpuv6e ;;
+    v4-*) VERSION=tpu-ubuntu2204-base ;;
+    *) die "no default --version for --type=$TYPE; give one" ;;
+  esac
+fi
+location_flags
+EXTRA=()
+if [[ $SPOT == 1 ]]; then
+  EXTRA+=(--spot)
+fi
+if [[ $QUEUED == 1 ]]; then
+  run gcloud compute tpus queued-resources create "$NAME" --node-id="$NAME" "${LOCATION[@]}" \
+    --accelerator-type="$TYPE" --runtime-version="$VERSION" "${EXTRA[@]}"
+else
+  run gcloud compute tpus tpu-vm create "$NAME" "${LOCATION[@]}" \
+    --accelerator-type="$TYPE" --version="$VERSION" "${EXTRA[@]}"
+fi
