@@ -25,9 +25,9 @@ import jax.numpy as jnp
 import numpy as np
 import transformers
 from flax import nnx
-from jax.experimental import multihost_utils
 
 from jaxft import params as params_lib
+from jaxft import sharding
 from jaxft.errors import UserError
 from jaxft.models import layers
 from jaxft.models import registry
@@ -387,12 +387,6 @@ def load_classifier(path: str, *, num_labels: int,
 
 # --- writing checkpoints -----------------------------------------------------
 
-def _to_host(value: jax.Array) -> np.ndarray:
-  if isinstance(value, jax.Array) and not value.is_fully_addressable:
-    value = multihost_utils.process_allgather(value, tiled=True)
-  return np.asarray(jax.device_get(value), dtype=np.float32)
-
-
 def export_classifier(model: nnx.Module,
                       hf_config: transformers.PretrainedConfig, out_dir: str,
                       *, tokenizer_path: str | None) -> None:
@@ -408,7 +402,7 @@ def export_classifier(model: nnx.Module,
   tensors = {}
   for path, var in _flat_params(model)[1]:
     key, transform = spec.layout.export_name(path)
-    value = transform.to_theirs(_to_host(var.get_value()))
+    value = transform.to_theirs(sharding.to_host(var.get_value()).astype(np.float32))
     tensors[key] = np.ascontiguousarray(value)
   if jax.process_index() != 0:
     return

@@ -25,6 +25,7 @@ import transformers
 from flax import nnx
 
 from jaxft import params as params_lib
+from jaxft import sharding
 from jaxft.errors import UserError
 from jaxft.models import layers
 from jaxft.models import registry
@@ -142,10 +143,6 @@ def _saved_modules(layout: layers.CheckpointLayout, trainable: set[str]) -> set[
   return heads | {m for m in owners if m.split("/", 1)[0] not in heads}
 
 
-def _host(x: Any) -> np.ndarray:
-  return np.ascontiguousarray(np.asarray(jax.device_get(x), dtype=np.float32))
-
-
 def export_peft(model: nnx.Module, hf_config: transformers.PretrainedConfig,
                 config: ml_collections.ConfigDict, trainable: set[str],
                 out_dir: str, base_model: str) -> None:
@@ -172,7 +169,7 @@ def export_peft(model: nnx.Module, hf_config: transformers.PretrainedConfig,
   tensors, lora_modules = {}, []
   for path, var in named:
     module, name = path.rsplit("/", 1)
-    value = _host(var.get_value())
+    value = sharding.to_host(var.get_value()).astype(np.float32)
     if name in ("lora_a", "lora_b"):
       # PEFT stores lora_A as (rank, in) and lora_B as (out, rank): ours transposed.
       suffix = "lora_A" if name == "lora_a" else "lora_B"
