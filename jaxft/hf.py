@@ -185,9 +185,17 @@ def build_classifier(hf_config: transformers.PretrainedConfig, *,
 
   Works under `nnx.eval_shape` for abstract builds.
   """
-  spec = registry.lookup(hf_config.model_type)
-  return spec.classifier(hf_config, dtype=dtype, param_dtype=param_dtype,
-                         rngs=nnx.Rngs(params=seed))
+  return build_model(hf_config, registry.CLASSIFY, dtype=dtype, param_dtype=param_dtype,
+                     seed=seed)
+
+
+def build_model(hf_config: transformers.PretrainedConfig, task: str, *,
+                dtype: Any = jnp.float32, param_dtype: Any = jnp.float32,
+                seed: int = 0) -> nnx.Module:
+  """A randomly initialised model for `hf_config` and a task of `registry`."""
+  spec = registry.lookup(hf_config.model_type, task)
+  return spec.module(hf_config, dtype=dtype, param_dtype=param_dtype,
+                     rngs=nnx.Rngs(params=seed))
 
 
 def _flat_params(model: nnx.Module) -> tuple[Any, list[tuple[str, Any]]]:
@@ -337,10 +345,10 @@ def _place(value: np.ndarray, like: jax.Array) -> jax.Array:
   return jax.make_array_from_callback(value.shape, like.sharding, lambda index: value[index])
 
 
-def _build_sharded(hf_config: transformers.PretrainedConfig, shardings: Callable[[Any], Any],
-                   **kwargs: Any) -> nnx.Module:
+def _build_sharded(hf_config: transformers.PretrainedConfig, task: str,
+                   shardings: Callable[[Any], Any], **kwargs: Any) -> nnx.Module:
   """Initialises the model directly into its shards: no host holds it whole."""
-  build = lambda: build_classifier(hf_config, **kwargs)
+  build = lambda: build_model(hf_config, task, **kwargs)
   graphdef, abstract = nnx.split(nnx.eval_shape(build))
   state = jax.jit(lambda: nnx.split(build())[1], out_shardings=shardings(abstract))()
   return nnx.merge(graphdef, state)
@@ -374,12 +382,32 @@ def load_classifier(path: str, *, num_labels: int,
   """
   folder = resolve_path(path, allow_pickle=allow_pickle)
   hf_config = load_hf_config(folder, num_labels=num_labels, id2label=id2label)
-  spec = registry.lookup(hf_config.model_type)
+  return _load(folder, hf_config, registry.CLASSIFY, dtype=dtype, param_dtype=param_dtype,
+               seed=seed, allow_pickle=allow_pickle, shardings=shardings)
+
+
+def load_causal_lm(path: str, *, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32,
+                   seed: int = 0, allow_pickle: bool = False,
+                   shardings: Callable[[Any], Any] | None = None) -> Loaded:
+  """Loads an HF checkpoint (Llama, Mistral, Qwen2, Qwen3) as a causal LM.
+
+  Arguments and errors as `load_classifier`, without the label space.
+  """
+  folder = resolve_path(path, allow_pickle=allow_pickle)
+  return _load(folder, load_hf_config(folder), registry.CAUSAL_LM, dtype=dtype,
+               param_dtype=param_dtype, seed=seed, allow_pickle=allow_pickle,
+               shardings=shardings)
+
+
+def _load(folder: str, hf_config: transformers.PretrainedConfig, task: str, *,
+          dtype: Any, param_dtype: Any, seed: int, allow_pickle: bool,
+          shardings: Callable[[Any], Any] | None) -> Loaded:
+  spec = registry.lookup(hf_config.model_type, task)
   kwargs = dict(dtype=dtype, param_dtype=param_dtype, seed=seed)
   if shardings is None:
-    model = build_classifier(hf_config, **kwargs)
+    model = build_model(hf_config, task, **kwargs)
   else:
-    model = _build_sharded(hf_config, shardings, **kwargs)
+    model = _build_sharded(hf_config, task, shardings, **kwargs)
   with _open_checkpoint(folder, allow_pickle) as ckpt:
     report = _assign_params(model, spec.layout, ckpt, param_dtype)
   return Loaded(model=model, hf_config=hf_config, report=report, path=folder)
@@ -397,8 +425,21 @@ def export_classifier(model: nnx.Module,
   `tokenizer_path` is given, its tokenizer files. Every process must call this
   (sharded params are gathered); only process 0 writes.
   """
+  config = copy.deepcopy(hf_config)
+  config.label2id = {name: i for i, name in config.id2label.items()}
+  _export(model, config, registry.CLASSIFY, out_dir, tokenizer_path)
+
+
+def export_causal_lm(model: nnx.Module, hf_config: transformers.PretrainedConfig,
+                     out_dir: str, *, tokenizer_path: str | None) -> None:
+  """Writes a causal LM as an HF folder `AutoModelForCausalLM` loads (as `export_classifier`)."""
+  _export(model, copy.deepcopy(hf_config), registry.CAUSAL_LM, out_dir, tokenizer_path)
+
+
+def _export(model: nnx.Module, config: transformers.PretrainedConfig, task: str,
+            out_dir: str, tokenizer_path: str | None) -> None:
   from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
-  spec = registry.lookup(hf_config.model_type)
+  spec = registry.lookup(config.model_type, task)
   tensors = {}
   for path, var in _flat_params(model)[1]:
     key, transform = spec.layout.export_name(path)
@@ -408,12 +449,9 @@ def export_classifier(model: nnx.Module,
     return
   os.makedirs(out_dir, exist_ok=True)
   # transformers refuses safetensors files without a "format" entry.
-  save_file(tensors, os.path.join(out_dir, SAFETENSORS),
-            metadata={"format": "pt"})
-  config = copy.deepcopy(hf_config)
+  save_file(tensors, os.path.join(out_dir, SAFETENSORS), metadata={"format": "pt"})
   config.architectures = [spec.architecture]
   config.dtype = "float32"
-  config.label2id = {name: i for i, name in config.id2label.items()}
   config.save_pretrained(out_dir)
   if tokenizer_path is not None:
     load_tokenizer(tokenizer_path).save_pretrained(out_dir)

@@ -153,6 +153,61 @@ class LayerNorm(nnx.Module):
     return y.astype(self.dtype)
 
 
+class RMSNorm(nnx.Module):
+  """x / rms(x) * scale over the last axis, statistics in float32 (as transformers)."""
+
+  def __init__(self, num_features: int, *, epsilon: float = 1e-6,
+               dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32,
+               axes: LogicalAxes = (None,)):
+    self.epsilon = epsilon
+    self.dtype = dtype
+    self.scale = _param(nnx.initializers.ones, None, (num_features,),
+                        param_dtype, axes)
+
+  def __call__(self, x: Array) -> Array:
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True)
+                            + self.epsilon)
+    return y.astype(self.dtype) * self.scale[...].astype(self.dtype)
+
+
+def rope_inverse_frequencies(params: dict[str, Any], head_dim: int) -> np.ndarray:
+  """RoPE inverse frequencies (float32) for transformers' `rope_parameters`.
+
+  Supports rope_type `default`, `linear` and `llama3`; others raise UserError.
+  """
+  kind = params.get("rope_type", params.get("type", "default"))
+  base = float(params.get("rope_theta", 10000.0))
+  inv = 1.0 / (base ** (np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32)
+                        / head_dim))
+  inv = inv.astype(np.float32)
+  if kind == "default":
+    return inv
+  if kind == "linear":
+    return (inv / np.float32(params["factor"])).astype(np.float32)
+  if kind == "llama3":
+    factor, low, high = (float(params[k]) for k in
+                         ("factor", "low_freq_factor", "high_freq_factor"))
+    old = float(params["original_max_position_embeddings"])
+    wavelen = 2 * np.pi / inv
+    scaled = np.where(wavelen > old / low, inv / factor, inv)
+    smooth = (old / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = ~(wavelen < old / high) & ~(wavelen > old / low)
+    return np.where(medium, smoothed, scaled).astype(np.float32)
+  raise UserError(f"rope_type {kind!r} is not supported (default, linear, llama3 are)")
+
+
+def apply_rope(x: Array, positions: Array, inv_freq: np.ndarray) -> Array:
+  """Rotates [batch, length, heads, head_dim] by position (transformers' half split)."""
+  freqs = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)
+  emb = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]
+  cos, sin = jnp.cos(emb).astype(x.dtype), jnp.sin(emb).astype(x.dtype)
+  half = x.shape[-1] // 2
+  rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+  return x * cos + rotated * sin
+
+
 class Embed(nnx.Module):
   """Lookup table `embedding` of shape (num_embeddings, features)."""
 
@@ -167,6 +222,10 @@ class Embed(nnx.Module):
 
   def __call__(self, ids: Array) -> Array:
     return jnp.take(self.embedding[...], ids, axis=0).astype(self.dtype)
+
+  def attend(self, x: Array) -> Array:
+    """x @ embedding.T: the output layer of a model with tied embeddings."""
+    return jnp.dot(x.astype(self.dtype), self.embedding[...].astype(self.dtype).T)
 
 
 def dropout(rate: float) -> nnx.Dropout:
@@ -324,7 +383,7 @@ class CheckpointLayout:
       default_factory=lambda: {"torch": TORCH_RULES, "flax": FLAX_RULES})
 
   def _prefixed(self, path: str) -> bool:
-    return path.split("/", 1)[0] not in self.head_modules
+    return bool(self.prefix) and path.split("/", 1)[0] not in self.head_modules
 
   def candidates(self, path: str, fmt: str) -> list[tuple[str, Transform]]:
     """Checkpoint keys that may hold our param `path`, most preferred first."""

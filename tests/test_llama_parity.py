@@ -1,0 +1,106 @@
+"""Causal LMs (Llama, Mistral, Qwen2, Qwen3) against transformers PyTorch, fp32."""
+
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from jaxft import hf
+
+TOL = 1e-4
+SIZES = dict(vocab_size=100, hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 16}
+CASES = {
+    "llama-gqa-llama3-rope": ("LlamaConfig", "LlamaForCausalLM", dict(rope_scaling=LLAMA3_ROPE)),
+    "llama-biases-tied": ("LlamaConfig", "LlamaForCausalLM",
+                          dict(attention_bias=True, mlp_bias=True, tie_word_embeddings=True)),
+    "llama-linear-rope-mha": ("LlamaConfig", "LlamaForCausalLM",
+                              dict(num_key_value_heads=4,
+                                   rope_scaling={"rope_type": "linear", "factor": 2.0})),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {}),
+    "qwen3-head-dim": ("Qwen3Config", "Qwen3ForCausalLM", dict(head_dim=16)),
+    "mistral": ("MistralConfig", "MistralForCausalLM", {}),
+}
+
+
+def _checkpoint(case, tmp_path):
+  config_cls, model_cls, extra = CASES[case]
+  config = getattr(transformers, config_cls)(**{**SIZES, **extra})
+  torch.manual_seed(0)
+  model = getattr(transformers, model_cls)(config).eval()
+  with torch.no_grad():  # HF init hides scale/bias mix-ups: perturb every tensor.
+    for p in model.parameters():
+      p.add_(torch.randn(p.shape) * 0.1)
+  model.save_pretrained(tmp_path)
+  return model
+
+
+def _batch():
+  rng = np.random.default_rng(0)
+  ids = rng.integers(0, 100, (3, 12)).astype(np.int32)
+  mask = np.ones((3, 12), np.int32)
+  mask[1, 8:] = 0
+  mask[2, 4:] = 0
+  return ids, mask
+
+
+def _torch_logits(model, ids, mask):
+  with torch.no_grad():
+    return model(input_ids=torch.from_numpy(ids.astype(np.int64)),
+                 attention_mask=torch.from_numpy(mask.astype(np.int64))).logits.numpy()
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_logits_match_transformers(case, tmp_path):
+  ref = _checkpoint(case, tmp_path)
+  loaded = hf.load_causal_lm(str(tmp_path))
+  assert not loaded.report.missing and not loaded.report.unexpected
+  ids, mask = _batch()
+  ours = np.asarray(loaded.model(ids, mask))
+  keep = mask.astype(bool)  # Padded positions' logits are arbitrary on both sides.
+  assert np.abs(ours - _torch_logits(ref, ids, mask))[keep].max() <= TOL
+
+
+@pytest.mark.parametrize("case", ["llama-gqa-llama3-rope", "qwen3-head-dim"])
+def test_export_loads_in_transformers_with_the_same_logits(case, tmp_path):
+  _checkpoint(case, tmp_path / "in")
+  loaded = hf.load_causal_lm(str(tmp_path / "in"))
+  hf.export_causal_lm(loaded.model, loaded.hf_config, str(tmp_path / "out"), tokenizer_path=None)
+  back, info = transformers.AutoModelForCausalLM.from_pretrained(
+      tmp_path / "out", output_loading_info=True)
+  assert not info["missing_keys"] and not info["unexpected_keys"]
+  ids, mask = _batch()
+  keep = mask.astype(bool)
+  assert np.abs(np.asarray(loaded.model(ids, mask))
+                - _torch_logits(back.eval(), ids, mask))[keep].max() <= TOL
+
+
+def test_packed_documents_never_attend_across_segments(tmp_path):
+  # Two documents packed in one row, each with its own positions, give the
+  # logits each gives alone; so no attention crosses the segment boundary.
+  _checkpoint("llama-gqa-llama3-rope", tmp_path)
+  model = hf.load_causal_lm(str(tmp_path)).model
+  ids, _ = _batch()
+  a, b = ids[0, :7], ids[1, :5]
+  packed = np.concatenate([a, b])[None]
+  segments = np.array([[1] * 7 + [2] * 5], np.int32)
+  positions = np.array([list(range(7)) + list(range(5))], np.int32)
+  together = np.asarray(model(packed, positions=positions, segment_ids=segments))[0]
+  alone_a = np.asarray(model(a[None]))[0]
+  alone_b = np.asarray(model(b[None]))[0]
+  np.testing.assert_allclose(together[:7], alone_a, atol=1e-5)
+  np.testing.assert_allclose(together[7:], alone_b, atol=1e-5)
+  # Without segment ids the second document does see the first.
+  mixed = np.asarray(model(packed, positions=positions))[0]
+  assert np.abs(mixed[7:] - alone_b).max() > 1e-3
+
+
+def test_unsupported_rope_type_is_a_clear_error(tmp_path):
+  from jaxft.errors import UserError
+  config = transformers.LlamaConfig(**SIZES, rope_scaling={"rope_type": "longrope",
+                                                           "short_factor": [1.0] * 4,
+                                                           "long_factor": [1.0] * 4})
+  with pytest.raises(UserError, match="rope_type 'longrope' is not supported"):
+    hf.build_model(config, "causal-lm")
