@@ -104,3 +104,44 @@ def test_unsupported_rope_type_is_a_clear_error(tmp_path):
                                                            "long_factor": [1.0] * 4})
   with pytest.raises(UserError, match="rope_type 'longrope' is not supported"):
     hf.build_model(config, "causal-lm")
+
+
+@pytest.mark.parametrize("case", ["llama-gqa-llama3-rope", "qwen2", "qwen3-head-dim"])
+def test_greedy_generation_equals_transformers_generate(case, tmp_path):
+  from jaxft import generate
+  ref = _checkpoint(case, tmp_path)
+  model = hf.load_causal_lm(str(tmp_path)).model
+  rng = np.random.default_rng(1)
+  ids = rng.integers(1, 100, (2, 6)).astype(np.int32)
+  mask = np.ones_like(ids)
+  ids[1, :2], mask[1, :2] = 0, 0  # Left padding, as generation wants.
+  ours = generate.generate(model, ids, mask, max_new_tokens=32, eos_ids=[])
+  with torch.no_grad():
+    theirs = ref.generate(input_ids=torch.from_numpy(ids.astype(np.int64)),
+                          attention_mask=torch.from_numpy(mask.astype(np.int64)),
+                          max_new_tokens=32, min_new_tokens=32, do_sample=False,
+                          pad_token_id=0).numpy()[:, 6:]
+  np.testing.assert_array_equal(ours, theirs)
+
+
+def test_sampling_top_k_1_and_tiny_top_p_are_greedy_and_eos_stops_a_row(tmp_path):
+  from jaxft import generate
+  _checkpoint("qwen2", tmp_path)
+  model = hf.load_causal_lm(str(tmp_path)).model
+  ids = np.random.default_rng(2).integers(1, 100, (2, 5)).astype(np.int32)
+  mask = np.ones_like(ids)
+  greedy = generate.generate(model, ids, mask, max_new_tokens=8, eos_ids=[])
+  for sampling in (generate.Sampling(temperature=1.0, top_k=1),
+                   generate.Sampling(temperature=1.0, top_p=1e-6)):
+    np.testing.assert_array_equal(
+        generate.generate(model, ids, mask, max_new_tokens=8, eos_ids=[], sampling=sampling),
+        greedy)
+  hot = generate.Sampling(temperature=2.0)
+  a = generate.generate(model, ids, mask, max_new_tokens=8, eos_ids=[], sampling=hot, seed=1)
+  b = generate.generate(model, ids, mask, max_new_tokens=8, eos_ids=[], sampling=hot, seed=1)
+  np.testing.assert_array_equal(a, b)
+  # Make row 0's third greedy token the EOS: that row then repeats it.
+  eos = int(greedy[0, 2])
+  stopped = generate.generate(model, ids, mask, max_new_tokens=8, eos_ids=[eos])
+  first = int(np.argmax(stopped[0] == eos))
+  assert first <= 2 and (stopped[0, first:] == eos).all()

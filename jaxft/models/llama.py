@@ -26,6 +26,7 @@ from jaxft.models import layers
 
 Array = jax.Array
 Dtype = Any
+KVCache = tuple[Array, Array]  # keys, values: [batch, max_length, kv_heads, head_dim]
 
 
 def rope_parameters(config: Any) -> dict[str, Any]:
@@ -50,6 +51,16 @@ def attention_mask_4d(length: int, attention_mask: Array | None,
     mask = mask & (attention_mask != 0)[:, None, None, :]
   if segment_ids is not None:
     mask = mask & (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]
+  return mask
+
+
+def cached_attention_mask(length: int, max_length: int, cache_index: Array,
+                          slot_mask: Array | None) -> Array:
+  """Boolean [batch | 1, 1, length, max_length] for queries at slots cache_index + i."""
+  query_slot = cache_index + jnp.arange(length)
+  mask = (jnp.arange(max_length)[None, :] <= query_slot[:, None])[None, None]
+  if slot_mask is not None:
+    mask = mask & (slot_mask != 0)[:, None, None, :]
   return mask
 
 
@@ -81,7 +92,10 @@ class Attention(nnx.Module):
     self.dropout = layers.dropout(getattr(config, "attention_dropout", 0.0))
 
   def __call__(self, x: Array, positions: Array, mask: Array, *, deterministic: bool,
-               rngs: nnx.Rngs | None) -> Array:
+               rngs: nnx.Rngs | None, cache: KVCache | None = None,
+               cache_index: Array | None = None) -> tuple[Array, KVCache | None]:
+    """With a cache, writes this call's keys/values at `cache_index` and attends
+    over the whole cache (`mask` then covers cache slots)."""
     batch, length, _ = x.shape
     kw = dict(deterministic=deterministic, rngs=rngs)
     q = self.q_proj(x, **kw).reshape(batch, length, self.num_heads, self.head_dim)
@@ -91,12 +105,17 @@ class Attention(nnx.Module):
       q, k = self.q_norm(q), self.k_norm(k)
     q = layers.apply_rope(q, positions, self.inv_freq)
     k = layers.apply_rope(k, positions, self.inv_freq)
+    if cache is not None:
+      start = (0, cache_index, 0, 0)
+      cache = (jax.lax.dynamic_update_slice(cache[0], k.astype(cache[0].dtype), start),
+               jax.lax.dynamic_update_slice(cache[1], v.astype(cache[1].dtype), start))
+      k, v = cache
     repeat = self.num_heads // self.num_kv_heads
     k, v = jnp.repeat(k, repeat, axis=2), jnp.repeat(v, repeat, axis=2)
     context = layers.dot_product_attention(q, k, v, mask, dropout_layer=self.dropout, **kw)
     context = context.reshape(batch, length, self.num_heads * self.head_dim)
     context = sharding.constrain(context, ("batch", "length", "heads"))
-    return self.o_proj(context, **kw)
+    return self.o_proj(context, **kw), cache
 
 
 class MLP(nnx.Module):
@@ -134,11 +153,14 @@ class DecoderLayer(nnx.Module):
     self.post_attention_layernorm = norm()
 
   def __call__(self, x: Array, positions: Array, mask: Array, *, deterministic: bool,
-               rngs: nnx.Rngs | None) -> Array:
+               rngs: nnx.Rngs | None, cache: KVCache | None = None,
+               cache_index: Array | None = None) -> tuple[Array, KVCache | None]:
     kw = dict(deterministic=deterministic, rngs=rngs)
-    x = x + self.self_attn(self.input_layernorm(x), positions, mask, **kw)
+    attn, cache = self.self_attn(self.input_layernorm(x), positions, mask, cache=cache,
+                                 cache_index=cache_index, **kw)
+    x = x + attn
     x = x + self.mlp(self.post_attention_layernorm(x), **kw)
-    return sharding.constrain(x, ("batch", "length", "embed"))
+    return sharding.constrain(x, ("batch", "length", "embed")), cache
 
 
 class DecoderModel(nnx.Module):
@@ -157,15 +179,23 @@ class DecoderModel(nnx.Module):
 
   def __call__(self, input_ids: Array, attention_mask: Array | None, positions: Array | None,
                segment_ids: Array | None, *, deterministic: bool,
-               rngs: nnx.Rngs | None) -> Array:
+               rngs: nnx.Rngs | None, cache: list[KVCache] | None = None,
+               cache_index: Array | None = None) -> tuple[Array, list[KVCache] | None]:
     batch, length = input_ids.shape
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(length), (batch, length))
-    mask = attention_mask_4d(length, attention_mask, segment_ids)
+    if cache is None:
+      mask = attention_mask_4d(length, attention_mask, segment_ids)
+    else:
+      mask = cached_attention_mask(length, cache[0][0].shape[1], cache_index, attention_mask)
     x = self.embed_tokens(input_ids)
-    for layer in self.layers:
-      x = layer(x, positions, mask, deterministic=deterministic, rngs=rngs)
-    return self.norm(x)
+    new_cache = []
+    for i, layer in enumerate(self.layers):
+      x, layer_cache = layer(x, positions, mask, deterministic=deterministic, rngs=rngs,
+                             cache=None if cache is None else cache[i],
+                             cache_index=cache_index)
+      new_cache.append(layer_cache)
+    return self.norm(x), (None if cache is None else new_cache)
 
 
 class CausalLM(nnx.Module):
@@ -186,13 +216,28 @@ class CausalLM(nnx.Module):
 
   def __call__(self, input_ids: Array, attention_mask: Array | None = None,
                positions: Array | None = None, segment_ids: Array | None = None, *,
-               deterministic: bool = True, rngs: nnx.Rngs | None = None) -> Array:
-    """float32 logits [batch, length, vocab]."""
-    hidden = self.model(input_ids, attention_mask, positions, segment_ids,
-                        deterministic=deterministic, rngs=rngs)
+               deterministic: bool = True, rngs: nnx.Rngs | None = None,
+               cache: list[KVCache] | None = None, cache_index: Array | None = None):
+    """float32 logits [batch, length, vocab]; with `cache`, (logits, new cache).
+
+    With a cache, `attention_mask` is [batch, max_length] over cache slots
+    (1 where a slot holds a real token, including this call's) and this call's
+    tokens go to slots cache_index .. cache_index + length - 1.
+    """
+    hidden, cache = self.model(input_ids, attention_mask, positions, segment_ids,
+                               deterministic=deterministic, rngs=rngs, cache=cache,
+                               cache_index=cache_index)
     if self.lm_head is None:
-      return self.model.embed_tokens.attend(hidden).astype(jnp.float32)
-    return self.lm_head(hidden, deterministic=deterministic, rngs=rngs).astype(jnp.float32)
+      logits = self.model.embed_tokens.attend(hidden).astype(jnp.float32)
+    else:
+      logits = self.lm_head(hidden, deterministic=deterministic, rngs=rngs).astype(jnp.float32)
+    return logits if cache is None else (logits, cache)
+
+  def init_cache(self, batch: int, max_length: int, dtype: Any = jnp.float32) -> list[KVCache]:
+    """Zeroed keys and values for every layer."""
+    attn = self.model.layers[0].self_attn
+    shape = (batch, max_length, attn.num_kv_heads, attn.head_dim)
+    return [(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in self.model.layers]
 
 
 class LlamaForCausalLM(CausalLM):
