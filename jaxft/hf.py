@@ -26,6 +26,7 @@ import numpy as np
 import transformers
 from flax import nnx
 
+from jaxft import gguf_checkpoint
 from jaxft import params as params_lib
 from jaxft import sharding
 from jaxft.errors import UserError
@@ -163,7 +164,9 @@ def _set_labels(config: transformers.PretrainedConfig,
 
 
 def load_tokenizer(path: str) -> transformers.PreTrainedTokenizerBase:
-  """The fast tokenizer of a checkpoint folder (or hub id); no remote code."""
+  """The fast tokenizer of a checkpoint folder, hub id or GGUF file; no remote code."""
+  if gguf_checkpoint.is_gguf(path):
+    return gguf_checkpoint.load_tokenizer(path)
   folder = resolve_path(path)
   try:
     tokenizer = transformers.AutoTokenizer.from_pretrained(
@@ -389,10 +392,17 @@ def load_classifier(path: str, *, num_labels: int,
 def load_causal_lm(path: str, *, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32,
                    seed: int = 0, allow_pickle: bool = False,
                    shardings: Callable[[Any], Any] | None = None) -> Loaded:
-  """Loads an HF checkpoint (Llama, Mistral, Qwen2, Qwen3) as a causal LM.
+  """Loads an HF checkpoint (Llama, Mistral, Qwen2, Qwen3) or a llama.cpp
+  `.gguf` file (dequantized) as a causal LM.
 
   Arguments and errors as `load_classifier`, without the label space.
   """
+  if gguf_checkpoint.is_gguf(path):
+    hf_config = gguf_checkpoint.read_config(path)
+    opener = lambda: contextlib.nullcontext(
+        _Checkpoint("torch", gguf_checkpoint.checkpoint(path), path))
+    return _load(path, hf_config, registry.CAUSAL_LM, dtype=dtype, param_dtype=param_dtype,
+                 seed=seed, opener=opener, shardings=shardings)
   folder = resolve_path(path, allow_pickle=allow_pickle)
   return _load(folder, load_hf_config(folder), registry.CAUSAL_LM, dtype=dtype,
                param_dtype=param_dtype, seed=seed, allow_pickle=allow_pickle,
@@ -400,15 +410,17 @@ def load_causal_lm(path: str, *, dtype: Any = jnp.float32, param_dtype: Any = jn
 
 
 def _load(folder: str, hf_config: transformers.PretrainedConfig, task: str, *,
-          dtype: Any, param_dtype: Any, seed: int, allow_pickle: bool,
-          shardings: Callable[[Any], Any] | None) -> Loaded:
+          dtype: Any, param_dtype: Any, seed: int, allow_pickle: bool = False,
+          shardings: Callable[[Any], Any] | None,
+          opener: Callable[[], Any] | None = None) -> Loaded:
+  opener = opener or (lambda: _open_checkpoint(folder, allow_pickle))
   spec = registry.lookup(hf_config.model_type, task)
   kwargs = dict(dtype=dtype, param_dtype=param_dtype, seed=seed)
   if shardings is None:
     model = build_model(hf_config, task, **kwargs)
   else:
     model = _build_sharded(hf_config, task, shardings, **kwargs)
-  with _open_checkpoint(folder, allow_pickle) as ckpt:
+  with opener() as ckpt:
     report = _assign_params(model, spec.layout, ckpt, param_dtype)
   return Loaded(model=model, hf_config=hf_config, report=report, path=folder)
 

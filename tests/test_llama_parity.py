@@ -145,3 +145,34 @@ def test_sampling_top_k_1_and_tiny_top_p_are_greedy_and_eos_stops_a_row(tmp_path
   stopped = generate.generate(model, ids, mask, max_new_tokens=8, eos_ids=[eos])
   first = int(np.argmax(stopped[0] == eos))
   assert first <= 2 and (stopped[0, first:] == eos).all()
+
+
+def test_smollm2_gguf_matches_transformers_and_generates_the_same_reply(smollm2_path):
+  # The real 30-layer model, dequantized from Q4_1 / Q8_0 by both sides.
+  from jaxft import generate
+  import os
+  loaded = hf.load_causal_lm(smollm2_path)
+  assert not loaded.report.missing and loaded.hf_config.num_hidden_layers == 30
+  tok = hf.load_tokenizer(smollm2_path)
+  text = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
+                                 tokenize=False, add_generation_prompt=True)
+  ids = np.asarray(tok(text)["input_ids"], np.int32)[None]
+  ref = transformers.AutoModelForCausalLM.from_pretrained(
+      os.path.dirname(smollm2_path), gguf_file=os.path.basename(smollm2_path)).eval()
+  with torch.no_grad():
+    theirs = ref(torch.from_numpy(ids.astype(np.int64))).logits.numpy()
+    reply = ref.generate(torch.from_numpy(ids.astype(np.int64)), max_new_tokens=32,
+                         do_sample=False).numpy()[0, ids.shape[1]:]
+  assert np.abs(np.asarray(loaded.model(ids)) - theirs).max() <= 1e-3
+  ours = generate.generate(loaded.model, ids, np.ones_like(ids), max_new_tokens=32,
+                           eos_ids=[tok.eos_token_id])[0]
+  np.testing.assert_array_equal(ours[:len(reply)], reply)
+  assert "Paris" in tok.decode(reply)
+
+
+def test_a_corrupt_gguf_file_is_a_clear_error(tmp_path):
+  from jaxft.errors import UserError
+  bad = tmp_path / "model.gguf"
+  bad.write_bytes(b"GGUF not really")
+  with pytest.raises(UserError, match="cannot read GGUF file"):
+    hf.load_causal_lm(str(bad))
