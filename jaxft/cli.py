@@ -4,6 +4,8 @@
   jaxft eval   --config=configs/classify.py --workdir=DIR [--config.KEY=VALUE ...]
   jaxft export --workdir=DIR --out=HF_DIR [--format=hf|peft]
   jaxft inspect --config=configs/classify.py [--params] [--config.KEY=VALUE ...]
+  jaxft generate --model=HF_DIR|HUB_ID|FILE.gguf --prompt=TEXT [--prompt=TEXT ...] [--chat]
+  jaxft chat --model=HF_DIR|HUB_ID|FILE.gguf   (one user turn per stdin line)
   (many hosts: add --coordinator_address=HOST:PORT --num_processes=N --process_id=I
    where JAX does not find them itself, as it does on TPU VMs and under SLURM)
 
@@ -28,7 +30,7 @@ from ml_collections import config_flags
 from jaxft.errors import UserError
 from jaxft.preemption import Interrupted
 
-COMMANDS = ("train", "eval", "export", "inspect")
+COMMANDS = ("train", "eval", "export", "inspect", "generate", "chat")
 USAGE = __doc__.split("\n\n")[1]
 
 FLAGS = flags.FLAGS
@@ -41,6 +43,15 @@ _COORDINATOR = flags.DEFINE_string(
     "coordinator_address", None, "Multi-process: HOST:PORT of process 0 (jax.distributed).")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Multi-process: how many.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "Multi-process: this one's index.")
+_MODEL = flags.DEFINE_string("model", None, "generate/chat: HF folder, hub id or .gguf file.")
+_PROMPT = flags.DEFINE_multi_string("prompt", [], "generate: prompt text (repeat for a batch).")
+_CHAT = flags.DEFINE_bool("chat", False, "generate: wrap each prompt in the chat template.")
+_MAX_NEW = flags.DEFINE_integer("max_new_tokens", 128, "generate/chat: tokens to generate at most.")
+_TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "generate/chat: 0 is greedy.")
+_TOP_K = flags.DEFINE_integer("top_k", 0, "generate/chat: sample from the k likeliest (0: all).")
+_TOP_P = flags.DEFINE_float("top_p", 1.0, "generate/chat: nucleus sampling mass.")
+_STOP = flags.DEFINE_multi_string("stop", [], "generate/chat: cut the text at this string.")
+_SEED = flags.DEFINE_integer("seed", 0, "generate/chat: sampling seed.")
 _PARAMS = flags.DEFINE_bool("params", False, "inspect: also list every parameter and its rule.")
 
 
@@ -68,6 +79,12 @@ def _parse(command: str, argv: Sequence[str]) -> None:
       config.to_dict()  # A config file that failed to load raises only when used.
   except (flags.Error, AttributeError, KeyError, OSError, TypeError, ValueError) as e:
     raise UserError(_flag_error(e, argv)) from e
+  if command in ("generate", "chat"):
+    if not _MODEL.value:
+      raise UserError(f"{command} needs --model=HF_DIR, a hub id or a .gguf file")
+    if command == "generate" and not _PROMPT.value:
+      raise UserError("generate needs --prompt=TEXT")
+    return
   if command != "export" and config is None:
     raise UserError("--config is required, e.g. --config=configs/classify.py")
   if command != "inspect" and not _WORKDIR.value:
@@ -95,11 +112,37 @@ def run(argv: Sequence[str]) -> int:
   elif command == "inspect":
     from jaxft import footprint  # pylint: disable=g-import-not-at-top
     print(json.dumps(footprint.inspect(_CONFIG.value, show_params=_PARAMS.value)))
+  elif command in ("generate", "chat"):
+    _generate(command)
   else:
     if not _OUT.value:
       raise UserError("export needs --out=HF_DIR")
     train.export_command(_WORKDIR.value, _OUT.value, _FORMAT.value)
   return 0
+
+
+def _generate(command: str) -> None:
+  """`generate`: one completion per prompt on stdout; `chat`: a turn per stdin line."""
+  from jaxft import generate, hf  # pylint: disable=g-import-not-at-top
+  model = hf.load_causal_lm(_MODEL.value).model
+  tokenizer = hf.load_tokenizer(_MODEL.value)
+  kw = dict(max_new_tokens=_MAX_NEW.value, stop=_STOP.value, seed=_SEED.value,
+            sampling=generate.Sampling(_TEMPERATURE.value, _TOP_K.value, _TOP_P.value))
+  if command == "generate":
+    prompts = _PROMPT.value
+    if _CHAT.value:
+      prompts = [generate.chat_prompt(tokenizer, [{"role": "user", "content": p}])
+                 for p in prompts]
+    for text in generate.complete(model, tokenizer, prompts, **kw):
+      print(text, flush=True)
+    return
+  messages = []
+  for line in sys.stdin:
+    messages.append({"role": "user", "content": line.rstrip("\n")})
+    [reply] = generate.complete(model, tokenizer, [generate.chat_prompt(tokenizer, messages)],
+                                **kw)
+    messages.append({"role": "assistant", "content": reply})
+    print(reply, flush=True)
 
 
 def main() -> None:

@@ -95,3 +95,38 @@ def generate(model: nnx.Module, input_ids: np.ndarray, attention_mask: np.ndarra
   return np.asarray(_generate(graphdef, state, jnp.asarray(input_ids, jnp.int32),
                               jnp.asarray(attention_mask, jnp.int32), jax.random.key(seed),
                               eos, max_new_tokens=max_new_tokens, sampling=sampling))
+
+
+def _prompts_to_ids(tokenizer, prompts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+  """Left-padded token ids and mask for a batch of prompt texts."""
+  tokenizer.padding_side = "left"
+  if tokenizer.pad_token_id is None:
+    tokenizer.pad_token = tokenizer.eos_token
+  enc = tokenizer(list(prompts), padding=True, return_tensors="np", add_special_tokens=False)
+  return enc["input_ids"].astype(np.int32), enc["attention_mask"].astype(np.int32)
+
+
+def complete(model: nnx.Module, tokenizer, prompts: Sequence[str], *, max_new_tokens: int,
+             sampling: Sampling = Sampling(), stop: Sequence[str] = (),
+             seed: int = 0) -> list[str]:
+  """Generated text for each prompt, cut at EOS and at the first stop string."""
+  ids, mask = _prompts_to_ids(tokenizer, prompts)
+  eos = tokenizer.eos_token_id
+  tokens = generate(model, ids, mask, max_new_tokens=max_new_tokens,
+                    eos_ids=[] if eos is None else [eos], sampling=sampling, seed=seed)
+  out = []
+  for row in tokens:
+    if eos is not None and (row == eos).any():
+      row = row[:int(np.argmax(row == eos))]
+    text = tokenizer.decode(row, skip_special_tokens=True)
+    cuts = [text.index(s) for s in stop if s and s in text]
+    out.append(text[:min(cuts)] if cuts else text)
+  return out
+
+
+def chat_prompt(tokenizer, messages: Sequence[dict[str, str]]) -> str:
+  """The conversation rendered by the tokenizer's chat template, ready for the reply."""
+  if not getattr(tokenizer, "chat_template", None):
+    from jaxft.errors import UserError  # pylint: disable=g-import-not-at-top
+    raise UserError("this model's tokenizer has no chat template; use jaxft generate")
+  return tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)

@@ -158,3 +158,21 @@ def test_inspect_reports_per_device_bytes_under_the_mesh(tiny_setup):
   assert figures["param_bytes_per_device"] <= (1 / 8 + 0.05) * figures["param_bytes"]
   assert figures["optimizer_state_bytes_per_device"] <= (
       (1 / 8 + 0.05) * figures["optimizer_state_bytes"])
+
+
+def test_generate_and_chat_answer_with_smollm2(smollm2_path):
+  proc = jaxft("generate", f"--model={smollm2_path}", "--chat", "--max_new_tokens=16",
+               "--prompt=What is the capital of France?", "--prompt=What is 2 + 2?")
+  assert proc.returncode == 0, proc.stderr
+  first, second = proc.stdout.strip().splitlines()
+  assert "Paris" in first and "4" in second
+  proc = jaxft("chat", f"--model={smollm2_path}", "--max_new_tokens=12",
+               input="What is the capital of France?\nAnd of Italy?\n")
+  assert proc.returncode == 0, proc.stderr
+  replies = proc.stdout.strip().splitlines()
+  assert len(replies) == 2 and "Paris" in replies[0] and "Rome" in replies[1]
+
+
+def test_generate_without_a_model_exits_2():
+  proc = jaxft("generate", "--prompt=hi")
+  assert proc.returncode == 2 and "needs --model" in proc.stderr
