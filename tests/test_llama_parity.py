@@ -1,4 +1,4 @@
-"""Causal LMs (Llama, Mistral, Qwen2, Qwen3) against transformers PyTorch, fp32."""
+"""Causal LMs (Llama, Mistral, Qwen2, Qwen3, GPT-2) against transformers PyTorch, fp32."""
 
 import numpy as np
 import pytest
@@ -22,12 +22,15 @@ CASES = {
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {}),
     "qwen3-head-dim": ("Qwen3Config", "Qwen3ForCausalLM", dict(head_dim=16)),
     "mistral": ("MistralConfig", "MistralForCausalLM", {}),
+    "gpt2": ("GPT2Config", "GPT2LMHeadModel",
+             dict(n_embd=32, n_layer=2, n_head=4, n_positions=64, vocab_size=100)),
 }
 
 
 def _checkpoint(case, tmp_path):
   config_cls, model_cls, extra = CASES[case]
-  config = getattr(transformers, config_cls)(**{**SIZES, **extra})
+  sizes = {} if config_cls == "GPT2Config" else SIZES
+  config = getattr(transformers, config_cls)(**{**sizes, **extra})
   torch.manual_seed(0)
   model = getattr(transformers, model_cls)(config).eval()
   with torch.no_grad():  # HF init hides scale/bias mix-ups: perturb every tensor.
@@ -63,7 +66,7 @@ def test_logits_match_transformers(case, tmp_path):
   assert np.abs(ours - _torch_logits(ref, ids, mask))[keep].max() <= TOL
 
 
-@pytest.mark.parametrize("case", ["llama-gqa-llama3-rope", "qwen3-head-dim"])
+@pytest.mark.parametrize("case", ["llama-gqa-llama3-rope", "qwen3-head-dim", "gpt2"])
 def test_export_loads_in_transformers_with_the_same_logits(case, tmp_path):
   _checkpoint(case, tmp_path / "in")
   loaded = hf.load_causal_lm(str(tmp_path / "in"))
@@ -106,7 +109,7 @@ def test_unsupported_rope_type_is_a_clear_error(tmp_path):
     hf.build_model(config, "causal-lm")
 
 
-@pytest.mark.parametrize("case", ["llama-gqa-llama3-rope", "qwen2", "qwen3-head-dim"])
+@pytest.mark.parametrize("case", ["llama-gqa-llama3-rope", "qwen2", "qwen3-head-dim", "gpt2"])
 def test_greedy_generation_equals_transformers_generate(case, tmp_path):
   from jaxft import generate
   ref = _checkpoint(case, tmp_path)

@@ -8,6 +8,7 @@ from flax import nnx
 
 from jaxft.errors import UserError
 from jaxft.models import bert
+from jaxft.models import gpt2
 from jaxft.models import layers
 from jaxft.models import llama
 
@@ -52,6 +53,7 @@ MODELS: dict[str, dict[str, ModelSpec]] = {
                            "Qwen2ForCausalLM"),
         "qwen3": ModelSpec(llama.Qwen3ForCausalLM, llama.CAUSAL_LM_CHECKPOINT,
                            "Qwen3ForCausalLM"),
+        "gpt2": ModelSpec(gpt2.GPT2LMHeadModel, gpt2.GPT2_CHECKPOINT, "GPT2LMHeadModel"),
     },
 }
 

@@ -1,0 +1,156 @@
+"""GPT-2 (`GPT2LMHeadModel`): learned positions, fused qkv, pre-LayerNorm, tied head.
+
+Paths mirror transformers' (`transformer/h/3/attn/c_attn/kernel`); GPT-2's
+Conv1D weights are already (in, out), so kernels load without a transpose.
+Same call and KV-cache interface as `llama.CausalLM`, so `jaxft.generate`
+serves both.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxft import sharding
+from jaxft.models import layers
+from jaxft.models import llama
+
+Array = jax.Array
+
+
+class Attention(nnx.Module):
+  """`c_attn` (q, k, v fused) and `c_proj`."""
+
+  def __init__(self, config: Any, *, dtype: Any, param_dtype: Any, rngs: nnx.Rngs):
+    self.num_heads = config.n_head
+    self.head_dim = config.n_embd // config.n_head
+    self.num_kv_heads = self.num_heads  # For KVCache shapes, as llama.Attention.
+    linear = functools.partial(layers.Linear, dtype=dtype, param_dtype=param_dtype,
+                               kernel_init=layers.normal_init(config.initializer_range),
+                               rngs=rngs)
+    self.c_attn = linear(config.n_embd, 3 * config.n_embd, axes=("embed", "heads"))
+    self.c_proj = linear(config.n_embd, config.n_embd, axes=("heads", "embed"))
+    self.dropout = layers.dropout(config.attn_pdrop)
+    self.resid_dropout = layers.dropout(config.resid_pdrop)
+
+  def __call__(self, x: Array, mask: Array, *, deterministic: bool, rngs: nnx.Rngs | None,
+               cache: llama.KVCache | None = None, cache_index: Array | None = None):
+    batch, length, dim = x.shape
+    kw = dict(deterministic=deterministic, rngs=rngs)
+    q, k, v = jnp.split(self.c_attn(x, **kw), 3, axis=-1)
+    split = lambda y: y.reshape(batch, length, self.num_heads, self.head_dim)
+    q, k, v = split(q), split(k), split(v)
+    if cache is not None:
+      start = (0, cache_index, 0, 0)
+      cache = (jax.lax.dynamic_update_slice(cache[0], k.astype(cache[0].dtype), start),
+               jax.lax.dynamic_update_slice(cache[1], v.astype(cache[1].dtype), start))
+      k, v = cache
+    context = layers.dot_product_attention(q, k, v, mask, dropout_layer=self.dropout, **kw)
+    context = sharding.constrain(context.reshape(batch, length, dim),
+                                 ("batch", "length", "heads"))
+    return self.resid_dropout(self.c_proj(context, **kw), **kw), cache
+
+
+class MLP(nnx.Module):
+  """`c_fc`, activation, `c_proj`."""
+
+  def __init__(self, config: Any, *, dtype: Any, param_dtype: Any, rngs: nnx.Rngs):
+    inner = config.n_inner or 4 * config.n_embd
+    linear = functools.partial(layers.Linear, dtype=dtype, param_dtype=param_dtype,
+                               kernel_init=layers.normal_init(config.initializer_range),
+                               rngs=rngs)
+    self.c_fc = linear(config.n_embd, inner, axes=("embed", "mlp"))
+    self.c_proj = linear(inner, config.n_embd, axes=("mlp", "embed"))
+    self.act = layers.activation(config.activation_function)
+    self.dropout = layers.dropout(config.resid_pdrop)
+
+  def __call__(self, x: Array, *, deterministic: bool, rngs: nnx.Rngs | None) -> Array:
+    kw = dict(deterministic=deterministic, rngs=rngs)
+    hidden = sharding.constrain(self.act(self.c_fc(x, **kw)), ("batch", "length", "mlp"))
+    return self.dropout(self.c_proj(hidden, **kw), **kw)
+
+
+class Block(nnx.Module):
+  """x + attn(ln_1(x)), then x + mlp(ln_2(x))."""
+
+  def __init__(self, config: Any, *, dtype: Any, param_dtype: Any, rngs: nnx.Rngs):
+    kw = dict(dtype=dtype, param_dtype=param_dtype)
+    norm = functools.partial(layers.LayerNorm, config.n_embd,
+                             epsilon=config.layer_norm_epsilon, axes=("embed",), **kw)
+    self.ln_1 = norm()
+    self.attn = Attention(config, rngs=rngs, **kw)
+    self.ln_2 = norm()
+    self.mlp = MLP(config, rngs=rngs, **kw)
+
+  def __call__(self, x, mask, *, deterministic, rngs, cache=None, cache_index=None):
+    attn, cache = self.attn(self.ln_1(x), mask, deterministic=deterministic, rngs=rngs,
+                            cache=cache, cache_index=cache_index)
+    x = x + attn
+    x = x + self.mlp(self.ln_2(x), deterministic=deterministic, rngs=rngs)
+    return sharding.constrain(x, ("batch", "length", "embed")), cache
+
+
+class Transformer(nnx.Module):
+  """`wte`, `wpe`, `h`, `ln_f`."""
+
+  def __init__(self, config: Any, *, dtype: Any, param_dtype: Any, rngs: nnx.Rngs):
+    kw = dict(dtype=dtype, param_dtype=param_dtype)
+    init = layers.normal_init(config.initializer_range)
+    self.wte = layers.Embed(config.vocab_size, config.n_embd, embedding_init=init, rngs=rngs,
+                            **kw)
+    self.wpe = layers.Embed(config.n_positions, config.n_embd, embedding_init=init,
+                            axes=(None, "embed"), rngs=rngs, **kw)
+    self.drop = layers.dropout(config.embd_pdrop)
+    self.h = nnx.List([Block(config, rngs=rngs, **kw) for _ in range(config.n_layer)])
+    self.ln_f = layers.LayerNorm(config.n_embd, epsilon=config.layer_norm_epsilon,
+                                 axes=("embed",), **kw)
+
+
+class GPT2LMHeadModel(nnx.Module):
+  """GPT-2 with the output layer tied to `transformer.wte`."""
+
+  def __init__(self, config: Any, *, dtype: Any = jnp.float32,
+               param_dtype: Any = jnp.float32, rngs: nnx.Rngs):
+    self.transformer = Transformer(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+  def __call__(self, input_ids: Array, attention_mask: Array | None = None,
+               positions: Array | None = None, segment_ids: Array | None = None, *,
+               deterministic: bool = True, rngs: nnx.Rngs | None = None,
+               cache: list[llama.KVCache] | None = None, cache_index: Array | None = None):
+    """As `llama.CausalLM.__call__`."""
+    t = self.transformer
+    batch, length = input_ids.shape
+    if positions is None:
+      positions = jnp.broadcast_to(jnp.arange(length), (batch, length))
+    if cache is None:
+      mask = llama.attention_mask_4d(length, attention_mask, segment_ids)
+    else:
+      mask = llama.cached_attention_mask(length, cache[0][0].shape[1], cache_index,
+                                         attention_mask)
+    x = t.drop(t.wte(input_ids) + t.wpe(positions), deterministic=deterministic, rngs=rngs)
+    new_cache = []
+    for i, block in enumerate(t.h):
+      x, layer_cache = block(x, mask, deterministic=deterministic, rngs=rngs,
+                             cache=None if cache is None else cache[i],
+                             cache_index=cache_index)
+      new_cache.append(layer_cache)
+    logits = t.wte.attend(t.ln_f(x)).astype(jnp.float32)
+    return logits if cache is None else (logits, new_cache)
+
+  def init_cache(self, batch: int, max_length: int, dtype: Any = jnp.float32):
+    attn = self.transformer.h[0].attn
+    shape = (batch, max_length, attn.num_heads, attn.head_dim)
+    return [(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in self.transformer.h]
+
+
+# Conv1D weights are stored (in, out), like our kernels: no transpose.
+GPT2_CHECKPOINT = layers.CheckpointLayout(prefix="", head_modules=("lm_head",), rules={
+    "torch": (layers.NameRule(r"(.*)/scale", r"\1/weight"),
+              layers.NameRule(r"(.*)/kernel", r"\1/weight"),
+              layers.NameRule(r"(.*)/embedding", r"\1/weight"),
+              layers.NameRule(r"(.*)/bias", r"\1/bias")),
+    "flax": layers.FLAX_RULES})
