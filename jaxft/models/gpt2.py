@@ -45,9 +45,7 @@ class Attention(nnx.Module):
     split = lambda y: y.reshape(batch, length, self.num_heads, self.head_dim)
     q, k, v = split(q), split(k), split(v)
     if cache is not None:
-      start = (0, cache_index, 0, 0)
-      cache = (jax.lax.dynamic_update_slice(cache[0], k.astype(cache[0].dtype), start),
-               jax.lax.dynamic_update_slice(cache[1], v.astype(cache[1].dtype), start))
+      cache = llama.write_cache(cache, k, v, cache_index)
       k, v = cache
     context = layers.dot_product_attention(q, k, v, mask, dropout_layer=self.dropout, **kw)
     context = sharding.constrain(context.reshape(batch, length, dim),

@@ -54,6 +54,13 @@ def attention_mask_4d(length: int, attention_mask: Array | None,
   return mask
 
 
+def write_cache(cache: KVCache, k: Array, v: Array, cache_index: Array) -> KVCache:
+  """The cache with this call's keys and values written from slot `cache_index` on."""
+  start = (0, cache_index, 0, 0)
+  return (jax.lax.dynamic_update_slice(cache[0], k.astype(cache[0].dtype), start),
+          jax.lax.dynamic_update_slice(cache[1], v.astype(cache[1].dtype), start))
+
+
 def cached_attention_mask(length: int, max_length: int, cache_index: Array,
                           slot_mask: Array | None) -> Array:
   """Boolean [batch | 1, 1, length, max_length] for queries at slots cache_index + i."""
@@ -106,9 +113,7 @@ class Attention(nnx.Module):
     q = layers.apply_rope(q, positions, self.inv_freq)
     k = layers.apply_rope(k, positions, self.inv_freq)
     if cache is not None:
-      start = (0, cache_index, 0, 0)
-      cache = (jax.lax.dynamic_update_slice(cache[0], k.astype(cache[0].dtype), start),
-               jax.lax.dynamic_update_slice(cache[1], v.astype(cache[1].dtype), start))
+      cache = write_cache(cache, k, v, cache_index)
       k, v = cache
     repeat = self.num_heads // self.num_kv_heads
     k, v = jnp.repeat(k, repeat, axis=2), jnp.repeat(v, repeat, axis=2)
