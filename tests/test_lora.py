@@ -9,6 +9,7 @@ import pytest
 import torch
 import transformers
 from flax import nnx
+from safetensors.numpy import load_file
 
 from jaxft import config as config_lib
 from jaxft import hf
@@ -16,9 +17,12 @@ from jaxft import lora
 from jaxft import train
 from jaxft import trainable
 from jaxft.errors import UserError
+from jaxft.models import layers
 from tests.test_train import tiny_config
 
+TOL = 1e-4
 TARGETS = r".*/(query|value|q_lin|v_lin)"
+FAMILIES = ["tiny_bert", "tiny_roberta", "tiny_distilbert"]
 
 
 def _lora_config(rank=4, targets=TARGETS, rules=()):
@@ -33,14 +37,32 @@ def _logits(model, batch):
                           batch.get("token_type_ids")))
 
 
-def _randomize(model, chosen, seed=0):
-  """Gives the params `chosen(path)` selects random values."""
-  key = jax.random.key(seed)
-  for i, (path, var) in enumerate(nnx.to_flat_state(nnx.state(model, nnx.Param))):
-    if chosen("/".join(map(str, path))):
-      value = var.get_value()
-      var.set_value(0.1 * jax.random.normal(jax.random.fold_in(key, i), value.shape, value.dtype))
+def _torch_logits(model, batch):
+  with torch.no_grad():
+    return model(**{k: torch.from_numpy(v.astype(np.int64)) for k, v in batch.items()}
+                 ).logits.numpy()
 
+
+def _params(model):
+  return {"/".join(map(str, p)): v
+          for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+
+
+def _perturb(model, chosen, seed=0):
+  """Adds N(0, 0.1) noise to the params `chosen(path)` selects (lora_b stops being zero)."""
+  key = jax.random.key(seed)
+  for i, (path, var) in enumerate(sorted(_params(model).items())):
+    if chosen(path):
+      value = var.get_value()
+      noise = 0.1 * jax.random.normal(jax.random.fold_in(key, i), value.shape, value.dtype)
+      var.set_value(value + noise)
+
+
+def _adapted(model):
+  return [p for p, m in lora.linear_modules(model) if m.lora_a is not None]
+
+
+# --- attach ------------------------------------------------------------------
 
 def test_attach_adds_zero_effect_adapters_only_to_the_targets(tiny_bert):
   model = hf.load_classifier(tiny_bert.path, num_labels=2).model
@@ -49,15 +71,41 @@ def test_attach_adds_zero_effect_adapters_only_to_the_targets(tiny_bert):
   chosen = lora.attach(model, _lora_config(), seed=0)
   assert chosen == [f"encoder/layer/{i}/attention/self/{n}" for i in range(2)
                     for n in ("query", "value")]
+  assert _adapted(model) == chosen
   np.testing.assert_array_equal(_logits(model, batch), before)
-  adapters = [p for p, _ in lora.linear_modules(model) if _.lora_a is not None]
-  assert adapters == chosen
+  for path, m in lora.linear_modules(model):
+    if path in chosen:
+      assert isinstance(m.lora_a, layers.LoRAParam) and isinstance(m.lora_b, layers.LoRAParam)
+      assert m.lora_a.shape == (32, 4) and m.lora_b.shape == (4, 32)
+      assert np.any(np.asarray(m.lora_a[...]) != 0)
+      np.testing.assert_array_equal(np.asarray(m.lora_b[...]), 0)
+      assert m.lora_scale == 8.0 / 4
+  adapter_params = sorted(p for p in _params(model) if p.rsplit("/", 1)[1].startswith("lora_"))
+  assert adapter_params == sorted(f"{m}/{n}" for m in chosen for n in ("lora_a", "lora_b"))
 
 
-def test_targets_that_match_no_linear_are_an_error(tiny_bert):
+@pytest.mark.parametrize("targets, expected", [
+    ("encoder/layer/0/attention/self/query", ["encoder/layer/0/attention/self/query"]),
+    (r"encoder/layer/1/.*dense", ["encoder/layer/1/attention/output/dense",
+                                  "encoder/layer/1/intermediate/dense",
+                                  "encoder/layer/1/output/dense"]),
+])
+def test_attach_targets_fullmatch_module_paths(targets, expected, tiny_bert):
+  model = hf.load_classifier(tiny_bert.path, num_labels=2).model
+  assert lora.attach(model, _lora_config(targets=targets), seed=0) == expected
+  assert _adapted(model) == expected
+
+
+@pytest.mark.parametrize("targets", [
+    r".*/qkv",  # No such module.
+    r"query",  # Matches inside a path, but fullmatch needs the whole path.
+    r".*/attention/self",  # A module, but not a Linear.
+])
+def test_targets_that_match_no_linear_are_an_error(targets, tiny_bert):
   model = hf.load_classifier(tiny_bert.path, num_labels=2).model
   with pytest.raises(UserError, match="matches no Linear layer"):
-    lora.attach(model, _lora_config(targets=r".*/qkv"), seed=0)
+    lora.attach(model, _lora_config(targets=targets), seed=0)
+  assert _adapted(model) == []
 
 
 def test_lora_dropout_acts_only_in_training(tiny_bert):
@@ -65,27 +113,26 @@ def test_lora_dropout_acts_only_in_training(tiny_bert):
   c.lora.dropout = 0.5
   model = hf.load_classifier(tiny_bert.path, num_labels=2).model
   lora.attach(model, c, seed=0)
-  _randomize(model, lambda p: p.endswith("lora_b"))
+  _perturb(model, lambda p: p.endswith("lora_b"))
   batch = tiny_bert.batch()
   eval1, eval2 = _logits(model, batch), _logits(model, batch)
   train_logits = np.asarray(model(batch["input_ids"], batch["attention_mask"],
                                   batch["token_type_ids"], deterministic=False,
                                   rngs=nnx.Rngs(dropout=0)))
   np.testing.assert_array_equal(eval1, eval2)
-  assert not np.allclose(train_logits, eval1, atol=1e-4)
+  assert not np.allclose(train_logits, eval1, atol=TOL)
 
+
+# --- exports of a LoRA model -------------------------------------------------
 
 def _trained_lora_model(tiny, rules=()):
-  """A model with LoRA whose trainable params (adapters included) hold random values."""
+  """A LoRA model whose trainable params (adapters, head, ...) all hold perturbed values."""
   c = _lora_config(rules=rules)
   model = hf.load_classifier(tiny.path, num_labels=2).model
   trainable.with_adapters(model, c)
   trained = trainable.split(model, c, tiny.config.model_type).assignment.trainable()
-  _randomize(model, trained.__contains__)
+  _perturb(model, trained.__contains__)
   return c, model, trained
-
-
-FAMILIES = ["tiny_bert", "tiny_roberta", "tiny_distilbert"]
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -96,32 +143,64 @@ def test_merged_export_loads_in_transformers_with_the_same_logits(family, reques
   expected = _logits(model, batch)
   hf_config = hf.load_hf_config(tiny.path, num_labels=2)
   hf.export_classifier(lora.merge(model), hf_config, str(tmp_path), tokenizer_path=None)
+  assert _adapted(model) == []
+  assert not any("lora" in k for k in load_file(str(tmp_path / hf.SAFETENSORS)))
   loaded, info = transformers.AutoModelForSequenceClassification.from_pretrained(
       tmp_path, output_loading_info=True)
   assert not info["missing_keys"] and not info["unexpected_keys"]
-  tiny_pt = type(tiny)(str(tmp_path), loaded.eval(), tiny.config)
-  np.testing.assert_allclose(tiny_pt.torch_logits(batch), expected, atol=1e-4, rtol=0)
+  np.testing.assert_allclose(_torch_logits(loaded.eval(), batch), expected, atol=TOL, rtol=0)
+  # The adapters matter: the base model alone computes something else.
+  assert not np.allclose(tiny.torch_logits(batch), expected, atol=TOL)
 
 
+# Per family: (rules training an inner module too, the modules_to_save they give).
+_INNER = {
+    "tiny_bert": ("encoder/layer/1/output/LayerNorm/.*", "classifier/.*",
+                  ["bert.encoder.layer.1.output.LayerNorm", "classifier"]),
+    "tiny_roberta": ("encoder/layer/1/output/LayerNorm/.*", "classifier/.*",
+                     ["classifier", "roberta.encoder.layer.1.output.LayerNorm"]),
+    "tiny_distilbert": ("transformer/layer/1/output_layer_norm/.*",
+                        "(pre_classifier|classifier)/.*",
+                        ["classifier", "distilbert.transformer.layer.1.output_layer_norm",
+                         "pre_classifier"]),
+}
+_HEADS = {"tiny_bert": ["classifier"], "tiny_roberta": ["classifier"],
+          "tiny_distilbert": ["classifier", "pre_classifier"]}
+
+
+@pytest.mark.parametrize("rules", ["default", "inner_module"])
 @pytest.mark.parametrize("family", FAMILIES)
-def test_peft_adapter_export_loads_with_peft_and_gives_the_same_logits(family, request, tmp_path):
+def test_peft_adapter_export_loads_with_peft_and_gives_the_same_logits(
+    family, rules, request, tmp_path):
   tiny = request.getfixturevalue(family)
-  inner = {"tiny_distilbert": "transformer/layer/1/output_layer_norm/.*"}.get(
-      family, "encoder/layer/1/output/LayerNorm/.*")
-  head = {"tiny_distilbert": "(pre_classifier|classifier)/.*"}.get(family, "classifier/.*")
-  c, model, trained = _trained_lora_model(tiny, rules=((inner, 1.0), (head, 1.0), (".*", None)))
+  if rules == "default":  # Adapters and the head train, the rest is frozen.
+    user_rules, saved = (), _HEADS[family]
+  else:
+    inner, head, saved = _INNER[family]
+    user_rules = ((inner, 1.0), (head, 1.0), (".*", None))
+  c, model, trained = _trained_lora_model(tiny, rules=user_rules)
   batch = tiny.batch()
   expected = _logits(model, batch)
   hf_config = hf.load_hf_config(tiny.path, num_labels=2)
   lora.export_peft(model, hf_config, c, trained, str(tmp_path), base_model=tiny.path)
-  saved = json.loads((tmp_path / lora.PEFT_CONFIG).read_text())
-  assert saved["r"] == 4 and saved["lora_alpha"] == 8.0 and saved["peft_type"] == "LORA"
+  assert (tmp_path / lora.PEFT_WEIGHTS).exists()
+  config = json.loads((tmp_path / lora.PEFT_CONFIG).read_text())
+  assert config["peft_type"] == "LORA" and config["r"] == 4 and config["lora_alpha"] == 8.0
+  assert config["modules_to_save"] == saved
+  assert len(config["target_modules"]) == 4
   base = transformers.AutoModelForSequenceClassification.from_pretrained(tiny.path, num_labels=2)
   peft_model = peft.PeftModel.from_pretrained(base, str(tmp_path)).eval()
-  ids = {k: torch.from_numpy(v.astype(np.int64)) for k, v in batch.items()}
-  with torch.no_grad():
-    got = peft_model(**ids).logits.numpy()
-  np.testing.assert_allclose(got, expected, atol=1e-4, rtol=0)
+  np.testing.assert_allclose(_torch_logits(peft_model, batch), expected, atol=TOL, rtol=0)
+
+
+# --- end to end: train, then export both ways --------------------------------
+
+def _real_batch(root, tokenizer_path):
+  tok = transformers.AutoTokenizer.from_pretrained(tokenizer_path)
+  rows = [json.loads(l) for l in (root / "test.jsonl").read_text().splitlines()][:8]
+  enc = tok([r["text"] for r in rows], padding="max_length", truncation=True, max_length=16,
+            return_tensors="np")
+  return {k: v.astype(np.int32) for k, v in enc.items()}
 
 
 def test_lora_run_exports_merged_and_peft_equal_to_the_restored_model(tiny_setup, tmp_path):
@@ -133,39 +212,52 @@ def test_lora_run_exports_merged_and_peft_equal_to_the_restored_model(tiny_setup
   run = train.open_run(config, workdir, config.model.path, train.read_labels(workdir), quiet=True)
   run.checkpointer.close()
   model = run.model()
-  lora_b = [v for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param)) if p[-1] == "lora_b"]
-  assert lora_b and all(np.any(np.asarray(v.get_value()) != 0) for v in lora_b)
-  tok = transformers.AutoTokenizer.from_pretrained(config.model.path)
-  rows = [json.loads(l) for l in (tiny_setup / "test.jsonl").read_text().splitlines()][:8]
-  enc = tok([r["text"] for r in rows], padding="max_length", truncation=True, max_length=16,
-            return_tensors="np")
-  batch = {k: v.astype(np.int32) for k, v in enc.items()}
+  modules = dict(lora.linear_modules(model))
+  adapted = _adapted(model)
+  assert adapted == [f"encoder/layer/{i}/attention/self/{n}" for i in range(2)
+                     for n in ("query", "value")]
+  assert all(np.any(np.asarray(modules[p].lora_b[...]) != 0) for p in adapted)  # Trained.
+  batch = _real_batch(tiny_setup, config.model.path)
+  assert batch["attention_mask"].min() == 0  # Some rows are padded.
   expected = _logits(model, batch)
-  pt = {k: torch.from_numpy(v.astype(np.int64)) for k, v in batch.items()}
 
   train.export_command(workdir, str(tmp_path / "hf"), "hf")
-  merged = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "hf").eval()
   train.export_command(workdir, str(tmp_path / "peft"), "peft")
+  merged, info = transformers.AutoModelForSequenceClassification.from_pretrained(
+      tmp_path / "hf", output_loading_info=True)
+  assert not info["missing_keys"] and not info["unexpected_keys"]
+  np.testing.assert_allclose(_torch_logits(merged.eval(), batch), expected, atol=TOL, rtol=0)
+  saved = json.loads((tmp_path / "peft" / lora.PEFT_CONFIG).read_text())
+  assert saved["modules_to_save"] == ["classifier"]
+  assert saved["base_model_name_or_path"] == config.model.path
   base = transformers.AutoModelForSequenceClassification.from_pretrained(
       config.model.path, num_labels=2)
   adapter = peft.PeftModel.from_pretrained(base, str(tmp_path / "peft")).eval()
-  with torch.no_grad():
-    np.testing.assert_allclose(merged(**pt).logits.numpy(), expected, atol=1e-4, rtol=0)
-    np.testing.assert_allclose(adapter(**pt).logits.numpy(), expected, atol=1e-4, rtol=0)
+  np.testing.assert_allclose(_torch_logits(adapter, batch), expected, atol=TOL, rtol=0)
 
-  # Outside the adapted kernels the merged export is the pretrained model, bit for bit.
-  from safetensors.numpy import load_file
-  pretrained = load_file(str(tiny_setup / "model" / "model.safetensors"))
-  exported = load_file(str(tmp_path / "hf" / "model.safetensors"))
+  # The merged export is the pretrained model, bit for bit, except the adapted
+  # kernels, which are the pretrained ones plus scale * (a @ b).
+  pretrained = load_file(str(tiny_setup / "model" / hf.SAFETENSORS))
+  exported = load_file(str(tmp_path / "hf" / hf.SAFETENSORS))
+  scale = config.lora.alpha / config.lora.rank
+  deltas = {f"{p.replace('/', '.')}.weight": scale * (
+      np.asarray(modules[p].lora_a[...], np.float64)
+      @ np.asarray(modules[p].lora_b[...], np.float64)).T for p in adapted}
   for key, value in pretrained.items():
-    ours = exported.get(key, exported.get(f"bert.{key}"))
-    if ours is None:  # Buffers such as position_ids.
+    if key.endswith("position_ids"):  # A buffer, not exported.
       continue
-    adapted = key.endswith(("query.weight", "value.weight"))
-    assert np.array_equal(ours, value) != adapted, key
+    ours = exported[f"bert.{key}"]
+    if key in deltas:
+      assert np.max(np.abs(deltas[key])) > 1e-3, key  # The delta is not negligible.
+      np.testing.assert_allclose(ours, value + deltas[key], atol=1e-6, rtol=0, err_msg=key)
+    else:
+      np.testing.assert_array_equal(ours, value, err_msg=key)
+  assert {k for k in exported if not k.startswith("bert.")} == {
+      "classifier.weight", "classifier.bias"}
 
 
 def test_peft_export_of_a_run_without_lora_is_an_error(tiny_setup, tmp_path):
   train.train(tiny_config(tiny_setup, num_steps=1), str(tmp_path / "w"))
   with pytest.raises(UserError, match="--format=peft needs a LoRA run"):
     train.export_command(str(tmp_path / "w"), str(tmp_path / "out"), "peft")
+  assert not (tmp_path / "out").exists()

@@ -1,11 +1,17 @@
 #!/usr/bin/env bash
-# Deletes a TPU VM slice (or its queued resource, with --queued).
+# Deletes a TPU VM slice, or its queued resource (--queued), without asking.
 set -euo pipefail
 # shellcheck source=common.sh
 source "$(dirname "$0")/common.sh"
 
 usage() {
-  echo "usage: tpu/delete.sh [--dry-run] --tpu=NAME --zone=ZONE [--project=P] [--queued]"
+  cat <<USAGE
+usage: tpu/delete.sh [--dry-run] --tpu=NAME --zone=ZONE [--project=P] [--queued]
+
+  --queued   the slice was made with create.sh --queued: delete the queued
+             resource and the TPU VM it holds
+  --dry-run  print the gcloud command instead of running it
+USAGE
 }
 
 NAME="" ZONE="" QUEUED=0
@@ -17,7 +23,7 @@ for arg in "$@"; do
     --zone=*) ZONE=$(value_of "$arg") ;;
     --project=*) PROJECT=$(value_of "$arg") ;;
     --queued) QUEUED=1 ;;
-    *) die "unknown argument: $arg" ;;
+    *) die "unknown argument: $arg (see --help)" ;;
   esac
 done
 require "$NAME" tpu
