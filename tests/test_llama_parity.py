@@ -19,7 +19,14 @@ CASES = {
     "llama-linear-rope-mha": ("LlamaConfig", "LlamaForCausalLM",
                               dict(num_key_value_heads=4,
                                    rope_scaling={"rope_type": "linear", "factor": 2.0})),
+    "llama-yarn": ("LlamaConfig", "LlamaForCausalLM",
+                   dict(rope_scaling={"rope_type": "yarn", "factor": 4.0,
+                                      "original_max_position_embeddings": 16})),
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {}),
+    # max_position_embeddings 8 < the 12-token test batch, so the NTK base grows.
+    "qwen2-dynamic-rope": ("Qwen2Config", "Qwen2ForCausalLM",
+                           dict(max_position_embeddings=8,
+                                rope_scaling={"rope_type": "dynamic", "factor": 2.0})),
     "qwen3-head-dim": ("Qwen3Config", "Qwen3ForCausalLM", dict(head_dim=16)),
     "mistral": ("MistralConfig", "MistralForCausalLM", {}),
     "gpt2": ("GPT2Config", "GPT2LMHeadModel",
@@ -27,10 +34,11 @@ CASES = {
 }
 
 
-def _checkpoint(case, tmp_path):
+def _checkpoint(case, tmp_path, **overrides):
+  """The case's transformers model, saved to tmp_path; `overrides` change its config."""
   config_cls, model_cls, extra = CASES[case]
   sizes = {} if config_cls == "GPT2Config" else SIZES
-  config = getattr(transformers, config_cls)(**{**sizes, **extra})
+  config = getattr(transformers, config_cls)(**{**sizes, **extra, **overrides})
   torch.manual_seed(0)
   model = getattr(transformers, model_cls)(config).eval()
   with torch.no_grad():  # HF init hides scale/bias mix-ups: perturb every tensor.
@@ -100,6 +108,56 @@ def test_packed_documents_never_attend_across_segments(tmp_path):
   assert np.abs(mixed[7:] - alone_b).max() > 1e-3
 
 
+@pytest.mark.parametrize("case", ["llama-yarn", "qwen2-dynamic-rope"])
+def test_scaled_rope_cases_really_change_transformers_logits(case, tmp_path):
+  # Guards the parity cases: transformers must not silently drop the scaling.
+  scaled = _checkpoint(case, tmp_path / "scaled")
+  unscaled = _checkpoint(case, tmp_path / "unscaled", rope_scaling=None)
+  assert unscaled.config.rope_parameters["rope_type"] == "default"
+  ids, mask = _batch()
+  assert np.abs(_torch_logits(scaled, ids, mask) - _torch_logits(unscaled, ids, mask)).max() > 1e-3
+
+
+YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16}
+ROPE_PARAMETERS = {
+    "yarn": YARN,
+    # No factor: it is max_position_embeddings / original (64 / 32).
+    "yarn-no-factor": {**YARN, "factor": None, "original_max_position_embeddings": 32},
+    "yarn-attention-factor": {**YARN, "attention_factor": 0.8},
+    "yarn-mscale-betas-untruncated": {**YARN, "mscale": 1.0, "mscale_all_dim": 0.5,
+                                      "beta_fast": 16.0, "beta_slow": 2.0, "truncate": False},
+    "dynamic": {"rope_type": "dynamic", "factor": 2.0},
+}
+
+
+@pytest.mark.parametrize("name", sorted(ROPE_PARAMETERS))
+def test_rope_frequencies_and_attention_factor_match_transformers(name):
+  from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+  from jaxft.models import llama, rope
+  config = transformers.LlamaConfig(**SIZES, rope_parameters=dict(ROPE_PARAMETERS[name]))
+  params = llama.rope_parameters(config)
+  inv_freq, attention_factor = ROPE_INIT_FUNCTIONS[params["rope_type"]](config)
+  ours = rope.rope_inverse_frequencies(params, llama.head_dim(config),
+                                         config.max_position_embeddings)
+  np.testing.assert_allclose(ours, inv_freq.numpy(), rtol=1e-6)
+  assert rope.rope_attention_scaling(params, config.max_position_embeddings) == pytest.approx(
+      attention_factor, rel=1e-12)
+
+
+def test_dynamic_rope_frequencies_match_transformers_past_max_positions():
+  from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+  from jaxft.models import llama, rope
+  config = transformers.LlamaConfig(**SIZES, rope_parameters=dict(ROPE_PARAMETERS["dynamic"]))
+  params, dim, limit = llama.rope_parameters(config), llama.head_dim(config), 64
+  static = rope.rope_inverse_frequencies(params, dim, limit)
+  settings = rope.dynamic_rope_settings(params, limit)
+  for length in (1, 64, 65, 100, 1000):
+    positions = np.arange(length, dtype=np.int32)[None]
+    ours = np.asarray(rope.dynamic_rope_inverse_frequencies(positions, static, settings))
+    theirs, _ = ROPE_INIT_FUNCTIONS["dynamic"](config, seq_len=torch.tensor(length))
+    np.testing.assert_allclose(ours, theirs.numpy(), rtol=1e-6)
+
+
 def test_unsupported_rope_type_is_a_clear_error(tmp_path):
   from jaxft.errors import UserError
   config = transformers.LlamaConfig(**SIZES, rope_scaling={"rope_type": "longrope",
@@ -109,8 +167,11 @@ def test_unsupported_rope_type_is_a_clear_error(tmp_path):
     hf.build_model(config, "causal-lm")
 
 
-@pytest.mark.parametrize("case", ["llama-gqa-llama3-rope", "qwen2", "qwen3-head-dim", "gpt2"])
+@pytest.mark.parametrize("case", ["llama-gqa-llama3-rope", "llama-yarn", "qwen2",
+                                  "qwen2-dynamic-rope", "qwen3-head-dim", "gpt2"])
 def test_greedy_generation_equals_transformers_generate(case, tmp_path):
+  # For qwen2-dynamic-rope (max_position_embeddings 8) decoding runs to
+  # position 37, so the NTK base keeps growing step by step.
   from jaxft import generate
   ref = _checkpoint(case, tmp_path)
   model = hf.load_causal_lm(str(tmp_path)).model

@@ -171,43 +171,6 @@ class RMSNorm(nnx.Module):
     return y.astype(self.dtype) * self.scale[...].astype(self.dtype)
 
 
-def rope_inverse_frequencies(params: dict[str, Any], head_dim: int) -> np.ndarray:
-  """RoPE inverse frequencies (float32) for transformers' `rope_parameters`.
-
-  Supports rope_type `default`, `linear` and `llama3`; others raise UserError.
-  """
-  kind = params.get("rope_type", params.get("type", "default"))
-  base = float(params.get("rope_theta", 10000.0))
-  inv = 1.0 / (base ** (np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32)
-                        / head_dim))
-  inv = inv.astype(np.float32)
-  if kind == "default":
-    return inv
-  if kind == "linear":
-    return (inv / np.float32(params["factor"])).astype(np.float32)
-  if kind == "llama3":
-    factor, low, high = (float(params[k]) for k in
-                         ("factor", "low_freq_factor", "high_freq_factor"))
-    old = float(params["original_max_position_embeddings"])
-    wavelen = 2 * np.pi / inv
-    scaled = np.where(wavelen > old / low, inv / factor, inv)
-    smooth = (old / wavelen - low) / (high - low)
-    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
-    medium = ~(wavelen < old / high) & ~(wavelen > old / low)
-    return np.where(medium, smoothed, scaled).astype(np.float32)
-  raise UserError(f"rope_type {kind!r} is not supported (default, linear, llama3 are)")
-
-
-def apply_rope(x: Array, positions: Array, inv_freq: np.ndarray) -> Array:
-  """Rotates [batch, length, heads, head_dim] by position (transformers' half split)."""
-  freqs = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)
-  emb = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]
-  cos, sin = jnp.cos(emb).astype(x.dtype), jnp.sin(emb).astype(x.dtype)
-  half = x.shape[-1] // 2
-  rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
-  return x * cos + rotated * sin
-
-
 class Embed(nnx.Module):
   """Lookup table `embedding` of shape (num_embeddings, features)."""
 

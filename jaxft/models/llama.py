@@ -3,9 +3,10 @@
 Param paths are transformers' module names (`model/layers/3/self_attn/q_proj/
 kernel`, `model/embed_tokens/embedding`, `lm_head/kernel`), so checkpoints
 load by name. One attention implementation serves them all: grouped-query
-heads, RoPE (`default`, `linear`, `llama3`), optional q/k/v/o biases (Qwen2:
-q/k/v), optional per-head q/k RMSNorm (Qwen3), a causal mask combined with
-padding and segment ids (packed documents never attend across each other).
+heads, RoPE (`default`, `linear`, `llama3`, `yarn`, `dynamic`), optional
+q/k/v/o biases (Qwen2: q/k/v), optional per-head q/k RMSNorm (Qwen3), a causal
+mask combined with padding and segment ids (packed documents never attend
+across each other).
 
   model(input_ids, attention_mask=None, positions=None, segment_ids=None, *,
         deterministic=True, rngs=None) -> float32 logits [batch, length, vocab]
@@ -18,11 +19,13 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from jaxft import sharding
 from jaxft.errors import UserError
 from jaxft.models import layers
+from jaxft.models import rope
 
 Array = jax.Array
 Dtype = Any
@@ -82,7 +85,14 @@ class Attention(nnx.Module):
       raise UserError(f"num_attention_heads {self.num_heads} is not a multiple of "
                       f"num_key_value_heads {self.num_kv_heads}")
     self.head_dim = head_dim(config)
-    self.inv_freq = layers.rope_inverse_frequencies(rope_parameters(config), self.head_dim)
+    rope_params = rope_parameters(config)
+    max_positions = getattr(config, "max_position_embeddings", None)
+    # A tuple, not an array: nnx would make an array attribute state, and an
+    # abstract (eval_shape) build, as a checkpoint restore uses, would lose it.
+    self.rope_inv_freq = tuple(
+        float(f) for f in rope.rope_inverse_frequencies(rope_params, self.head_dim, max_positions))
+    self.rope_attention_scaling = rope.rope_attention_scaling(rope_params, max_positions)
+    self.rope_dynamic = rope.dynamic_rope_settings(rope_params, max_positions)
     init = layers.normal_init(config.initializer_range)
     linear = functools.partial(layers.Linear, dtype=dtype, param_dtype=param_dtype,
                                kernel_init=init, rngs=rngs)
@@ -98,6 +108,17 @@ class Attention(nnx.Module):
     self.k_norm = norm() if qk_norm else None
     self.dropout = layers.dropout(getattr(config, "attention_dropout", 0.0))
 
+  @property
+  def inv_freq(self) -> np.ndarray:
+    """The static RoPE inverse frequencies (float32)."""
+    return np.asarray(self.rope_inv_freq, np.float32)
+
+  def rope_frequencies(self, positions: Array) -> np.ndarray | Array:
+    """RoPE inverse frequencies for this call: static, or dynamic-NTK's from `positions`."""
+    if self.rope_dynamic is None:
+      return self.inv_freq
+    return rope.dynamic_rope_inverse_frequencies(positions, self.inv_freq, self.rope_dynamic)
+
   def __call__(self, x: Array, positions: Array, mask: Array, *, deterministic: bool,
                rngs: nnx.Rngs | None, cache: KVCache | None = None,
                cache_index: Array | None = None) -> tuple[Array, KVCache | None]:
@@ -110,8 +131,9 @@ class Attention(nnx.Module):
     v = self.v_proj(x, **kw).reshape(batch, length, self.num_kv_heads, self.head_dim)
     if self.q_norm is not None:
       q, k = self.q_norm(q), self.k_norm(k)
-    q = layers.apply_rope(q, positions, self.inv_freq)
-    k = layers.apply_rope(k, positions, self.inv_freq)
+    inv_freq = self.rope_frequencies(positions)
+    q = rope.apply_rope(q, positions, inv_freq, self.rope_attention_scaling)
+    k = rope.apply_rope(k, positions, inv_freq, self.rope_attention_scaling)
     if cache is not None:
       cache = write_cache(cache, k, v, cache_index)
       k, v = cache
