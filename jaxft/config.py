@@ -17,14 +17,17 @@ from jaxft.errors import UserError
 SCHEDULES = ("linear", "cosine", "constant")
 OPTIMIZERS = ("adamw", "sgd")
 DTYPES = ("float32", "bfloat16")
+TASKS = ("classify", "causal_lm")
+LOSS_ON = ("assistant", "last", "all")
 
 
 def base() -> ml_collections.ConfigDict:
   """Defaults common to every recipe; each field is documented where it is set."""
   c = ml_collections.ConfigDict()
+  c.task = "classify"  # classify (sequence classification) | causal_lm (SFT); see causal_lm().
 
   c.model = ml_collections.ConfigDict()
-  c.model.path = ""  # HF folder or hub id.
+  c.model.path = ""  # HF folder or hub id (causal_lm: also a .gguf file).
   c.model.dtype = "float32"  # Compute dtype; parameters stay float32.
   c.model.allow_pickle = False  # Read pytorch_model.bin (torch.load weights_only) if True.
   c.model.frozen_dtype = "float32"  # Storage of frozen params (and LoRA bases): or bfloat16.
@@ -83,6 +86,25 @@ def base() -> ml_collections.ConfigDict:
   return c
 
 
+def causal_lm() -> ml_collections.ConfigDict:
+  """`base()` for supervised fine-tuning of a causal LM (configs/sft.py and friends)."""
+  c = base()
+  c.task = "causal_lm"
+  # Files with a `messages` column (chat), `prompt` + `completion`, or `text`.
+  c.data.packing = True  # Several documents per row (segment ids keep them apart).
+  c.data.loss_on = "assistant"  # assistant | last (final assistant turn) | all tokens.
+  c.data.max_length = 512
+  c.eval = ml_collections.ConfigDict()
+  c.eval.num_samples = 4  # Eval prompts whose generated replies go to DIR/samples/.
+  c.eval.max_new_tokens = 64  # Tokens per sample reply (greedy).
+  # "" | "pass@1" (eval rows have `test` and `entry_point`; runs the code) | "rouge_l":
+  # computed on greedy completions of every eval prompt, all written to DIR/samples/.
+  c.eval.metric = ""
+  c.eval.stop = ()  # Strings that end a completion (e.g. lm_metrics.CODE_STOPS).
+  c.eval.timeout = 10.0  # pass@1: seconds per program.
+  return c
+
+
 def _require(ok: bool, key: str, expected: str, value: Any) -> None:
   if not ok:
     raise UserError(f"config.{key} must be {expected}, got {value!r}")
@@ -91,6 +113,15 @@ def _require(ok: bool, key: str, expected: str, value: Any) -> None:
 def validate(config: ml_collections.ConfigDict) -> None:
   """Checks values that the type system of ConfigDict cannot; raises UserError."""
   t, o, d = config.train, config.optim, config.data
+  _require(config.task in TASKS, "task", f"one of {TASKS}", config.task)
+  if config.task == "causal_lm":
+    _require(d.loss_on in LOSS_ON, "data.loss_on", f"one of {LOSS_ON}", d.loss_on)
+    _require(config.eval.num_samples >= 0, "eval.num_samples", ">= 0", config.eval.num_samples)
+    _require(config.eval.max_new_tokens > 0, "eval.max_new_tokens", "> 0",
+             config.eval.max_new_tokens)
+    from jaxft import lm_metrics  # pylint: disable=g-import-not-at-top
+    _require(config.eval.metric in lm_metrics.METRICS, "eval.metric",
+             f"one of {lm_metrics.METRICS}", config.eval.metric)
   _require(bool(config.model.path), "model.path", "a checkpoint folder or hub id", config.model.path)
   _require(config.model.dtype in DTYPES, "model.dtype", f"one of {DTYPES}", config.model.dtype)
   _require(config.model.frozen_dtype in DTYPES, "model.frozen_dtype", f"one of {DTYPES}",

@@ -23,10 +23,12 @@ from jaxft import params as params_lib
 from jaxft import rules
 from jaxft import sharding
 from jaxft import steps
+from jaxft import tasks
 from jaxft import train
 from jaxft import trainable
 from jaxft.data import sources
 from jaxft.data import text
+from jaxft.models import registry
 
 
 def tree_bytes(tree: Any) -> int:
@@ -48,6 +50,11 @@ def _labels(config: ml_collections.ConfigDict) -> list[str]:
 def abstract_batch(config: ml_collections.ConfigDict, with_token_types: bool) -> dict:
   """Shapes of one global train batch."""
   shape = (config.train.batch_size, config.data.max_length)
+  if trainable.task(config) == registry.CAUSAL_LM:
+    batch = {k: jax.ShapeDtypeStruct(shape, jnp.int32)
+             for k in ("input_ids", "positions", "segment_ids")}
+    batch["loss_mask"] = jax.ShapeDtypeStruct(shape, jnp.bool_)
+    return batch
   batch = {k: jax.ShapeDtypeStruct(shape, jnp.int32) for k in ("input_ids", "attention_mask")}
   if with_token_types:
     batch["token_type_ids"] = jax.ShapeDtypeStruct(shape, jnp.int32)
@@ -89,10 +96,10 @@ def compile_step(config: ml_collections.ConfigDict, split: trainable.Split,
 def inspect(config: ml_collections.ConfigDict, show_params: bool = False) -> dict[str, Any]:
   """Prints the rules table (and with `show_params` every parameter); returns the figures."""
   config_lib.validate(config)
-  model_path = hf.resolve_path(config.model.path, weights=False)
-  labels = _labels(config)
-  hf_config = hf.load_hf_config(model_path, num_labels=len(labels),
-                                id2label=dict(enumerate(labels)))
+  model_path = hf.resolve_model(config.model.path, weights=False)
+  task = tasks.of(config)
+  labels = _labels(config) if task.name == registry.CLASSIFY else None
+  hf_config = task.hf_config(model_path, labels)
   tokenizer = hf.load_tokenizer(model_path)
   sharding.check_fits(config, sharding.make_mesh(config), hf_config.num_attention_heads)
   split = trainable.split(trainable.abstract_model(hf_config, config), config,

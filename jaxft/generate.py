@@ -97,20 +97,26 @@ def generate(model: nnx.Module, input_ids: np.ndarray, attention_mask: np.ndarra
                               eos, max_new_tokens=max_new_tokens, sampling=sampling))
 
 
-def _prompts_to_ids(tokenizer, prompts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+def _prompts_to_ids(tokenizer, prompts: Sequence[str],
+                    pad_multiple: int = 1) -> tuple[np.ndarray, np.ndarray]:
   """Left-padded token ids and mask for a batch of prompt texts."""
   tokenizer.padding_side = "left"
   if tokenizer.pad_token_id is None:
     tokenizer.pad_token = tokenizer.eos_token
-  enc = tokenizer(list(prompts), padding=True, return_tensors="np", add_special_tokens=False)
+  enc = tokenizer(list(prompts), padding=True, return_tensors="np", add_special_tokens=False,
+                  pad_to_multiple_of=pad_multiple if pad_multiple > 1 else None)
   return enc["input_ids"].astype(np.int32), enc["attention_mask"].astype(np.int32)
 
 
 def complete(model: nnx.Module, tokenizer, prompts: Sequence[str], *, max_new_tokens: int,
              sampling: Sampling = Sampling(), stop: Sequence[str] = (),
-             seed: int = 0) -> list[str]:
-  """Generated text for each prompt, cut at EOS and at the first stop string."""
-  ids, mask = _prompts_to_ids(tokenizer, prompts)
+             seed: int = 0, pad_multiple: int = 1) -> list[str]:
+  """Generated text for each prompt, cut at EOS and at the first stop string.
+
+  `pad_multiple` rounds the padded prompt length up (fewer distinct shapes to
+  compile when many batches are generated).
+  """
+  ids, mask = _prompts_to_ids(tokenizer, prompts, pad_multiple)
   eos = tokenizer.eos_token_id
   tokens = generate(model, ids, mask, max_new_tokens=max_new_tokens,
                     eos_ids=[] if eos is None else [eos], sampling=sampling, seed=seed)

@@ -106,6 +106,17 @@ def resolve_path(path_or_hub_id: str, *, allow_pickle: bool = False,
   return _download(path_or_hub_id, allow_pickle, weights)
 
 
+def resolve_model(path_or_hub_id: str, *, allow_pickle: bool = False,
+                  weights: bool = True) -> str:
+  """As `resolve_path`, but a `.gguf` file is a model too (returned absolute)."""
+  if gguf_checkpoint.is_gguf(path_or_hub_id):
+    path = os.path.abspath(os.path.expanduser(path_or_hub_id))
+    if not os.path.isfile(path):
+      raise UserError(f"GGUF file not found: {path}")
+    return path
+  return resolve_path(path_or_hub_id, allow_pickle=allow_pickle, weights=weights)
+
+
 def _download(repo_id: str, allow_pickle: bool, weights: bool) -> str:
   import huggingface_hub  # pylint: disable=g-import-not-at-top
   patterns = _HUB_PATTERNS + (_HUB_PICKLE_PATTERNS if allow_pickle else [])
@@ -150,6 +161,13 @@ def load_hf_config(path: str, *, num_labels: int | None = None,
   # transformers 5 does not derive label2id when id2label changes.
   config.label2id = {name: i for i, name in config.id2label.items()}
   return config
+
+
+def load_lm_config(path: str) -> transformers.PretrainedConfig:
+  """The transformers config of a causal LM folder, hub id or `.gguf` file."""
+  if gguf_checkpoint.is_gguf(path):
+    return gguf_checkpoint.read_config(path)
+  return load_hf_config(path)
 
 
 def _set_labels(config: transformers.PretrainedConfig,
@@ -404,7 +422,7 @@ def load_causal_lm(path: str, *, dtype: Any = jnp.float32, param_dtype: Any = jn
     return _load(path, hf_config, registry.CAUSAL_LM, dtype=dtype, param_dtype=param_dtype,
                  seed=seed, opener=opener, shardings=shardings)
   folder = resolve_path(path, allow_pickle=allow_pickle)
-  return _load(folder, load_hf_config(folder), registry.CAUSAL_LM, dtype=dtype,
+  return _load(folder, load_lm_config(folder), registry.CAUSAL_LM, dtype=dtype,
                param_dtype=param_dtype, seed=seed, allow_pickle=allow_pickle,
                shardings=shardings)
 

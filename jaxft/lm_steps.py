@@ -1,23 +1,57 @@
-"""Pure, jittable loss for causal-LM fine-tuning on packed or padded rows."""
+"""Pure, jittable loss and eval step for causal-LM fine-tuning on packed or padded rows.
+
+A row holds one or more documents: `segment_ids` (1, 2, ... per document, 0 on
+padding) keep attention inside a document and `positions` restart at 0 in
+each; `loss_mask` marks the tokens to learn (the assistant's, by default).
+"""
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
 import optax
+from flax import nnx
+
+from jaxft import steps
+
+
+def loss_targets(batch: dict) -> jax.Array:
+  """Bool [batch, length - 1]: position i is scored on predicting token i + 1.
+
+  True when token i + 1 carries loss and belongs to the same (non-padding)
+  document as token i.
+  """
+  segments = batch["segment_ids"]
+  return (batch["loss_mask"][:, 1:].astype(bool) & (segments[:, 1:] == segments[:, :-1])
+          & (segments[:, 1:] != 0))
 
 
 def token_loss_sum(logits: jax.Array, batch: dict) -> tuple[jax.Array, jax.Array]:
   """(sum of next-token losses over loss tokens, number of loss tokens).
 
-  Position i predicts token i + 1 when that token carries loss and belongs to
-  the same document (segment) as token i. Dividing the two sums over the whole
-  global batch averages per token, not per row, so packing does not change
-  the loss.
+  Dividing the two sums over the whole global batch averages per token, not
+  per row, so packing does not change the loss.
   """
-  targets = batch["input_ids"][:, 1:]
-  segments = batch["segment_ids"]
-  valid = (batch["loss_mask"][:, 1:] & (segments[:, 1:] == segments[:, :-1])
-           & (segments[:, 1:] != 0))
-  losses = optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], targets)
+  valid = loss_targets(batch)
+  losses = optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1],
+                                                           batch["input_ids"][:, 1:])
   return jnp.sum(jnp.where(valid, losses, 0.0)), jnp.sum(valid)
+
+
+def _forward(model, batch, deterministic, rngs):
+  return model(batch["input_ids"], None, batch["positions"], batch["segment_ids"],
+               deterministic=deterministic, rngs=rngs)
+
+
+CAUSAL_LM = steps.Objective(
+    forward=_forward,
+    loss_sums=lambda logits, batch: (token_loss_sum(logits, batch)[0], {}),
+    units=lambda batch: jnp.sum(loss_targets(batch)).astype(jnp.float32))
+
+
+def eval_step(params: nnx.State, frozen: nnx.State, batch: dict, *, graphdef: nnx.GraphDef,
+              rest: nnx.State) -> tuple[jax.Array, jax.Array]:
+  """(summed loss, loss tokens) of a batch, dropout off."""
+  logits = steps.logits(CAUSAL_LM, graphdef, params, frozen, rest, batch, None)
+  total, count = token_loss_sum(logits, batch)
+  return total, count.astype(jnp.float32)

@@ -136,20 +136,22 @@ def _module_keys(layout: layers.CheckpointLayout,
   return keys
 
 
-def _saved_modules(layout: layers.CheckpointLayout, trainable: set[str]) -> set[str]:
-  """The head, plus the parent module of each other trained non-adapter param."""
-  heads = set(layout.head_modules)
+def _saved_modules(layout: layers.CheckpointLayout, trainable: set[str],
+                   task: str) -> set[str]:
+  """A classifier's head, plus the parent module of each other trained non-adapter param."""
+  heads = set(layout.head_modules) if task == registry.CLASSIFY else set()
   owners = {p.rsplit("/", 1)[0] for p in trainable if not re.fullmatch(ADAPTER_PATH, p)}
   return heads | {m for m in owners if m.split("/", 1)[0] not in heads}
 
 
 def export_peft(model: nnx.Module, hf_config: transformers.PretrainedConfig,
                 config: ml_collections.ConfigDict, trainable: set[str],
-                out_dir: str, base_model: str) -> None:
+                out_dir: str, base_model: str, task: str = registry.CLASSIFY) -> None:
   """Writes the adapters and the other trained modules as a PEFT LoRA adapter.
 
   `PeftModel.from_pretrained(AutoModelForSequenceClassification(base_model),
-  out_dir)` then computes what `model` computes. Modules with a trainable
+  out_dir)` (AutoModelForCausalLM for `task` causal-lm) then computes what
+  `model` computes. Modules with a trainable
   non-adapter param, and the classification head (fresh in the base model),
   go to `modules_to_save` in full.
 
@@ -160,12 +162,13 @@ def export_peft(model: nnx.Module, hf_config: transformers.PretrainedConfig,
     trainable: param paths the run trained.
     out_dir: folder to write.
     base_model: what `base_model_name_or_path` records.
+    task: registry.CLASSIFY or registry.CAUSAL_LM.
   """
   from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
-  layout = registry.lookup(hf_config.model_type).layout
+  layout = registry.lookup(hf_config.model_type, task).layout
   named = params_lib.named_variables(nnx.state(model, nnx.Param))
   keys = _module_keys(layout, named)
-  saved = _saved_modules(layout, trainable)
+  saved = _saved_modules(layout, trainable, task)
   tensors, lora_modules = {}, []
   for path, var in named:
     module, name = path.rsplit("/", 1)
@@ -185,7 +188,8 @@ def export_peft(model: nnx.Module, hf_config: transformers.PretrainedConfig,
   os.makedirs(out_dir, exist_ok=True)
   save_file(tensors, os.path.join(out_dir, PEFT_WEIGHTS), metadata={"format": "pt"})
   peft_config = {
-      "peft_type": "LORA", "task_type": "SEQ_CLS", "r": config.lora.rank,
+      "peft_type": "LORA", "r": config.lora.rank,
+      "task_type": "SEQ_CLS" if task == registry.CLASSIFY else "CAUSAL_LM",
       "lora_alpha": config.lora.alpha, "lora_dropout": config.lora.dropout,
       "target_modules": sorted(lora_modules), "modules_to_save": modules_to_save,
       "bias": "none", "fan_in_fan_out": False, "inference_mode": True,

@@ -29,6 +29,12 @@ def is_primary() -> bool:
   return jax.process_index() == 0
 
 
+def log(msg: str) -> None:
+  """A line on stderr, from process 0 only."""
+  if is_primary():
+    print(msg, file=sys.stderr, flush=True)
+
+
 class JsonlWriter:
   """Appends one JSON object per event to DIR/metrics.jsonl (appending across resumes)."""
 

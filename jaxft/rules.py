@@ -151,8 +151,9 @@ def all_rules(config: ml_collections.ConfigDict, paths: Sequence[str],
     rules += layer_decay_rules(paths, config.optim.layer_decay)
   if not given:
     if lora.enabled(config):
-      heads = "|".join(map(re.escape, head_modules))
-      rules.append(Rule(rf"(?:{heads})/.*", True, origin="default (lora: head)"))
+      if head_modules:  # A fresh head must learn; a language model's head stays as it was.
+        heads = "|".join(map(re.escape, head_modules))
+        rules.append(Rule(rf"(?:{heads})/.*", True, origin="default (lora: head)"))
       rules.append(Rule(".*", False, origin="default (lora: base)"))
     else:
       rules.append(Rule(".*", True))

@@ -1,15 +1,22 @@
-"""Pure, jittable train and eval steps for classification.
+"""Pure, jittable train and eval steps, shared by every task.
 
 The train state is a plain dict {"step", "params", "frozen", "opt_state"}: a
 pytree that optax updates, `jax.jit` donates and Orbax saves without adapters.
 `params` holds the trainable parameters, `frozen` the rest; only `params` is
 differentiated and has optimizer state, so frozen layers cost no gradient
 matmuls, no optimizer memory and no update.
+
+A task plugs in through an `Objective`: how to call the model on a batch, the
+summed loss of a batch, and how many loss units (examples, or tokens for a
+language model) a batch holds. The loss of a step is the sum over the whole
+global batch divided by its units, so gradient accumulation and packing do
+not change it.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import dataclasses
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -19,60 +26,96 @@ from flax import nnx
 State = dict[str, Any]
 
 
+@dataclasses.dataclass(frozen=True)
+class Objective:
+  """What a task trains.
+
+  Attributes:
+    forward: (model, batch, deterministic, rngs) -> float32 logits.
+    loss_sums: (logits, batch) -> (summed loss, {metric name: summed value}).
+    units: batch -> how many loss units it holds (a float scalar).
+  """
+  forward: Callable[..., jax.Array]
+  loss_sums: Callable[[jax.Array, dict], tuple[jax.Array, dict[str, jax.Array]]]
+  units: Callable[[dict], jax.Array]
+
+
+def _classify_forward(model, batch, deterministic, rngs):
+  return model(batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"),
+               deterministic=deterministic, rngs=rngs)
+
+
+def _classify_sums(logits, batch):
+  losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
+  correct = jnp.sum(jnp.argmax(logits, -1) == batch["label"])
+  return jnp.sum(losses), {"accuracy": correct.astype(jnp.float32)}
+
+
+CLASSIFY = Objective(forward=_classify_forward, loss_sums=_classify_sums,
+                     units=lambda batch: jnp.float32(batch["label"].shape[0]))
+
+
 def init_state(params: nnx.State, frozen: nnx.State, tx: optax.GradientTransformation) -> State:
   return {"step": jnp.zeros((), jnp.int32), "params": params, "frozen": frozen,
           "opt_state": tx.init(params)}
 
 
-def _logits(graphdef: nnx.GraphDef, params: nnx.State, frozen: nnx.State, rest: nnx.State,
-            batch: dict, dropout_key: jax.Array | None) -> jax.Array:
+def logits(objective: Objective, graphdef: nnx.GraphDef, params: nnx.State, frozen: nnx.State,
+           rest: nnx.State, batch: dict, dropout_key: jax.Array | None) -> jax.Array:
+  """The model's logits on `batch`; dropout on iff `dropout_key` is given."""
   model = nnx.merge(graphdef, params, frozen, rest)
   rngs = None if dropout_key is None else nnx.Rngs(dropout=dropout_key)
-  return model(batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"),
-               deterministic=dropout_key is None, rngs=rngs)
+  return objective.forward(model, batch, dropout_key is None, rngs)
 
 
-def _loss_and_grads(graphdef, rest, params, frozen, batch, key):
+def loss_and_grads(objective: Objective, graphdef, rest, params, frozen, batch, key,
+                   units: jax.Array) -> tuple[jax.Array, dict, Any]:
+  """(loss sum / units, metric sums / units, grads) of one (micro-)batch."""
   def loss_fn(p):
-    logits = _logits(graphdef, p, frozen, rest, batch, key)
-    loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean()
-    return loss, jnp.mean(jnp.argmax(logits, -1) == batch["label"])
-  (loss, acc), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-  return loss, acc, grads
+    total, sums = objective.loss_sums(
+        logits(objective, graphdef, p, frozen, rest, batch, key), batch)
+    return total / units, jax.tree.map(lambda s: s / units, sums)
+  (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+  return loss, metrics, grads
 
 
-def train_step(state: State, batch: dict, *, graphdef: nnx.GraphDef, rest: nnx.State,
-               tx: optax.GradientTransformation, grad_accum: int,
+def train_step(state: State, batch: dict, *, objective: Objective, graphdef: nnx.GraphDef,
+               rest: nnx.State, tx: optax.GradientTransformation, grad_accum: int,
                dropout_key: jax.Array) -> tuple[State, dict]:
   """One optimizer update on a global batch, split into `grad_accum` micro-batches.
 
-  Micro-batches have equal size, so the mean of their mean losses (and grads)
-  equals the full-batch mean.
+  Every micro-batch divides its summed loss by the units of the whole batch,
+  so the accumulated loss and gradients are those of the full batch.
   """
   params, frozen = state["params"], state["frozen"]
   key = jax.random.fold_in(dropout_key, state["step"])
+  units = jnp.maximum(objective.units(batch), 1.0)  # An all-masked batch must not divide by 0.
   if grad_accum == 1:
-    loss, acc, grads = _loss_and_grads(graphdef, rest, params, frozen, batch, key)
+    loss, metrics, grads = loss_and_grads(objective, graphdef, rest, params, frozen, batch, key,
+                                          units)
   else:
     micro = jax.tree.map(lambda x: x.reshape(grad_accum, -1, *x.shape[1:]), batch)
 
     def accumulate(carry, xs):
       mb, i = xs
-      out = _loss_and_grads(graphdef, rest, params, frozen, mb, jax.random.fold_in(key, i))
+      out = loss_and_grads(objective, graphdef, rest, params, frozen, mb,
+                           jax.random.fold_in(key, i), units)
       return jax.tree.map(jnp.add, carry, out), None
 
-    zeros = (jnp.zeros(()), jnp.zeros(()), jax.tree.map(jnp.zeros_like, params))
-    total, _ = jax.lax.scan(accumulate, zeros, (micro, jnp.arange(grad_accum)))
-    loss, acc, grads = jax.tree.map(lambda x: x / grad_accum, total)
+    zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(
+        lambda: loss_and_grads(objective, graphdef, rest, params, frozen,
+                               jax.tree.map(lambda x: x[0], micro), key, units)))
+    (loss, metrics, grads), _ = jax.lax.scan(accumulate, zeros,
+                                             (micro, jnp.arange(grad_accum)))
   updates, opt_state = tx.update(grads, state["opt_state"], params)
   new_state = {"step": state["step"] + 1, "params": optax.apply_updates(params, updates),
                "frozen": frozen, "opt_state": opt_state}
-  return new_state, {"loss": loss, "accuracy": acc, "grad_norm": optax.tree_utils.tree_norm(grads)}
+  return new_state, {"loss": loss, **metrics, "grad_norm": optax.tree_utils.tree_norm(grads)}
 
 
 def eval_step(params: nnx.State, frozen: nnx.State, batch: dict, *, graphdef: nnx.GraphDef,
               rest: nnx.State) -> tuple[jax.Array, jax.Array]:
-  """Per-example loss and predicted class, dropout off."""
-  logits = _logits(graphdef, params, frozen, rest, batch, None)
-  losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
-  return losses, jnp.argmax(logits, -1)
+  """Classification: per-example loss and predicted class, dropout off."""
+  out = logits(CLASSIFY, graphdef, params, frozen, rest, batch, None)
+  losses = optax.softmax_cross_entropy_with_integer_labels(out, batch["label"])
+  return losses, jnp.argmax(out, -1)

@@ -1,6 +1,7 @@
 """The training loop and the commands built on it: train, eval and export.
 
-Side effects (files, logs, printing) live here; the math is in `steps.py`.
+Side effects (files, logs, printing) live here; the math is in `steps.py`
+and `lm_steps.py`, and what differs between tasks in `tasks.py`.
 """
 
 from __future__ import annotations
@@ -9,12 +10,10 @@ import dataclasses
 import functools
 import json
 import os
-import sys
 from typing import Any
 
 import jax
 import ml_collections
-import numpy as np
 import optax
 from flax import nnx
 
@@ -28,17 +27,15 @@ from jaxft import preemption
 from jaxft import rules
 from jaxft import sharding
 from jaxft import steps
+from jaxft import tasks
 from jaxft import trainable
 from jaxft.data import batches as batches_lib
-from jaxft.data import text
 from jaxft.errors import UserError
 
 EXPORT_FORMATS = ("hf", "peft")
 
 
-def log(msg: str) -> None:
-  if metrics_lib.is_primary():
-    print(msg, file=sys.stderr, flush=True)
+log = metrics_lib.log
 
 
 @dataclasses.dataclass
@@ -50,6 +47,7 @@ class Run:
   hf_config: Any
   checkpointer: checkpoint.Checkpointer
   placement: Placement
+  task: tasks.Classify | tasks.CausalLM
 
   @property
   def step(self) -> int:
@@ -64,9 +62,11 @@ class Run:
     """The jitted eval step, compiled once per run."""
     p = self.placement
     fn = p.traced_under_rules(functools.partial(
-        steps.eval_step, graphdef=self.split.graphdef, rest=self.split.rest))
+        self.task.eval_step, graphdef=self.split.graphdef, rest=self.split.rest))
+    # Per-example outputs stay split like the batch; sums are replicated.
+    out = p.batch if self.task.per_example_eval else p.replicated
     return jax.jit(fn, in_shardings=(p.state["params"], p.state["frozen"], p.batch),
-                   out_shardings=p.batch)
+                   out_shardings=out)
 
 
 @dataclasses.dataclass
@@ -83,6 +83,10 @@ class Placement:
   rules: sharding.Rules
   state: Any
   batch: jax.sharding.NamedSharding
+
+  @property
+  def replicated(self) -> jax.sharding.NamedSharding:
+    return jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
 
   def traced_under_rules(self, fn):
     """`fn` with activation constraints active while jit traces it."""
@@ -104,11 +108,10 @@ def make_step_fn(config: ml_collections.ConfigDict, split: trainable.Split,
   """The jitted, sharded train step (state donated), as `train` runs and `inspect` compiles it."""
   t = config.train
   fn = where.traced_under_rules(functools.partial(
-      steps.train_step, graphdef=split.graphdef, rest=split.rest, tx=tx,
-      grad_accum=t.grad_accum, dropout_key=jax.random.key(t.seed)))
-  replicated = jax.sharding.NamedSharding(where.mesh, jax.sharding.PartitionSpec())
+      steps.train_step, objective=tasks.of(config).objective, graphdef=split.graphdef,
+      rest=split.rest, tx=tx, grad_accum=t.grad_accum, dropout_key=jax.random.key(t.seed)))
   return jax.jit(fn, in_shardings=(where.state, where.batch),
-                 out_shardings=(where.state, replicated), donate_argnums=0)
+                 out_shardings=(where.state, where.replicated), donate_argnums=0)
 
 
 def _labels_file(workdir: str) -> str:
@@ -125,24 +128,23 @@ def read_labels(workdir: str) -> list[str] | None:
 
 
 def open_run(config: ml_collections.ConfigDict, workdir: str, model_path: str,
-             labels: list[str], *, quiet: bool = False) -> Run:
+             labels: list[str] | None, *, quiet: bool = False) -> Run:
   """Restores the latest checkpoint in `workdir`, or loads the pretrained model.
 
+  `labels` are the class names of a classifier (None for a language model).
   Prints the rules table (which parameters train, how fast) unless `quiet`.
   """
+  task = tasks.of(config)
   mesh = sharding.make_mesh(config)
   rules_ = sharding.logical_rules(config)
-  id2label = dict(enumerate(labels))
-  hf_config = hf.load_hf_config(model_path, num_labels=len(labels), id2label=id2label)
+  hf_config = task.hf_config(model_path, labels)
   sharding.check_fits(config, mesh, hf_config.num_attention_heads)
   ckpt = checkpoint.Checkpointer(workdir, keep=config.checkpoint.keep,
                                  every=config.checkpoint.every)
   latest = ckpt.latest_step()
   if latest is None:
-    loaded = hf.load_classifier(model_path, num_labels=len(labels), id2label=id2label,
-                                dtype=trainable.compute_dtype(config), seed=config.train.seed,
-                                allow_pickle=config.model.allow_pickle,
-                                shardings=lambda s: sharding.tree_shardings(s, mesh, rules_))
+    loaded = task.load(config, model_path, labels,
+                       shardings=lambda s: sharding.tree_shardings(s, mesh, rules_))
     _report_load(loaded.report)
     model = trainable.with_adapters(loaded.model, config)
   else:
@@ -160,7 +162,7 @@ def open_run(config: ml_collections.ConfigDict, workdir: str, model_path: str,
   else:
     state, _ = ckpt.restore(sharding.with_shardings(abstract, where.state), latest)
     log(f"restored checkpoint at step {latest} from {ckpt.directory}")
-  return Run(split, state, tx, hf_config, ckpt, where)
+  return Run(split, state, tx, hf_config, ckpt, where, task)
 
 
 # Keys that decide the checkpoint's structure (what is trainable, its dtype).
@@ -196,30 +198,14 @@ def _report_load(report: hf.LoadReport) -> None:
     log(f"unused checkpoint weights: {', '.join(report.unexpected)}")
 
 
-def evaluate(run: Run, examples: dict[str, np.ndarray], batch_size: int,
-             num_labels: int) -> dict[str, float]:
-  """Loss, accuracy and macro-F1 over every eval example (no example dropped)."""
-  losses, preds, weights = [], [], []
-  for batch in batches_lib.eval_batches(examples, batch_size):
-    weight = batch.pop("weight")
-    batch = sharding.global_batch(batch, run.placement.batch)
-    loss, pred = run.eval_fn(run.state["params"], run.state["frozen"], batch)
-    losses.append(sharding.to_host(loss))
-    preds.append(sharding.to_host(pred))
-    weights.append(weight)
-  keep = np.concatenate(weights) > 0
-  loss = np.concatenate(losses)[keep]
-  scores = metrics_lib.classification(examples["label"], np.concatenate(preds)[keep], num_labels)
-  return {"loss": float(loss.mean()), **scores}
-
-
-def _prepare(config: ml_collections.ConfigDict, workdir: str, *, need_train: bool):
+def _prepare(config: ml_collections.ConfigDict, workdir: str, *,
+             need_train: bool) -> tuple[str, tasks.Data]:
+  """(local model path, the task's data); UserError on any bad config or input."""
   config_lib.validate(config)
-  model_path = hf.resolve_path(config.model.path, allow_pickle=config.model.allow_pickle)
+  model_path = hf.resolve_model(config.model.path, allow_pickle=config.model.allow_pickle)
   tokenizer = hf.load_tokenizer(model_path)
-  train_ex, eval_ex, labels = text.prepare(config, tokenizer, read_labels(workdir),
-                                           need_train=need_train)
-  return model_path, train_ex, eval_ex, labels
+  data = tasks.of(config).prepare(config, tokenizer, read_labels(workdir), need_train=need_train)
+  return model_path, data
 
 
 def _write_atomic(path: str, text: str) -> None:
@@ -232,37 +218,37 @@ def _write_atomic(path: str, text: str) -> None:
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float] | None:
   """Trains (or resumes) to `train.num_steps`; returns the final eval metrics if any."""
-  model_path, train_ex, eval_ex, labels = _prepare(config, workdir, need_train=True)
+  model_path, data = _prepare(config, workdir, need_train=True)
   os.makedirs(workdir, exist_ok=True)
-  run = open_run(config, workdir, model_path, labels)
+  run = open_run(config, workdir, model_path, data.labels)
   if metrics_lib.is_primary():
     _write_atomic(os.path.join(workdir, "config.json"), config_lib.to_json(config))
-    _write_atomic(_labels_file(workdir), json.dumps(labels))
-  log(f"{batches_lib.num_examples(train_ex)} train examples, {len(labels)} classes; "
-      f"step {run.step} -> {config.train.num_steps}")
+    if data.labels is not None:
+      _write_atomic(_labels_file(workdir), json.dumps(data.labels))
+  log(f"{data.describe()}; step {run.step} -> {config.train.num_steps}")
   try:
-    return _loop(config, workdir, run, train_ex, eval_ex, len(labels))
+    return _loop(config, workdir, run, data)
   finally:
     run.checkpointer.close()  # Waits for a pending async save.
 
 
-def _loop(config: ml_collections.ConfigDict, workdir: str, run: Run, train_ex: dict,
-          eval_ex: dict | None, num_labels: int) -> dict[str, float] | None:
+def _loop(config: ml_collections.ConfigDict, workdir: str, run: Run,
+          data: tasks.Data) -> dict[str, float] | None:
   t = config.train
   step_fn = make_step_fn(config, run.split, run.tx, run.placement)
-  data = batches_lib.TrainBatches(train_ex, t.batch_size, t.seed)
+  batches = batches_lib.TrainBatches(data.train, t.batch_size, t.seed)
   writer = metrics_lib.JsonlWriter(workdir)
   lr = optim.schedule(config)
   progress = metrics_lib.Progress(run.step, t.num_steps, t.batch_size, t.log_every)
 
   def run_eval() -> dict[str, float]:
-    result = evaluate(run, eval_ex, t.eval_batch_size, num_labels)
+    result = run.task.evaluate(run, data, config, workdir)
     writer.write(run.step, "eval", result)
     return result
 
   with preemption.StopRequest() as stop:
     for step in range(run.step + 1, t.num_steps + 1):
-      batch = sharding.global_batch(data.lazy(step - 1), run.placement.batch)
+      batch = sharding.global_batch(batches.lazy(step - 1), run.placement.batch)
       run.state, m = step_fn(run.state, batch)
       loss = None
       if t.log_every and step % t.log_every == 0:
@@ -273,7 +259,7 @@ def _loop(config: ml_collections.ConfigDict, workdir: str, run: Run, train_ex: d
       progress.update(step, loss)
       if step == t.num_steps:
         break
-      if eval_ex is not None and t.eval_every and step % t.eval_every == 0:
+      if data.eval is not None and t.eval_every and step % t.eval_every == 0:
         run_eval()
       if run.checkpointer.should_save(step) or stop.signum is not None:
         run.checkpointer.save(step, run.state, {"step": step})
@@ -283,7 +269,7 @@ def _loop(config: ml_collections.ConfigDict, workdir: str, run: Run, train_ex: d
   progress.close()
   if run.checkpointer.latest_step() != run.step:
     run.checkpointer.save(run.step, run.state, {"step": run.step})
-  if eval_ex is None:
+  if data.eval is None:
     return None
   result = run_eval()
   log(f"held-out eval at step {run.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in result.items()))
@@ -292,48 +278,60 @@ def _loop(config: ml_collections.ConfigDict, workdir: str, run: Run, train_ex: d
 
 def eval_command(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   """Evaluates the latest checkpoint in `workdir`, or the pretrained model if none."""
-  model_path, _, eval_ex, labels = _prepare(config, workdir, need_train=False)
-  if eval_ex is None:
+  model_path, data = _prepare(config, workdir, need_train=False)
+  if data.eval is None:
     raise UserError("config.data.eval is empty: nothing to evaluate")
-  run = open_run(config, workdir, model_path, labels)
+  run = open_run(config, workdir, model_path, data.labels)
   try:
-    result = evaluate(run, eval_ex, config.train.eval_batch_size, len(labels))
+    result = run.task.evaluate(run, data, config)
   finally:
     run.checkpointer.close()
   return {"step": run.step, **result}
+
+
+def restore(workdir: str) -> tuple[ml_collections.ConfigDict, Run, str]:
+  """(the run's config, its latest checkpoint opened, the local model path) for a workdir.
+
+  Raises:
+    UserError: not a jaxft workdir, or no checkpoint in it yet.
+  """
+  path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path):
+    raise UserError(f"{workdir} is not a jaxft workdir (no config.json)")
+  with open(path, encoding="utf-8") as f:
+    config = config_lib.from_json(f.read())
+  labels = read_labels(workdir)
+  if labels is None and trainable.task(config) == tasks.Classify.name:
+    raise UserError(f"{workdir} is not a jaxft workdir (no labels.json)")
+  checkpointer = checkpoint.Checkpointer(workdir)
+  if checkpointer.latest_step() is None:
+    raise UserError(f"no checkpoint in {checkpointer.directory}: train first")
+  checkpointer.close()
+  model_path = hf.resolve_model(config.model.path, allow_pickle=config.model.allow_pickle)
+  run = open_run(config, workdir, model_path, labels, quiet=True)
+  run.checkpointer.close()  # Callers only read the restored state.
+  return config, run, model_path
 
 
 def export_command(workdir: str, out_dir: str, fmt: str = "hf") -> None:
   """Writes the latest checkpoint of `workdir` as a Hugging Face folder.
 
   `fmt` "hf": a full checkpoint (LoRA adapters merged into the kernels) that
-  transformers loads as is; "peft": only the LoRA adapters and the trained
-  modules, as a PEFT adapter over the run's base model.
+  transformers loads as is (a language model with its tokenizer and chat
+  template); "peft": only the LoRA adapters and the trained modules, as a
+  PEFT adapter over the run's base model.
   """
   if fmt not in EXPORT_FORMATS:
     raise UserError(f"--format must be one of {EXPORT_FORMATS}, got {fmt!r}")
-  path = os.path.join(workdir, "config.json")
-  labels = read_labels(workdir)
-  if not os.path.exists(path) or labels is None:
-    raise UserError(f"{workdir} is not a jaxft workdir (no config.json / labels.json)")
-  with open(path, encoding="utf-8") as f:
-    config = config_lib.from_json(f.read())
-  if fmt == "peft" and not lora.enabled(config):
-    raise UserError(f"--format=peft needs a LoRA run; {workdir} trained without "
-                    "config.lora.rank (use --format=hf)")
-  checkpointer = checkpoint.Checkpointer(workdir)
-  if checkpointer.latest_step() is None:
-    raise UserError(f"no checkpoint in {checkpointer.directory}: train first")
-  checkpointer.close()
-  model_path = hf.resolve_path(config.model.path, allow_pickle=config.model.allow_pickle)
-  run = open_run(config, workdir, model_path, labels, quiet=True)
-  run.checkpointer.close()  # Export only reads the restored state.
-  model = run.model()
+  config, run, model_path = restore(workdir)
   if fmt == "peft":
-    lora.export_peft(model, run.hf_config, config, run.split.assignment.trainable(), out_dir,
-                     base_model=config.model.path)
+    if not lora.enabled(config):
+      raise UserError(f"--format=peft needs a LoRA run; {workdir} trained without "
+                      "config.lora.rank (use --format=hf)")
+    lora.export_peft(run.model(), run.hf_config, config, run.split.assignment.trainable(),
+                     out_dir, base_model=config.model.path, task=run.task.name)
     if jax.process_index() == 0:
       hf.load_tokenizer(model_path).save_pretrained(out_dir)
   else:
-    hf.export_classifier(lora.merge(model), run.hf_config, out_dir, tokenizer_path=model_path)
+    run.task.export(run, config, model_path, out_dir)
   log(f"exported step {run.step} to {out_dir} ({fmt})")

@@ -24,6 +24,11 @@ from jaxft.models import registry
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
+def task(config: ml_collections.ConfigDict) -> str:
+  """The registry task of a config (workdirs older than `config.task` are classifiers)."""
+  return registry.CAUSAL_LM if config.get("task") == "causal_lm" else registry.CLASSIFY
+
+
 def compute_dtype(config: ml_collections.ConfigDict) -> Any:
   return _DTYPES[config.model.dtype]
 
@@ -38,7 +43,8 @@ def with_adapters(model: nnx.Module, config: ml_collections.ConfigDict) -> nnx.M
 def abstract_model(hf_config: Any, config: ml_collections.ConfigDict) -> nnx.Module:
   """The model (with adapters) as shapes only: no weights read or initialised."""
   return nnx.eval_shape(lambda: with_adapters(
-      hf.build_classifier(hf_config, dtype=compute_dtype(config), seed=config.train.seed),
+      hf.build_model(hf_config, task(config), dtype=compute_dtype(config),
+                     seed=config.train.seed),
       config))
 
 
@@ -79,7 +85,9 @@ def split(model: nnx.Module, config: ml_collections.ConfigDict, model_type: str)
   """
   named = params_lib.named_variables(nnx.state(model, nnx.Param))
   paths = [p for p, _ in named]
-  head = registry.lookup(model_type).layout.head_modules
+  # LoRA trains a classifier's fresh head by default, never a language model's.
+  head = (registry.lookup(model_type).layout.head_modules
+          if task(config) == registry.CLASSIFY else ())
   assignment = rules_lib.assign(rules_lib.all_rules(config, paths, head), paths)
   trainable = assignment.trainable()
 

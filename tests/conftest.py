@@ -140,3 +140,28 @@ def smollm2_path() -> str:
   if not path.exists():
     pytest.fail(f"{path} is missing: `make test` fetches it (see the Makefile)")
   return str(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_lm(tmp_path_factory, smollm2_path):
+  """A tiny random Llama with SmolLM2's tokenizer and chat template, and real chats.
+
+  root/model (HF folder), root/train.jsonl (24 chitchat conversations),
+  root/test.jsonl (8).
+  """
+  from jaxft import hf
+  root = tmp_path_factory.mktemp("tiny_chat")
+  tokenizer = hf.load_tokenizer(smollm2_path)
+  config = transformers.LlamaConfig(
+      vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+      tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
+      eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+  torch.manual_seed(0)
+  transformers.LlamaForCausalLM(config).save_pretrained(root / "model")
+  tokenizer.save_pretrained(root / "model")
+  chats = DATA.parent / "chitchat"
+  for split, n in (("train", 24), ("test", 8)):
+    lines = (chats / f"{split}.jsonl").read_text().splitlines()
+    (root / f"{split}.jsonl").write_text("\n".join(lines[:n]) + "\n")
+  return root

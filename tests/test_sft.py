@@ -1,0 +1,136 @@
+"""Causal-LM SFT end to end: train, eval (loss, perplexity), samples, export, generate."""
+
+import importlib.util
+import json
+import math
+import pathlib
+
+import jax
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from jaxft import cli
+from jaxft import hf
+from jaxft import lm_steps
+from jaxft import steps
+from jaxft import train
+from jaxft.errors import UserError
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _recipe(name="sft"):
+  spec = importlib.util.spec_from_file_location(name, ROOT / "configs" / f"{name}.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+def tiny_sft_config(root, **train_overrides):
+  c = _recipe()
+  c.model.path = str(root / "model")
+  c.data.train = str(root / "train.jsonl")
+  c.data.eval = str(root / "test.jsonl")
+  c.data.max_length = 128
+  c.train.update(batch_size=4, num_steps=8, log_every=2, eval_batch_size=4)
+  c.train.update(train_overrides)
+  c.optim.update(lr=2e-2, warmup_frac=0.0, schedule="constant")
+  c.eval.update(num_samples=2, max_new_tokens=8)
+  c.checkpoint.update(every=0)
+  return c
+
+
+def test_sft_lowers_the_assistant_loss_writes_samples_and_resumes_the_eval(tiny_chat_lm,
+                                                                           tmp_path):
+  config = tiny_sft_config(tiny_chat_lm)
+  before = train.eval_command(config, str(tmp_path / "fresh"))
+  result = train.train(config, str(tmp_path / "run"))
+  assert set(result) == {"tokens", "loss", "perplexity"}
+  assert result["tokens"] == before["tokens"] > 100
+  assert result["loss"] < 0.9 * before["loss"]
+  assert result["perplexity"] == pytest.approx(math.exp(result["loss"]))
+  samples = [json.loads(l) for l in (tmp_path / "run" / "samples" / "step_8.jsonl").open()]
+  assert len(samples) == 2
+  assert samples[0]["prompt"].endswith("<|im_start|>assistant\n")
+  assert samples[0]["reference"] and isinstance(samples[0]["generated"], str)
+  again = train.eval_command(config, str(tmp_path / "run"))
+  assert again["step"] == 8 and again["loss"] == pytest.approx(result["loss"], rel=1e-6)
+
+
+def test_packing_on_and_off_give_the_same_eval_loss(tiny_chat_lm, tmp_path):
+  losses = {}
+  for packing in (True, False):
+    config = tiny_sft_config(tiny_chat_lm)
+    config.data.packing = packing
+    losses[packing] = train.eval_command(config, str(tmp_path / str(packing)))
+  assert losses[True]["tokens"] == losses[False]["tokens"]
+  assert losses[True]["loss"] == pytest.approx(losses[False]["loss"], rel=1e-5)
+
+
+def test_grad_accumulation_gives_the_per_token_mean_of_the_whole_batch(tiny_chat_lm):
+  from jaxft import optim, trainable
+  from jaxft.data import sft
+  config = tiny_sft_config(tiny_chat_lm)
+  config.optim.update(optimizer="sgd", clip_norm=0.0, weight_decay=0.0)
+  tokenizer = hf.load_tokenizer(config.model.path)
+  rows = sft.prepare(config, tokenizer)[0].rows
+  batch = {k: v[:4] for k, v in rows.items()}
+  model = hf.load_causal_lm(config.model.path).model
+  split = trainable.split(model, config, "llama")
+  tx = optim.build(config, split.params, split.assignment)
+  out = {}
+  for accum in (1, 2, 4):
+    state = steps.init_state(split.params, split.frozen, tx)
+    out[accum] = steps.train_step(state, batch, objective=lm_steps.CAUSAL_LM,
+                                  graphdef=split.graphdef, rest=split.rest, tx=tx,
+                                  grad_accum=accum, dropout_key=jax.random.key(0))[1]
+  # Rows hold different numbers of loss tokens: a mean of per-micro-batch means would differ.
+  per_row = lm_steps.loss_targets(batch).sum(1)
+  assert len(set(per_row.tolist())) > 1
+  for accum in (2, 4):
+    np.testing.assert_allclose(out[accum]["loss"], out[1]["loss"], rtol=1e-5)
+    np.testing.assert_allclose(out[accum]["grad_norm"], out[1]["grad_norm"], rtol=1e-4)
+
+
+def _greedy_torch(folder, prompt, n):
+  model = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
+  tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
+  ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]
+  with torch.no_grad():
+    out = model.generate(ids, max_new_tokens=n, do_sample=False,
+                         pad_token_id=tokenizer.eos_token_id)
+  return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+
+
+def test_export_loads_in_transformers_and_replies_as_jaxft_generate(tiny_chat_lm, tmp_path,
+                                                                     capsys):
+  # Two small steps: trained weights whose greedy output is still varied text.
+  config = tiny_sft_config(tiny_chat_lm, num_steps=2)
+  config.optim.lr = 1e-3
+  train.train(config, str(tmp_path / "run"))
+  train.export_command(str(tmp_path / "run"), str(tmp_path / "hf"))
+  exported = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+  assert exported.chat_template == hf.load_tokenizer(config.model.path).chat_template
+  prompt = "hey! what did you do this weekend? i"  # Raw text, as `jaxft generate` takes it.
+  theirs = _greedy_torch(tmp_path / "hf", prompt, 12)
+  assert theirs.strip()
+  for source in (f"--workdir={tmp_path / 'run'}", f"--model={tmp_path / 'hf'}"):
+    capsys.readouterr()
+    assert cli.run(["jaxft", "generate", source, f"--prompt={prompt}",
+                    "--max_new_tokens=12", "--temperature=0"]) == 0
+    assert capsys.readouterr().out == theirs + "\n", source
+
+
+def test_data_without_a_known_format_or_assistant_turn_is_a_clear_error(tiny_chat_lm,
+                                                                        tmp_path):
+  bad = tmp_path / "bad.jsonl"
+  bad.write_text(json.dumps({"question": "q", "answer": "a"}) + "\n")
+  config = tiny_sft_config(tiny_chat_lm)
+  config.data.train = str(bad)
+  with pytest.raises(UserError, match="needs a 'messages' column"):
+    train.train(config, str(tmp_path / "a"))
+  bad.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n")
+  with pytest.raises(UserError, match="row 0: the conversation has no assistant turn"):
+    train.train(config, str(tmp_path / "b"))
