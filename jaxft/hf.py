@@ -18,6 +18,7 @@ import dataclasses
 import json
 import os
 import re
+import shutil
 from typing import Any, Callable, Iterator
 
 import jax
@@ -38,6 +39,7 @@ SAFETENSORS_INDEX = "model.safetensors.index.json"
 FLAX_MSGPACK = "flax_model.msgpack"
 TORCH_BIN = "pytorch_model.bin"
 TORCH_BIN_INDEX = "pytorch_model.bin.index.json"
+PREPROCESSOR_CONFIG = "preprocessor_config.json"
 
 # What a hub download fetches: config, weights we can read safely, tokenizer.
 _HUB_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "tokenizer*",
@@ -407,6 +409,24 @@ def load_classifier(path: str, *, num_labels: int,
                seed=seed, allow_pickle=allow_pickle, shardings=shardings)
 
 
+def load_image_classifier(path: str, *, num_labels: int,
+                          id2label: dict[int, str] | None = None,
+                          dtype: Any = jnp.float32, param_dtype: Any = jnp.float32,
+                          seed: int = 0, allow_pickle: bool = False,
+                          shardings: Callable[[Any], Any] | None = None) -> Loaded:
+  """Loads an HF checkpoint (ViT) as an image classifier; arguments as `load_classifier`.
+
+  A base-model checkpoint (`ViTModel`, e.g. an in21k backbone) loads with the
+  head initialised from `seed` and listed in `report.missing`; its pooler,
+  which the classifier does not use, is listed in `report.unexpected`.
+  """
+  folder = resolve_path(path, allow_pickle=allow_pickle)
+  hf_config = load_hf_config(folder, num_labels=num_labels, id2label=id2label)
+  return _load(folder, hf_config, registry.IMAGE_CLASSIFY, dtype=dtype,
+               param_dtype=param_dtype, seed=seed, allow_pickle=allow_pickle,
+               shardings=shardings)
+
+
 def load_causal_lm(path: str, *, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32,
                    seed: int = 0, allow_pickle: bool = False,
                    shardings: Callable[[Any], Any] | None = None) -> Loaded:
@@ -458,6 +478,22 @@ def export_classifier(model: nnx.Module,
   config = copy.deepcopy(hf_config)
   config.label2id = {name: i for i, name in config.id2label.items()}
   _export(model, config, registry.CLASSIFY, out_dir, tokenizer_path)
+
+
+def export_image_classifier(model: nnx.Module,
+                            hf_config: transformers.PretrainedConfig, out_dir: str,
+                            *, processor_path: str | None = None) -> None:
+  """Writes an image classifier as an HF folder `AutoModelForImageClassification` loads.
+
+  As `export_classifier`; instead of a tokenizer, copies
+  `preprocessor_config.json` from the folder `processor_path` when it has one.
+  """
+  config = copy.deepcopy(hf_config)
+  config.label2id = {name: i for i, name in config.id2label.items()}
+  _export(model, config, registry.IMAGE_CLASSIFY, out_dir, None)
+  source = processor_path and os.path.join(processor_path, PREPROCESSOR_CONFIG)
+  if jax.process_index() == 0 and source and os.path.exists(source):
+    shutil.copy(source, os.path.join(out_dir, PREPROCESSOR_CONFIG))
 
 
 def export_causal_lm(model: nnx.Module, hf_config: transformers.PretrainedConfig,

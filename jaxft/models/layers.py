@@ -1,6 +1,6 @@
 """Shared building blocks for jaxft models and their checkpoint layout rules.
 
-Every parameter in every jaxft model is created by `_param` in this file, so
+Every parameter in every jaxft model is created by `param` in this file, so
 attaching sharding (or any other per-parameter metadata) is a one-place change.
 Each parameter carries its logical axis names (`embed`, `mlp`, `heads`, `vocab`,
 ...) as `logical_axes` metadata; nothing reads them yet. They are deliberately
@@ -40,8 +40,9 @@ def normal_init(stddev: float) -> Initializer:
   return nnx.initializers.normal(stddev)
 
 
-def _param(init: Initializer, rngs: nnx.Rngs | None, shape: Sequence[int],
-           param_dtype: Dtype, axes: LogicalAxes) -> nnx.Param:
+def param(init: Initializer, rngs: nnx.Rngs | None, shape: Sequence[int],
+          param_dtype: Dtype, axes: LogicalAxes) -> nnx.Param:
+  """A parameter with its logical axes (what sharding rules map to mesh axes)."""
   # Constant initializers (ones/zeros) need no key; keeping `rngs` optional for
   # them avoids consuming random numbers that would shift every later init.
   key = rngs.params() if rngs is not None else jax.random.key(0)
@@ -102,9 +103,9 @@ class Linear(nnx.Module):
     self.out_features = out_features
     self.dtype = dtype
     self.axes = axes
-    self.kernel = _param(kernel_init, rngs, (in_features, out_features),
+    self.kernel = param(kernel_init, rngs, (in_features, out_features),
                          param_dtype, axes)
-    self.bias = (_param(nnx.initializers.zeros, None, (out_features,),
+    self.bias = (param(nnx.initializers.zeros, None, (out_features,),
                         param_dtype, axes[-1:]) if use_bias else None)
     # Data attributes (not static), so `jaxft.lora.attach` may set them later.
     self.lora_a: LoRAParam | None = nnx.data(None)
@@ -138,9 +139,9 @@ class LayerNorm(nnx.Module):
                axes: LogicalAxes = (None,)):
     self.epsilon = epsilon
     self.dtype = dtype
-    self.scale = _param(nnx.initializers.ones, None, (num_features,),
+    self.scale = param(nnx.initializers.ones, None, (num_features,),
                         param_dtype, axes)
-    self.bias = _param(nnx.initializers.zeros, None, (num_features,),
+    self.bias = param(nnx.initializers.zeros, None, (num_features,),
                        param_dtype, axes)
 
   def __call__(self, x: Array) -> Array:
@@ -161,7 +162,7 @@ class RMSNorm(nnx.Module):
                axes: LogicalAxes = (None,)):
     self.epsilon = epsilon
     self.dtype = dtype
-    self.scale = _param(nnx.initializers.ones, None, (num_features,),
+    self.scale = param(nnx.initializers.ones, None, (num_features,),
                         param_dtype, axes)
 
   def __call__(self, x: Array) -> Array:
@@ -180,7 +181,7 @@ class Embed(nnx.Module):
                axes: LogicalAxes = ("vocab", "embed"), rngs: nnx.Rngs):
     self.num_embeddings = num_embeddings
     self.dtype = dtype
-    self.embedding = _param(embedding_init, rngs, (num_embeddings, features),
+    self.embedding = param(embedding_init, rngs, (num_embeddings, features),
                             param_dtype, axes)
 
   def __call__(self, ids: Array) -> Array:

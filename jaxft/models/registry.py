@@ -11,9 +11,11 @@ from jaxft.models import bert
 from jaxft.models import gpt2
 from jaxft.models import layers
 from jaxft.models import llama
+from jaxft.models import vit
 
 CLASSIFY = "sequence-classification"
 CAUSAL_LM = "causal-lm"
+IMAGE_CLASSIFY = "image-classification"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,6 +56,10 @@ MODELS: dict[str, dict[str, ModelSpec]] = {
         "qwen3": ModelSpec(llama.Qwen3ForCausalLM, llama.CAUSAL_LM_CHECKPOINT,
                            "Qwen3ForCausalLM"),
         "gpt2": ModelSpec(gpt2.GPT2LMHeadModel, gpt2.GPT2_CHECKPOINT, "GPT2LMHeadModel"),
+    },
+    IMAGE_CLASSIFY: {
+        "vit": ModelSpec(vit.ViTForImageClassification, vit.VIT_CHECKPOINT,
+                         "ViTForImageClassification"),
     },
 }
 
