@@ -5,7 +5,11 @@ split (data/humaneval: 123 train problems, the signature + docstring as the
 prompt and the canonical solution as the completion; 41 held-out problems).
 Eval generates one greedy completion per held-out problem (cut at the usual
 HumanEval stop strings) and runs it against the problem's tests in a fresh
-Python subprocess with a timeout: pass@1. RESULT (see bench/RESULTS.md).
+Python subprocess with a timeout: pass@1. Measured 2026-11-25 on 2 CPU
+cores, fp32: pass@1 on the 41 held-out problems goes from 0/41 (the
+pretrained model) to 3/41 = 0.073, and the completion loss from 1.323 to
+0.844, in 9 min 39 s of wall time for `jaxft train` (30 steps of 4 packed rows
+of 512 tokens; eval included).
 
   jaxft train --config=configs/code.py --workdir=runs/code
   jaxft eval --config=configs/code.py --workdir=runs/code   # pass@1, loss, perplexity

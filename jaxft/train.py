@@ -253,8 +253,10 @@ def _loop(config: ml_collections.ConfigDict, workdir: str, run: Run,
       loss = None
       if t.log_every and step % t.log_every == 0:
         m = {k: float(v) for k, v in m.items()}
-        writer.write(step, "train", {**m, "lr": float(lr(step - 1)),
-                                     "examples_per_sec": progress.examples_per_sec(step)})
+        rate = progress.examples_per_sec(step)
+        # Row tokens, padding included: a packed LM batch is nearly all real tokens.
+        writer.write(step, "train", {**m, "lr": float(lr(step - 1)), "examples_per_sec": rate,
+                                     "tokens_per_sec": rate * config.data.max_length})
         loss = m["loss"]
       progress.update(step, loss)
       if step == t.num_steps:

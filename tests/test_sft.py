@@ -134,3 +134,52 @@ def test_data_without_a_known_format_or_assistant_turn_is_a_clear_error(tiny_cha
   bad.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n")
   with pytest.raises(UserError, match="row 0: the conversation has no assistant turn"):
     train.train(config, str(tmp_path / "b"))
+
+
+def test_lora_sft_exports_merged_and_peft_with_the_restored_models_logits(tiny_chat_lm,
+                                                                          tmp_path):
+  import peft
+  config = tiny_sft_config(tiny_chat_lm, num_steps=3)
+  config.lora.update(rank=4, alpha=8.0)
+  workdir = str(tmp_path / "run")
+  train.train(config, workdir)
+  _, run, _ = train.restore(workdir)
+  trained = run.split.assignment.trainable()
+  # Adapters on q/v only: the (tied) embeddings and lm_head of a language model stay frozen.
+  assert trained and all(p.rsplit("/", 1)[1] in ("lora_a", "lora_b") for p in trained)
+  ids = np.random.default_rng(0).integers(0, 1000, (2, 9)).astype(np.int32)
+  ours = np.asarray(run.model()(ids))
+  train.export_command(workdir, str(tmp_path / "merged"))
+  train.export_command(workdir, str(tmp_path / "peft"), "peft")
+  saved = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+  assert saved["task_type"] == "CAUSAL_LM" and saved["modules_to_save"] == []
+  base = transformers.AutoModelForCausalLM.from_pretrained(config.model.path)
+  models = {"merged": transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged"),
+            "peft": peft.PeftModel.from_pretrained(base, str(tmp_path / "peft"))}
+  for name, model in models.items():
+    with torch.no_grad():
+      theirs = model.eval()(input_ids=torch.from_numpy(ids.astype(np.int64))).logits.numpy()
+    assert np.abs(ours - theirs).max() <= 1e-4, name
+
+
+def test_inspect_reports_the_lm_step_without_loading_weights(tiny_chat_lm):
+  from jaxft import footprint
+  config = tiny_sft_config(tiny_chat_lm)
+  out = footprint.inspect(config)
+  model = hf.load_causal_lm(config.model.path).model
+  from flax import nnx
+  total = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+  assert out["params_total"] == out["params_trainable"] == total
+  assert out["step_flops"] > 6 * total * config.train.batch_size * config.data.max_length * 0.5
+
+
+def test_missing_gguf_file_or_bad_loss_on_is_a_clear_error(tiny_chat_lm, tmp_path):
+  config = tiny_sft_config(tiny_chat_lm)
+  config.model.path = str(tmp_path / "missing.gguf")
+  with pytest.raises(UserError, match="GGUF file not found"):
+    train.train(config, str(tmp_path / "a"))
+  config = tiny_sft_config(tiny_chat_lm)
+  config.data.loss_on = "user"
+  with pytest.raises(UserError, match="config.data.loss_on must be one of"):
+    train.train(config, str(tmp_path / "b"))
+  assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
