@@ -124,10 +124,18 @@ def complete(model: nnx.Module, tokenizer, prompts: Sequence[str], *, max_new_to
   for row in tokens:
     if eos is not None and (row == eos).any():
       row = row[:int(np.argmax(row == eos))]
-    text = tokenizer.decode(row, skip_special_tokens=True)
-    cuts = [text.index(s) for s in stop if s and s in text]
-    out.append(text[:min(cuts)] if cuts else text)
+    out.append(cut_at_stop(tokenizer.decode(row, skip_special_tokens=True), stop))
   return out
+
+
+def cut_at_stop(text: str, stop: Sequence[str]) -> str:
+  """`text` up to the first stop string found after its leading whitespace.
+
+  A reply that opens with a blank line is not cut to nothing by a "\n" stop.
+  """
+  start = len(text) - len(text.lstrip())
+  cuts = [text.index(s, start) for s in stop if s and s in text[start:]]
+  return text[:min(cuts)] if cuts else text
 
 
 def chat_prompt(tokenizer, messages: Sequence[dict[str, str]]) -> str:

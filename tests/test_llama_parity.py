@@ -240,3 +240,11 @@ def test_a_corrupt_gguf_file_is_a_clear_error(tmp_path):
   bad.write_bytes(b"GGUF not really")
   with pytest.raises(UserError, match="cannot read GGUF file"):
     hf.load_causal_lm(str(bad))
+
+
+def test_stop_strings_cut_after_the_replys_leading_whitespace():
+  from jaxft import generate
+  assert generate.cut_at_stop("\n\nThe sum.\nMore", ["\n"]) == "\n\nThe sum."
+  assert generate.cut_at_stop("    return x\ndef f():", ["\ndef ", "\nclass "]) == "    return x"
+  assert generate.cut_at_stop("no stop here", ["\n"]) == "no stop here"
+  assert generate.cut_at_stop("a STOP b STOP", ["STOP", ""]) == "a "

@@ -1,0 +1,577 @@
+"""Image classification data: decode once to uint8, normalise per batch, augment on device.
+
+Readers return an `ImageSet` whose `images` are uint8 [N, H, W, C] (C is 1 or
+3): an image folder (one subfolder per class, like `datasets`' imagefolder),
+IDX files (the MNIST / Fashion-MNIST format, optionally gzipped) or a .npz.
+Decoding happens once, at load; the training loop then only indexes rows of
+that array (jaxft/data/batches.py), `normalize` turns a batch into the float32
+NHWC the ViT takes, and `augment` (jittable) does the random crops and flips
+on the device, so neither decoding nor augmentation sits on the host's
+critical path.
+
+Resizing is bilinear everywhere (a triangle filter with half-pixel centres,
+widened when shrinking so it averages rather than aliases, as Pillow's
+BILINEAR, which is also what transformers' ViTImageProcessor uses).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import gzip
+import json
+import math
+import os
+import struct
+from typing import Sequence, Sized
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from PIL import Image
+
+from jaxft.errors import UserError
+
+Size = tuple[int, int]  # (height, width)
+
+FASHION_MNIST_LABELS = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal",
+                        "Shirt", "Sneaker", "Bag", "Ankle boot"]
+
+# What the checkpoint's processor would use when the folder has no preprocessor_config.json
+# (transformers' ViTImageProcessor defaults).
+DEFAULT_MEAN = [0.5, 0.5, 0.5]
+DEFAULT_STD = [0.5, 0.5, 0.5]
+
+# Pillow's L conversion (ITU-R 601-2 luma), so gray from RGB matches a gray-converted file.
+_LUMA = np.array([0.299, 0.587, 0.114], np.float32)
+
+# Decoding releases the GIL, so threads overlap it; a few suffice to saturate a disk.
+_DECODE_THREADS = min(8, os.cpu_count() or 1)
+
+
+@dataclasses.dataclass
+class ImageSet:
+  """Decoded images and their labels.
+
+  images: uint8 [N, H, W, C], C in {1, 3}.
+  label_names: class names in id order.
+  labels: int32 [N], ids into label_names.
+  skipped: how many unreadable files `skip_bad=True` left out (folders only).
+  skipped_files: their paths.
+  """
+  images: np.ndarray
+  label_names: list[str]
+  labels: np.ndarray
+  skipped: int = 0
+  skipped_files: list[str] = dataclasses.field(default_factory=list)
+
+  def __len__(self) -> int:
+    return len(self.labels)
+
+
+def _pair(size: int | Sequence[int]) -> Size:
+  if isinstance(size, (list, tuple)):
+    return int(size[0]), int(size[1])
+  return int(size), int(size)
+
+
+def _check_not_empty(images: Sized, spec: str) -> None:
+  if len(images) == 0:
+    raise UserError(f"image data {spec!r} is empty")
+
+
+# ---------------------------------------------------------------- image folders
+
+
+def _to_uint8(img: Image.Image) -> np.ndarray:
+  """A decoded Pillow image as uint8 [H, W] (gray) or [H, W, 3] (anything with colour)."""
+  if img.mode in ("1", "L", "LA"):
+    return np.asarray(img.convert("L"))
+  if img.mode.startswith("I;16"):
+    # 16-bit gray (common in medical PNGs): keep the full range rather than
+    # Pillow's L conversion, which clips everything above 255 to white.
+    return np.round(np.asarray(img, np.float32) / 257.0).astype(np.uint8)
+  if img.mode in ("I", "F"):
+    a = np.asarray(img, np.float64)
+    lo, hi = float(a.min()), float(a.max())
+    if lo >= 0 and hi <= 255:
+      return a.round().astype(np.uint8)
+    if lo >= 0 and hi <= 65535:
+      return np.round(a / 257.0).astype(np.uint8)
+    # No known range: stretch this image's own range over 0..255.
+    return np.round((a - lo) * (255.0 / max(hi - lo, 1e-12))).astype(np.uint8)
+  return np.asarray(img.convert("RGB"))
+
+
+def _decode(path: str, size: Size | None) -> np.ndarray | str:
+  """The file at `path` as uint8 [H, W(, 3)] resized to `size`; an error message if unreadable."""
+  try:
+    with Image.open(path) as img:
+      img.load()
+      a = _to_uint8(img)
+  except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+    # Pillow signals corrupt, truncated and non-image files with these.
+    return f"{type(e).__name__}: {e}"
+  if size is not None and a.shape[:2] != size:
+    a = np.asarray(Image.fromarray(a).resize((size[1], size[0]), Image.Resampling.BILINEAR))
+  return a
+
+
+def _class_files(root: str) -> tuple[list[str], list[str], list[int]]:
+  """(class names, files, class ids): every non-hidden file under each class subfolder."""
+  names = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+  if not names:
+    raise UserError(f"image folder {root!r} has no class subfolders; put each image in a "
+                    "subfolder named after its class")
+  files, ids = [], []
+  for i, name in enumerate(names):
+    for dirpath, dirnames, filenames in os.walk(os.path.join(root, name)):
+      dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+      # Hidden files are OS litter (.DS_Store), not images someone meant to train on.
+      for f in sorted(filenames):
+        if not f.startswith("."):
+          files.append(os.path.join(dirpath, f))
+          ids.append(i)
+  return names, files, ids
+
+
+def load_folder(path: str, *, size: int | Sequence[int] | None = None,
+                skip_bad: bool = False) -> ImageSet:
+  """Reads an image folder: `path/<class name>/**/<image file>`.
+
+  Class names are the sorted subfolder names. Every image is resized
+  (bilinear) to `size` (an int or (height, width)), or when None to the size of
+  the first readable image. Images are gray (C=1) if all files are gray, else
+  RGB (C=3, gray files repeated); alpha is dropped; 16-bit gray is scaled to 8 bits.
+
+  Raises:
+    UserError: no class subfolders, no images, or an unreadable file (named)
+      unless `skip_bad`, which leaves such files out and counts them in `skipped`.
+  """
+  names, files, ids = _class_files(path)
+  _check_not_empty(files, path)
+  bad: list[str] = []
+
+  def failed(file: str, err: str) -> None:
+    if not skip_bad:
+      raise UserError(f"cannot read image {file}: {err} (skip_bad=True leaves such files out)")
+    bad.append(file)
+
+  hw = _pair(size) if size is not None else None
+  if hw is None:
+    # The common size is the first good image's; decode in order until one reads.
+    for f in files:
+      first = _decode(f, None)
+      if not isinstance(first, str):
+        hw = first.shape[:2]
+        break
+    else:
+      hw = (1, 1)  # No file reads: the loop below reports them.
+
+  # Preallocate for gray and widen to RGB at the first colour image, so the peak
+  # is about the final array, not a list of decoded images plus their stack.
+  images = np.empty((len(files), *hw, 1), np.uint8)
+  labels = np.empty(len(files), np.int32)
+  n = 0
+  pool = concurrent.futures.ThreadPoolExecutor(_DECODE_THREADS)
+  try:
+    for f, i, a in zip(files, ids, pool.map(lambda f: _decode(f, hw), files)):
+      if isinstance(a, str):
+        failed(f, a)
+        continue
+      if a.ndim == 3 and images.shape[-1] == 1:
+        images = np.repeat(images, 3, axis=-1)
+      images[n] = a[..., None] if a.ndim == 2 else a
+      labels[n] = i
+      n += 1
+  finally:
+    # After an error, drop the queued decodes rather than wait for the whole folder.
+    pool.shutdown(cancel_futures=True)
+  if n == 0:
+    raise UserError(f"image folder {path!r} has no readable images ({len(bad)} skipped)")
+  return ImageSet(images[:n], names, labels[:n], skipped=len(bad), skipped_files=bad)
+
+
+# ---------------------------------------------------------------- IDX (MNIST format)
+
+
+def idx_labels_path(images_path: str) -> str:
+  """The labels file beside an IDX images file: `*-images-idx3-ubyte[.gz]` -> `*-labels-idx1-ubyte[.gz]`.
+
+  Tries the same compression first, then the other one.
+  """
+  folder, base = os.path.split(images_path)
+  if "idx3-ubyte" not in base:
+    raise UserError(f"{images_path!r} is not named like an IDX images file (*-images-idx3-ubyte[.gz])")
+  stem = base.replace("idx3-ubyte", "idx1-ubyte").replace("images", "labels")
+  other = stem[:-3] if stem.endswith(".gz") else stem + ".gz"
+  tried = [os.path.join(folder, stem), os.path.join(folder, other)]
+  for p in tried:
+    if os.path.isfile(p):
+      return p
+  raise UserError(f"no labels file for {images_path}: looked for {tried[0]} and {tried[1]}")
+
+
+def read_idx(path: str, ndim: int) -> np.ndarray:
+  """One IDX file of unsigned bytes with `ndim` dimensions (gzipped if it ends in .gz).
+
+  Raises:
+    UserError: unreadable, wrong magic number (not IDX, not bytes, other rank),
+      or a size that disagrees with the header (truncated or padded).
+  """
+  try:
+    with (gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")) as f:
+      data = bytearray(f.read())  # bytearray so the array is writable, like the other readers'.
+  except (OSError, EOFError) as e:
+    raise UserError(f"cannot read IDX file {path}: {e}") from e
+  want = 0x0800 + ndim
+  if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[3] != ndim:
+    got = int.from_bytes(data[:4], "big") if len(data) >= 4 else None
+    raise UserError(f"{path} is not an IDX file with {ndim} dimensions: magic number "
+                    f"{'missing' if got is None else f'0x{got:08x}'}, expected 0x{want:08x}")
+  if data[2] != 0x08:
+    raise UserError(f"{path} holds IDX type 0x{data[2]:02x}; only unsigned bytes (0x08) are supported")
+  header = 4 + 4 * ndim
+  if len(data) < header:
+    raise UserError(f"{path} is truncated: {len(data)} bytes, the header alone is {header}")
+  dims = struct.unpack(f">{ndim}I", bytes(data[4:header]))
+  expected = header + math.prod(dims)
+  if len(data) != expected:
+    raise UserError(f"{path} holds {len(data)} bytes, but its header (shape {list(dims)}) "
+                    f"says {expected}")
+  return np.frombuffer(data, np.uint8, offset=header).reshape(dims)
+
+
+def load_idx(images_path: str, label_names: Sequence[str] | None = None) -> ImageSet:
+  """Reads an IDX images file and its labels file (found by `idx_labels_path`).
+
+  `label_names` default to "0".."9" (or more digits if a label is >= 10); pass
+  FASHION_MNIST_LABELS for Fashion-MNIST.
+  """
+  images = read_idx(images_path, 3)
+  labels_path = idx_labels_path(images_path)
+  labels = read_idx(labels_path, 1).astype(np.int32)
+  if len(images) != len(labels):
+    raise UserError(f"{images_path} has {len(images)} images but {labels_path} has "
+                    f"{len(labels)} labels")
+  _check_not_empty(images, images_path)
+  top = int(labels.max())
+  if label_names is None:
+    label_names = [str(i) for i in range(max(10, top + 1))]
+  elif top >= len(label_names):
+    raise UserError(f"{labels_path} has label {top}, but only {len(label_names)} label names "
+                    "were given")
+  return ImageSet(images[..., None], list(label_names), labels)
+
+
+# ---------------------------------------------------------------- .npz
+
+
+def _npz_images(a: np.ndarray, path: str) -> np.ndarray:
+  """`images` of a .npz as uint8 NHWC: uint8 as is, integers in 0..255, floats in [0, 1] scaled."""
+  if a.ndim == 3:
+    a = a[..., None]
+  if a.ndim != 4 or a.shape[-1] not in (1, 3):
+    raise UserError(f"{path}: 'images' has shape {list(a.shape)}; expected (N, H, W) or "
+                    "(N, H, W, C) with C 1 or 3")
+  if a.dtype == np.uint8:
+    return a
+  if a.size == 0:
+    return a.astype(np.uint8)
+  if np.issubdtype(a.dtype, np.integer):
+    lo, hi = int(a.min()), int(a.max())
+    if lo < 0 or hi > 255:
+      raise UserError(f"{path}: integer 'images' span {lo}..{hi}; expected 0..255")
+    return a.astype(np.uint8)
+  if np.issubdtype(a.dtype, np.floating):
+    lo, hi = float(a.min()), float(a.max())
+    if not (0.0 <= lo and hi <= 1.0):  # Also catches NaN.
+      raise UserError(f"{path}: float 'images' span {lo}..{hi}; expected values in [0, 1]")
+    return np.round(a * 255.0).astype(np.uint8)
+  raise UserError(f"{path}: 'images' has dtype {a.dtype}; expected uint8 or float in [0, 1]")
+
+
+def load_npz(path: str) -> ImageSet:
+  """Reads a .npz with `images` ((N, H, W) or (N, H, W, C); uint8, or float in [0, 1]),
+  `labels` (N integer ids, or N strings) and optionally `label_names`.
+
+  String labels become ids into their sorted distinct values (or into
+  `label_names` when present). Integer labels without `label_names` are named
+  "0".."max".
+  """
+  try:
+    with np.load(path, allow_pickle=False) as z:
+      arrays = {k: z[k] for k in z.files}
+  except Exception as e:  # zipfile, pickle and format errors: all mean "not a usable .npz".
+    raise UserError(f"cannot read {path}: {e}") from e
+  missing = [k for k in ("images", "labels") if k not in arrays]
+  if missing:
+    raise UserError(f"{path} has no array {missing[0]!r}; arrays are {sorted(arrays)}")
+  images = _npz_images(arrays["images"], path)
+  raw = arrays["labels"]
+  if raw.ndim != 1 or len(raw) != len(images):
+    raise UserError(f"{path}: 'labels' has shape {list(raw.shape)}; expected ({len(images)},), "
+                    "one per image")
+  _check_not_empty(images, path)
+  names = [str(n) for n in arrays["label_names"]] if "label_names" in arrays else None
+  if raw.dtype.kind in "US":
+    values = [str(v) for v in raw]
+    names = names if names is not None else sorted(set(values))
+    return align_labels(ImageSet(images, values, np.arange(len(values), dtype=np.int32)),
+                        names, path)
+  if raw.dtype.kind not in "iu":
+    raise UserError(f"{path}: 'labels' has dtype {raw.dtype}; expected integers or strings")
+  labels = raw.astype(np.int32)
+  if int(labels.min()) < 0:
+    raise UserError(f"{path}: labels must be >= 0, got {int(labels.min())}")
+  top = int(labels.max())
+  if names is None:
+    names = [str(i) for i in range(top + 1)]
+  elif top >= len(names):
+    raise UserError(f"{path} has label {top}, but 'label_names' has only {len(names)} names")
+  return ImageSet(images, names, labels)
+
+
+# ---------------------------------------------------------------- dispatch and labels
+
+
+def load(spec: str, *, skip_bad: bool = False, size: int | Sequence[int] | None = None,
+         label_names: Sequence[str] | None = None) -> ImageSet:
+  """Reads image data by the form of `spec`.
+
+  A directory is an image folder (`load_folder`, with `size` and `skip_bad`);
+  a file named *idx3-ubyte* (optionally .gz) is IDX (`load_idx`, with
+  `label_names`); a .npz file is `load_npz`.
+
+  Raises:
+    UserError: the path is missing, of another kind, unreadable, or empty.
+  """
+  path = os.path.expanduser(spec)
+  if os.path.isdir(path):
+    return load_folder(path, size=size, skip_bad=skip_bad)
+  if not os.path.exists(path):
+    raise UserError(f"image data not found: {spec}")
+  base = os.path.basename(path)
+  if "idx3-ubyte" in base:
+    return load_idx(path, label_names)
+  if base.lower().endswith(".npz"):
+    return load_npz(path)
+  hint = "; pass the images file, its labels file is found by name" if "idx1-ubyte" in base else ""
+  raise UserError(f"cannot read image data {spec!r}: expected an image folder (one subfolder "
+                  f"per class), an IDX images file (*-images-idx3-ubyte[.gz]) or a .npz{hint}")
+
+
+def align_labels(data: ImageSet, names: Sequence[str], name: str) -> ImageSet:
+  """`data` with its labels re-numbered as ids into `names` (eval data under the training labels).
+
+  Raises:
+    UserError: `data` has labels not in `names`.
+  """
+  index = {n: i for i, n in enumerate(names)}
+  unknown = sorted({data.label_names[i] for i in np.unique(data.labels)} - set(index))
+  if unknown:
+    raise UserError(f"{name} data has labels {unknown[:5]} not among the training labels "
+                    f"{list(names)}")
+  remap = np.asarray([index.get(n, -1) for n in data.label_names], np.int32)
+  return dataclasses.replace(data, label_names=list(names), labels=remap[data.labels])
+
+
+# ---------------------------------------------------------------- preprocessing
+
+
+def processor_stats(model_folder: str) -> tuple[list[float], list[float], Size | None]:
+  """(image_mean, image_std, (height, width) or None) from the folder's preprocessor_config.json.
+
+  Missing file or keys give mean = std = [0.5, 0.5, 0.5] (ViTImageProcessor's
+  defaults) and size None; `do_normalize: false` gives mean 0 and std 1.
+  """
+  path = os.path.join(os.path.expanduser(model_folder), "preprocessor_config.json")
+  if not os.path.isfile(path):
+    return list(DEFAULT_MEAN), list(DEFAULT_STD), None
+  try:
+    with open(path) as f:
+      cfg = json.load(f)
+  except (OSError, ValueError) as e:
+    raise UserError(f"cannot read {path}: {e}") from e
+  mean = [float(x) for x in _as_list(cfg.get("image_mean", DEFAULT_MEAN))]
+  std = [float(x) for x in _as_list(cfg.get("image_std", DEFAULT_STD))]
+  if cfg.get("do_normalize", True) is False:
+    mean, std = [0.0] * len(mean), [1.0] * len(std)
+  raw = cfg.get("size")
+  size = None
+  if isinstance(raw, int):
+    size = (raw, raw)
+  elif isinstance(raw, dict) and "height" in raw and "width" in raw:
+    size = (int(raw["height"]), int(raw["width"]))
+  elif isinstance(raw, dict) and "shortest_edge" in raw:
+    # Such processors resize the short side and crop; a square is the nearest fixed shape.
+    size = (int(raw["shortest_edge"]),) * 2
+  return mean, std, size
+
+
+def _as_list(x) -> list:
+  return list(x) if isinstance(x, (list, tuple)) else [x]
+
+
+def _resize_taps(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray]:
+  """Source indices and weights [n_out, K] of a 1-D bilinear (triangle) resize, Pillow-style.
+
+  Half-pixel centres; when shrinking, the filter widens by n_in / n_out so each
+  output averages all the inputs it covers instead of sampling two of them.
+  """
+  scale = n_in / n_out
+  support = max(scale, 1.0)
+  centers = (np.arange(n_out) + 0.5) * scale
+  taps = math.ceil(2 * support) + 1
+  j = np.floor(centers - support).astype(np.int64)[:, None] + np.arange(taps)
+  w = np.maximum(0.0, 1.0 - np.abs((j + 0.5 - centers[:, None]) / support))
+  w[(j < 0) | (j >= n_in)] = 0.0  # Outside the image: drop, and renormalise the rest.
+  w /= w.sum(axis=1, keepdims=True)
+  return np.clip(j, 0, n_in - 1), w.astype(np.float32)
+
+
+def _resize_axis(x: np.ndarray, n_out: int, axis: int) -> np.ndarray:
+  if x.shape[axis] == n_out:
+    return x
+  idx, w = _resize_taps(x.shape[axis], n_out)
+  shape = [1] * x.ndim
+  shape[axis] = n_out
+  out = np.zeros(x.shape[:axis] + (n_out,) + x.shape[axis + 1:], np.float32)
+  # One gather per tap (a few when enlarging) keeps memory at one output's worth.
+  for k in range(idx.shape[1]):
+    out += w[:, k].reshape(shape) * np.take(x, idx[:, k], axis=axis)
+  return out
+
+
+def resize(images: np.ndarray, size: int | Sequence[int]) -> np.ndarray:
+  """Bilinear (Pillow-style, antialiased when shrinking) resize of [N, H, W, C] to float32."""
+  h, w = _pair(size)
+  x = np.asarray(images, np.float32)
+  return _resize_axis(_resize_axis(x, h, 1), w, 2)
+
+
+def normalize(images: np.ndarray, image_size: int | Sequence[int], channels: int,
+              mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
+  """A uint8 batch [N, H, W(, C)] as the model's float32 input [N, *image_size, channels].
+
+  Converts channels (gray -> RGB repeats, RGB -> gray by luma), resizes
+  bilinearly to `image_size`, scales to [0, 1], then (x - mean) / std per
+  channel. Meant for one batch at a time, so the dataset stays uint8.
+
+  Raises:
+    UserError: channel counts that cannot be converted, or mean/std of the
+      wrong length or with a zero std.
+  """
+  x = np.asarray(images)
+  if x.ndim == 3:
+    x = x[..., None]
+  have = x.shape[-1]
+  mean_a, std_a = _stats(mean, "image_mean", channels), _stats(std, "image_std", channels)
+  if not np.all(std_a != 0):
+    raise UserError(f"image_std must be non-zero, got {list(std)}")
+  # Reduce to gray before resizing (a third of the work), widen to RGB after.
+  if have == 3 and channels == 1:
+    x = np.asarray(x, np.float32) @ _LUMA[:, None]
+  elif have not in (1, 3) or channels not in (1, 3):
+    raise UserError(f"cannot turn {have}-channel images into the model's {channels} channels")
+  x = resize(x, image_size)
+  if x.shape[-1] == 1 and channels == 3:
+    x = np.repeat(x, 3, axis=-1)
+  # One fused affine: (x / 255 - mean) / std.
+  return ((x * np.float32(1 / 255) - mean_a) / std_a).astype(np.float32)
+
+
+def _stats(values: Sequence[float], name: str, channels: int) -> np.ndarray:
+  a = np.asarray(values, np.float32).reshape(-1)
+  if len(a) not in (1, channels):
+    raise UserError(f"{name} has {len(a)} values but the model takes {channels} channel(s)")
+  return a
+
+
+# ---------------------------------------------------------------- augmentation (on device)
+
+
+def _crop_boxes(key: jax.Array, n: int, height: int, width: int, scale: Sequence[float],
+                ratio: Sequence[float], attempts: int = 10) -> tuple[jax.Array, ...]:
+  """Per-image (top, left, crop height, crop width) as torchvision's RandomResizedCrop picks them.
+
+  Ten tries of (area fraction ~ U(scale), aspect ~ log-U(ratio)) all drawn at
+  once; each image keeps its first box that fits, else a centre crop at the
+  nearest allowed aspect. Vectorised with no data-dependent Python, so it jits.
+  """
+  k_area, k_ratio, k_top, k_left = jax.random.split(key, 4)
+  area = height * width * jax.random.uniform(k_area, (n, attempts), minval=scale[0],
+                                             maxval=scale[1])
+  aspect = jnp.exp(jax.random.uniform(k_ratio, (n, attempts), minval=math.log(ratio[0]),
+                                      maxval=math.log(ratio[1])))
+  w = jnp.round(jnp.sqrt(area * aspect))
+  h = jnp.round(jnp.sqrt(area / aspect))
+  fits = (w > 0) & (w <= width) & (h > 0) & (h <= height)
+  first = jnp.argmax(fits, axis=1)[:, None]
+  # The fallback depends only on static shapes and ratio, so plain Python computes it.
+  in_ratio = width / height
+  if in_ratio < min(ratio):
+    fw, fh = width, round(width / min(ratio))
+  elif in_ratio > max(ratio):
+    fw, fh = round(height * max(ratio)), height
+  else:
+    fw, fh = width, height
+  ok = fits.any(axis=1)
+  h = jnp.where(ok, jnp.take_along_axis(h, first, axis=1)[:, 0], fh)
+  w = jnp.where(ok, jnp.take_along_axis(w, first, axis=1)[:, 0], fw)
+  # An integer offset, uniform over 0..size-crop (torch.randint(0, size - crop + 1));
+  # the fallback box is centred.
+  top = jnp.minimum(jnp.floor(jax.random.uniform(k_top, (n,)) * (height - h + 1)), height - h)
+  left = jnp.minimum(jnp.floor(jax.random.uniform(k_left, (n,)) * (width - w + 1)), width - w)
+  top = jnp.where(ok, top, (height - fh) // 2)
+  left = jnp.where(ok, left, (width - fw) // 2)
+  return top, left, h, w
+
+
+def _interp_matrix(start: jax.Array, length: jax.Array, n: int, dtype) -> jax.Array:
+  """[n, n] bilinear weights sampling `length` source pixels from `start` onto n outputs.
+
+  Half-pixel centres, clamped to the crop's own edges (as cropping, then
+  resizing would), never reading pixels outside it. A matrix rather than a
+  gather: two small matmuls per image run on the MXU / tensor cores, gathers do not.
+  """
+  src = start + (jnp.arange(n) + 0.5) * (length / n) - 0.5
+  src = jnp.clip(src, start, start + length - 1)
+  lo = jnp.floor(src)
+  frac = (src - lo).astype(dtype)
+  lo = lo.astype(jnp.int32)
+  hi = jnp.minimum(lo + 1, n - 1)
+  return ((1 - frac)[:, None] * jax.nn.one_hot(lo, n, dtype=dtype)
+          + frac[:, None] * jax.nn.one_hot(hi, n, dtype=dtype))
+
+
+def augment(key: jax.Array, images: jax.Array, *, random_resized_crop: bool, flip: bool,
+            scale: Sequence[float] = (0.08, 1.0),
+            ratio: Sequence[float] = (3 / 4, 4 / 3)) -> jax.Array:
+  """Random resized crop and/or horizontal flip of a float NHWC batch; same shape out.
+
+  Each image gets its own crop box (torchvision's RandomResizedCrop sampling:
+  area fraction in `scale`, aspect ratio log-uniform in `ratio`, integer box),
+  resized back to the input size bilinearly, and is mirrored with probability
+  1/2. Pure and jittable: `random_resized_crop`, `flip`, `scale` and `ratio`
+  are static Python values; everything drawn from `key` stays traced.
+  """
+  if not (random_resized_crop or flip):
+    return images
+  n, height, width, _ = images.shape
+  k_crop, k_flip = jax.random.split(key)
+  mirror = jax.random.bernoulli(k_flip, 0.5, (n,)) if flip else jnp.zeros((n,), bool)
+  if not random_resized_crop:
+    return jnp.where(mirror[:, None, None, None], images[:, :, ::-1], images)
+  top, left, h, w = _crop_boxes(k_crop, n, height, width, scale, ratio)
+
+  def one(image, top, left, h, w, mirror):
+    rows = _interp_matrix(top, h, height, images.dtype)
+    cols = _interp_matrix(left, w, width, images.dtype)
+    # Flipping reverses which source column each output column reads: free here.
+    cols = jnp.where(mirror, cols[::-1], cols)
+    # HIGHEST: TPUs would otherwise multiply float32 in bfloat16 and blur the pixels.
+    return jnp.einsum("ih,hwc,jw->ijc", rows, image, cols,
+                      precision=jax.lax.Precision.HIGHEST)
+
+  return jax.vmap(one)(images, top, left, h, w, mirror)
