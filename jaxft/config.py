@@ -17,20 +17,22 @@ from jaxft.errors import UserError
 SCHEDULES = ("linear", "cosine", "constant")
 OPTIMIZERS = ("adamw", "sgd")
 DTYPES = ("float32", "bfloat16")
-TASKS = ("classify", "causal_lm")
+TASKS = ("classify", "causal_lm", "image_classify")
 LOSS_ON = ("assistant", "last", "all")
 
 
 def base() -> ml_collections.ConfigDict:
   """Defaults common to every recipe; each field is documented where it is set."""
   c = ml_collections.ConfigDict()
-  c.task = "classify"  # classify (sequence classification) | causal_lm (SFT); see causal_lm().
+  # classify (text) | causal_lm (SFT, see causal_lm()) | image_classify (see image_classify()).
+  c.task = "classify"
 
   c.model = ml_collections.ConfigDict()
   c.model.path = ""  # HF folder or hub id (causal_lm: also a .gguf file).
   c.model.dtype = "float32"  # Compute dtype; parameters stay float32.
   c.model.allow_pickle = False  # Read pytorch_model.bin (torch.load weights_only) if True.
   c.model.frozen_dtype = "float32"  # Storage of frozen params (and LoRA bases): or bfloat16.
+  c.model.from_scratch = False  # Random init from config.json; the weights are not read.
 
   c.data = ml_collections.ConfigDict()
   c.data.train = ""  # csv/json/jsonl/parquet file, or a hub dataset name.
@@ -105,6 +107,20 @@ def causal_lm() -> ml_collections.ConfigDict:
   return c
 
 
+def image_classify() -> ml_collections.ConfigDict:
+  """`base()` for image classification with a ViT (configs/vit.py)."""
+  c = base()
+  c.task = "image_classify"
+  # Image folders (one subfolder per class), IDX files (*-images-idx3-ubyte[.gz]) or .npz.
+  c.data.image_size = 0  # Pixels per side; 0: the checkpoint's preprocessor or config size.
+  c.data.skip_bad = False  # Skip (and count) unreadable image files instead of failing.
+  c.data.random_resized_crop = True  # Training augmentation, on the device.
+  c.data.flip = True  # Random horizontal flips in training.
+  c.data.crop_scale = (0.08, 1.0)  # Area fraction range of random resized crops.
+  c.data.label_names = ()  # Class names for IDX files (whose labels are numbers).
+  return c
+
+
 def _require(ok: bool, key: str, expected: str, value: Any) -> None:
   if not ok:
     raise UserError(f"config.{key} must be {expected}, got {value!r}")
@@ -114,6 +130,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
   """Checks values that the type system of ConfigDict cannot; raises UserError."""
   t, o, d = config.train, config.optim, config.data
   _require(config.task in TASKS, "task", f"one of {TASKS}", config.task)
+  if config.task == "image_classify":
+    _require(d.image_size >= 0, "data.image_size", ">= 0 (0: the checkpoint's)", d.image_size)
+    _require(len(d.crop_scale) == 2 and 0 < d.crop_scale[0] <= d.crop_scale[1] <= 1,
+             "data.crop_scale", "(low, high) with 0 < low <= high <= 1", d.crop_scale)
   if config.task == "causal_lm":
     _require(d.loss_on in LOSS_ON, "data.loss_on", f"one of {LOSS_ON}", d.loss_on)
     _require(config.eval.num_samples >= 0, "eval.num_samples", ">= 0", config.eval.num_samples)

@@ -447,6 +447,16 @@ def load_causal_lm(path: str, *, dtype: Any = jnp.float32, param_dtype: Any = jn
                shardings=shardings)
 
 
+def init_model(hf_config: transformers.PretrainedConfig, task: str, *, dtype: Any = jnp.float32,
+               param_dtype: Any = jnp.float32, seed: int = 0,
+               shardings: Callable[[Any], Any] | None = None) -> Loaded:
+  """A randomly initialised model of `hf_config` (training from scratch): no weights read."""
+  kwargs = dict(dtype=dtype, param_dtype=param_dtype, seed=seed)
+  model = (build_model(hf_config, task, **kwargs) if shardings is None
+           else _build_sharded(hf_config, task, shardings, **kwargs))
+  return Loaded(model=model, hf_config=hf_config, report=LoadReport([], []), path="")
+
+
 def _load(folder: str, hf_config: transformers.PretrainedConfig, task: str, *,
           dtype: Any, param_dtype: Any, seed: int, allow_pickle: bool = False,
           shardings: Callable[[Any], Any] | None,

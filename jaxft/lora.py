@@ -139,7 +139,7 @@ def _module_keys(layout: layers.CheckpointLayout,
 def _saved_modules(layout: layers.CheckpointLayout, trainable: set[str],
                    task: str) -> set[str]:
   """A classifier's head, plus the parent module of each other trained non-adapter param."""
-  heads = set(layout.head_modules) if task == registry.CLASSIFY else set()
+  heads = set() if task == registry.CAUSAL_LM else set(layout.head_modules)
   owners = {p.rsplit("/", 1)[0] for p in trainable if not re.fullmatch(ADAPTER_PATH, p)}
   return heads | {m for m in owners if m.split("/", 1)[0] not in heads}
 
@@ -189,7 +189,8 @@ def export_peft(model: nnx.Module, hf_config: transformers.PretrainedConfig,
   save_file(tensors, os.path.join(out_dir, PEFT_WEIGHTS), metadata={"format": "pt"})
   peft_config = {
       "peft_type": "LORA", "r": config.lora.rank,
-      "task_type": "SEQ_CLS" if task == registry.CLASSIFY else "CAUSAL_LM",
+      # PEFT has no image-classification task type: None wraps the model as is.
+      "task_type": {registry.CLASSIFY: "SEQ_CLS", registry.CAUSAL_LM: "CAUSAL_LM"}.get(task),
       "lora_alpha": config.lora.alpha, "lora_dropout": config.lora.dropout,
       "target_modules": sorted(lora_modules), "modules_to_save": modules_to_save,
       "bias": "none", "fan_in_fan_out": False, "inference_mode": True,

@@ -23,6 +23,19 @@ def classification(labels: np.ndarray, preds: np.ndarray, num_labels: int) -> di
   return {"accuracy": float(np.mean(preds == labels)), "f1": float(np.mean(f1s))}
 
 
+def confusion(labels: np.ndarray, preds: np.ndarray, num_labels: int) -> np.ndarray:
+  """int64 [true class, predicted class] counts."""
+  matrix = np.zeros((num_labels, num_labels), np.int64)
+  np.add.at(matrix, (labels, preds), 1)
+  return matrix
+
+
+def recall_per_class(matrix: np.ndarray) -> list[float | None]:
+  """Of each class's examples, the fraction predicted as that class (None: none in the data)."""
+  totals = matrix.sum(1)
+  return [float(matrix[i, i] / t) if t else None for i, t in enumerate(totals)]
+
+
 def is_primary() -> bool:
   """Whether this process writes logs, metrics and exports (process 0 of a multi-host run)."""
   import jax  # pylint: disable=g-import-not-at-top  (keeps `jaxft --help` free of JAX)

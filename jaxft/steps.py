@@ -114,8 +114,8 @@ def train_step(state: State, batch: dict, *, objective: Objective, graphdef: nnx
 
 
 def eval_step(params: nnx.State, frozen: nnx.State, batch: dict, *, graphdef: nnx.GraphDef,
-              rest: nnx.State) -> tuple[jax.Array, jax.Array]:
+              rest: nnx.State, objective: Objective = CLASSIFY) -> tuple[jax.Array, jax.Array]:
   """Classification: per-example loss and predicted class, dropout off."""
-  out = logits(CLASSIFY, graphdef, params, frozen, rest, batch, None)
+  out = logits(objective, graphdef, params, frozen, rest, batch, None)
   losses = optax.softmax_cross_entropy_with_integer_labels(out, batch["label"])
   return losses, jnp.argmax(out, -1)

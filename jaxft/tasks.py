@@ -10,12 +10,14 @@ tokens, and writes sample generations at each eval.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
@@ -28,7 +30,9 @@ from jaxft import metrics as metrics_lib
 from jaxft import sharding
 from jaxft import steps
 from jaxft import trainable
+from jaxft import confusion_png
 from jaxft.data import batches as batches_lib
+from jaxft.data import images
 from jaxft.data import sft
 from jaxft.data import text
 from jaxft.models import registry
@@ -53,6 +57,9 @@ class Data:
 
   def describe(self) -> str:
     n = batches_lib.num_examples(self.train)
+    if "pixels" in self.train:
+      h, w, c = self.train["pixels"].shape[1:]
+      return f"{n} train images ({h}x{w}x{c}), {len(self.labels)} classes"
     if self.labels is not None:
       return f"{n} train examples, {len(self.labels)} classes"
     return f"{n} train rows of {self.train['input_ids'].shape[1]} tokens"
@@ -64,6 +71,7 @@ class Classify:
   objective = steps.CLASSIFY
   eval_step = staticmethod(steps.eval_step)
   per_example_eval = True
+  uses_tokenizer = True
 
   def prepare(self, config: ml_collections.ConfigDict, tokenizer, labels: list[str] | None,
               *, need_train: bool) -> Data:
@@ -75,6 +83,10 @@ class Classify:
 
   def load(self, config: ml_collections.ConfigDict, model_path: str, labels: list[str] | None,
            shardings: Callable[[Any], Any]) -> hf.Loaded:
+    if config.model.get("from_scratch"):
+      return hf.init_model(self.hf_config(model_path, labels), self.name,
+                           dtype=trainable.compute_dtype(config), seed=config.train.seed,
+                           shardings=shardings)
     return hf.load_classifier(model_path, num_labels=len(labels), id2label=dict(enumerate(labels)),
                               dtype=trainable.compute_dtype(config), seed=config.train.seed,
                               allow_pickle=config.model.allow_pickle, shardings=shardings)
@@ -83,6 +95,13 @@ class Classify:
                workdir: str | None = None) -> dict[str, float]:
     """Loss, accuracy and macro-F1 over every eval example (no example dropped)."""
     del workdir
+    loss, preds = self.predict(run, data, config)
+    scores = metrics_lib.classification(data.eval["label"], preds, len(data.labels))
+    return {"loss": float(loss.mean()), **scores}
+
+  def predict(self, run, data: Data, config: ml_collections.ConfigDict
+              ) -> tuple[np.ndarray, np.ndarray]:
+    """(loss, predicted class) of every eval example, in order."""
     losses, preds, weights = [], [], []
     for batch in batches_lib.eval_batches(data.eval, config.train.eval_batch_size):
       weight = batch.pop("weight")
@@ -92,10 +111,7 @@ class Classify:
       preds.append(sharding.to_host(pred))
       weights.append(weight)
     keep = np.concatenate(weights) > 0
-    loss = np.concatenate(losses)[keep]
-    scores = metrics_lib.classification(data.eval["label"], np.concatenate(preds)[keep],
-                                        len(data.labels))
-    return {"loss": float(loss.mean()), **scores}
+    return np.concatenate(losses)[keep], np.concatenate(preds)[keep]
 
   def export(self, run, config: ml_collections.ConfigDict, model_path: str, out_dir: str) -> None:
     del config
@@ -109,6 +125,7 @@ class CausalLM:
   objective = lm_steps.CAUSAL_LM
   eval_step = staticmethod(lm_steps.eval_step)
   per_example_eval = False
+  uses_tokenizer = True
 
   def prepare(self, config: ml_collections.ConfigDict, tokenizer, labels: list[str] | None,
               *, need_train: bool) -> Data:
@@ -170,6 +187,126 @@ class CausalLM:
                         tokenizer_path=model_path)
 
 
+@dataclasses.dataclass(frozen=True)
+class ImageInput:
+  """How images reach the model: stored uint8 at `size`, normalised on the device."""
+  size: tuple[int, int]
+  channels: int
+  mean: tuple[float, ...]
+  std: tuple[float, ...]
+  interpolate: bool  # size differs from the checkpoint's: resize the position grid.
+  random_resized_crop: bool
+  flip: bool
+  crop_scale: tuple[float, float]
+
+
+def _image_forward(model, batch, deterministic, rngs, *, input_: ImageInput):
+  x = batch["pixels"].astype(jnp.float32) / 255.0
+  x = (x - jnp.asarray(input_.mean, jnp.float32)) / jnp.asarray(input_.std, jnp.float32)
+  if not deterministic and (input_.random_resized_crop or input_.flip):
+    x = images.augment(rngs.dropout(), x, random_resized_crop=input_.random_resized_crop,
+                       flip=input_.flip, scale=input_.crop_scale)
+  return model(x, deterministic=deterministic, rngs=rngs,
+               interpolate_pos_encoding=input_.interpolate)
+
+
+class ImageClassify(Classify):
+  """Image classification (ViT): image folders, IDX or npz files; accuracy, recall, confusion."""
+  name = registry.IMAGE_CLASSIFY
+  uses_tokenizer = False
+
+  def __init__(self, config: ml_collections.ConfigDict):
+    self.config = config
+
+  @functools.cached_property
+  def input(self) -> ImageInput:
+    """Size, channels and normalisation from the config, the checkpoint and its processor."""
+    d = self.config.data
+    folder = hf.resolve_model(self.config.model.path, weights=False)
+    hf_config = hf.load_hf_config(folder)
+    mean, std, processor_size = images.processor_stats(folder)
+    native = _pair(getattr(hf_config, "image_size", 224))
+    size = _pair(d.image_size) if d.image_size else (processor_size or native)
+    channels = int(getattr(hf_config, "num_channels", 3))
+    mean, std = (tuple(float(v) for v in images.channel_stats(values, name, channels))
+                 for values, name in ((mean, "image_mean"), (std, "image_std")))
+    return ImageInput(size=tuple(size), channels=channels, mean=mean, std=std,
+                      interpolate=tuple(size) != native,
+                      random_resized_crop=bool(d.random_resized_crop), flip=bool(d.flip),
+                      crop_scale=tuple(d.crop_scale))
+
+  @property
+  def objective(self) -> steps.Objective:
+    forward = functools.partial(_image_forward, input_=self.input)
+    return dataclasses.replace(steps.CLASSIFY, forward=forward)
+
+  @property
+  def eval_step(self):
+    return functools.partial(steps.eval_step, objective=self.objective)
+
+  def prepare(self, config: ml_collections.ConfigDict, tokenizer, labels: list[str] | None,
+              *, need_train: bool) -> Data:
+    del tokenizer
+    d, inp = config.data, self.input
+    splits = {}
+    read = functools.partial(images.load, skip_bad=d.skip_bad, size=inp.size,
+                             label_names=list(d.label_names) or None)
+    if need_train or labels is None:
+      splits["train"] = read(d.train)
+    if d.eval:
+      splits["eval"] = read(d.eval)
+    names = list(labels) if labels is not None else splits["train"].label_names
+    out = {}
+    for name, data in splits.items():
+      if data.skipped:
+        metrics_lib.log(f"{name}: skipped {data.skipped} unreadable files "
+                        f"(e.g. {data.skipped_files[0]})")
+      data = images.align_labels(data, names, name)
+      out[name] = {"pixels": images.to_model_pixels(data.images, inp.size, inp.channels),
+                   "label": data.labels}
+    return Data(out.get("train") if need_train else None, out.get("eval"), names)
+
+  def hf_config(self, model_path: str, labels: list[str] | None):
+    config = super().hf_config(model_path, labels)
+    if self.input.interpolate and self.config.model.get("from_scratch"):
+      config.image_size = self.input.size[0]  # A fresh model is built for the new size.
+    return config
+
+  def load(self, config: ml_collections.ConfigDict, model_path: str, labels: list[str] | None,
+           shardings: Callable[[Any], Any]) -> hf.Loaded:
+    if config.model.from_scratch:
+      return super().load(config, model_path, labels, shardings)
+    return hf.load_image_classifier(
+        model_path, num_labels=len(labels), id2label=dict(enumerate(labels)),
+        dtype=trainable.compute_dtype(config), seed=config.train.seed,
+        allow_pickle=config.model.allow_pickle, shardings=shardings)
+
+  def evaluate(self, run, data: Data, config: ml_collections.ConfigDict,
+               workdir: str | None = None) -> dict[str, float]:
+    """Loss, accuracy, macro-F1 and per-class recall; with a workdir, the
+    confusion matrix as DIR/confusion/step_N.png."""
+    loss, preds = self.predict(run, data, config)
+    result = {"loss": float(loss.mean()),
+              **metrics_lib.classification(data.eval["label"], preds, len(data.labels))}
+    matrix = metrics_lib.confusion(data.eval["label"], preds, len(data.labels))
+    recall = dict(zip(data.labels, metrics_lib.recall_per_class(matrix)))
+    if workdir is not None and jax.process_index() == 0:
+      folder = os.path.join(workdir, "confusion")
+      os.makedirs(folder, exist_ok=True)
+      confusion_png.save(matrix, data.labels, os.path.join(folder, f"step_{run.step}.png"),
+                         title=f"step {run.step}: accuracy {result['accuracy']:.4f}")
+    return {**result, "recall": recall}
+
+  def export(self, run, config: ml_collections.ConfigDict, model_path: str, out_dir: str) -> None:
+    del config
+    hf.export_image_classifier(lora.merge(run.model()), run.hf_config, out_dir,
+                               processor_path=model_path)
+
+
+def _pair(size: int | Sequence[int]) -> tuple[int, int]:
+  return (int(size), int(size)) if isinstance(size, (int, np.integer)) else tuple(map(int, size))
+
+
 def complete(run, prompts: list[str], config: ml_collections.ConfigDict) -> list[str]:
   """Greedy completions of `prompts` by the run's model, eval_batch_size at a time."""
   tokenizer = hf.load_tokenizer(hf.resolve_model(config.model.path))
@@ -195,6 +332,9 @@ def write_samples(step: int, samples: list[tuple[str, str]], completions: list[s
       f.write(json.dumps({"prompt": prompt, "reference": reference, "generated": reply}) + "\n")
 
 
-def of(config: ml_collections.ConfigDict) -> Classify | CausalLM:
-  """The task `config.task` names (configs without the key are classification)."""
-  return CausalLM() if trainable.task(config) == registry.CAUSAL_LM else Classify()
+def of(config: ml_collections.ConfigDict) -> Classify | CausalLM | ImageClassify:
+  """The task `config.task` names (configs without the key are text classification)."""
+  name = trainable.task(config)
+  if name == registry.CAUSAL_LM:
+    return CausalLM()
+  return ImageClassify(config) if name == registry.IMAGE_CLASSIFY else Classify()

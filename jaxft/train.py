@@ -47,7 +47,7 @@ class Run:
   hf_config: Any
   checkpointer: checkpoint.Checkpointer
   placement: Placement
-  task: tasks.Classify | tasks.CausalLM
+  task: tasks.Classify | tasks.CausalLM | tasks.ImageClassify
 
   @property
   def step(self) -> int:
@@ -203,8 +203,9 @@ def _prepare(config: ml_collections.ConfigDict, workdir: str, *,
   """(local model path, the task's data); UserError on any bad config or input."""
   config_lib.validate(config)
   model_path = hf.resolve_model(config.model.path, allow_pickle=config.model.allow_pickle)
-  tokenizer = hf.load_tokenizer(model_path)
-  data = tasks.of(config).prepare(config, tokenizer, read_labels(workdir), need_train=need_train)
+  task = tasks.of(config)
+  tokenizer = hf.load_tokenizer(model_path) if task.uses_tokenizer else None
+  data = task.prepare(config, tokenizer, read_labels(workdir), need_train=need_train)
   return model_path, data
 
 
@@ -274,7 +275,8 @@ def _loop(config: ml_collections.ConfigDict, workdir: str, run: Run,
   if data.eval is None:
     return None
   result = run_eval()
-  log(f"held-out eval at step {run.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in result.items()))
+  log(f"held-out eval at step {run.step}: " + ", ".join(
+      f"{k} {v:.4f}" for k, v in result.items() if isinstance(v, (int, float))))
   return result
 
 
@@ -303,7 +305,7 @@ def restore(workdir: str) -> tuple[ml_collections.ConfigDict, Run, str]:
   with open(path, encoding="utf-8") as f:
     config = config_lib.from_json(f.read())
   labels = read_labels(workdir)
-  if labels is None and trainable.task(config) == tasks.Classify.name:
+  if labels is None and trainable.task(config) != tasks.CausalLM.name:
     raise UserError(f"{workdir} is not a jaxft workdir (no labels.json)")
   checkpointer = checkpoint.Checkpointer(workdir)
   if checkpointer.latest_step() is None:

@@ -24,9 +24,13 @@ from jaxft.models import registry
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
+_TASKS = {"classify": registry.CLASSIFY, "causal_lm": registry.CAUSAL_LM,
+          "image_classify": registry.IMAGE_CLASSIFY}
+
+
 def task(config: ml_collections.ConfigDict) -> str:
   """The registry task of a config (workdirs older than `config.task` are classifiers)."""
-  return registry.CAUSAL_LM if config.get("task") == "causal_lm" else registry.CLASSIFY
+  return _TASKS[config.get("task", "classify")]
 
 
 def compute_dtype(config: ml_collections.ConfigDict) -> Any:
@@ -86,8 +90,8 @@ def split(model: nnx.Module, config: ml_collections.ConfigDict, model_type: str)
   named = params_lib.named_variables(nnx.state(model, nnx.Param))
   paths = [p for p, _ in named]
   # LoRA trains a classifier's fresh head by default, never a language model's.
-  head = (registry.lookup(model_type).layout.head_modules
-          if task(config) == registry.CLASSIFY else ())
+  head = (() if task(config) == registry.CAUSAL_LM
+          else registry.lookup(model_type, task(config)).layout.head_modules)
   assignment = rules_lib.assign(rules_lib.all_rules(config, paths, head), paths)
   trainable = assignment.trainable()
 

@@ -450,6 +450,35 @@ def resize(images: np.ndarray, size: int | Sequence[int]) -> np.ndarray:
   return _resize_axis(_resize_axis(x, h, 1), w, 2)
 
 
+def _model_layout(images: np.ndarray, image_size: int | Sequence[int],
+                  channels: int) -> np.ndarray:
+  """float32 [N, *image_size, channels] in 0..255: channels converted, resized."""
+  x = np.asarray(images)
+  if x.ndim == 3:
+    x = x[..., None]
+  have = x.shape[-1]
+  # Reduce to gray before resizing (a third of the work), widen to RGB after.
+  if have == 3 and channels == 1:
+    x = np.asarray(x, np.float32) @ _LUMA[:, None]
+  elif have not in (1, 3) or channels not in (1, 3):
+    raise UserError(f"cannot turn {have}-channel images into the model's {channels} channels")
+  x = resize(x, image_size)
+  if x.shape[-1] == 1 and channels == 3:
+    x = np.repeat(x, 3, axis=-1)
+  return x
+
+
+def to_model_pixels(images: np.ndarray, image_size: int | Sequence[int],
+                    channels: int) -> np.ndarray:
+  """uint8 [N, *image_size, channels]: what the train step normalises on the device.
+
+  Stored once at load, so batches are cheap row gathers and a dataset costs
+  a quarter of its float32 size.
+  """
+  x = _model_layout(images, image_size, channels)
+  return np.clip(np.rint(x), 0, 255).astype(np.uint8)
+
+
 def normalize(images: np.ndarray, image_size: int | Sequence[int], channels: int,
               mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
   """A uint8 batch [N, H, W(, C)] as the model's float32 input [N, *image_size, channels].
@@ -462,27 +491,23 @@ def normalize(images: np.ndarray, image_size: int | Sequence[int], channels: int
     UserError: channel counts that cannot be converted, or mean/std of the
       wrong length or with a zero std.
   """
-  x = np.asarray(images)
-  if x.ndim == 3:
-    x = x[..., None]
-  have = x.shape[-1]
-  mean_a, std_a = _stats(mean, "image_mean", channels), _stats(std, "image_std", channels)
+  mean_a = channel_stats(mean, "image_mean", channels)
+  std_a = channel_stats(std, "image_std", channels)
   if not np.all(std_a != 0):
     raise UserError(f"image_std must be non-zero, got {list(std)}")
-  # Reduce to gray before resizing (a third of the work), widen to RGB after.
-  if have == 3 and channels == 1:
-    x = np.asarray(x, np.float32) @ _LUMA[:, None]
-  elif have not in (1, 3) or channels not in (1, 3):
-    raise UserError(f"cannot turn {have}-channel images into the model's {channels} channels")
-  x = resize(x, image_size)
-  if x.shape[-1] == 1 and channels == 3:
-    x = np.repeat(x, 3, axis=-1)
+  x = _model_layout(images, image_size, channels)
   # One fused affine: (x / 255 - mean) / std.
   return ((x * np.float32(1 / 255) - mean_a) / std_a).astype(np.float32)
 
 
-def _stats(values: Sequence[float], name: str, channels: int) -> np.ndarray:
+def channel_stats(values: Sequence[float], name: str, channels: int) -> np.ndarray:
+  """Per-channel mean or std for a `channels`-channel model (one value broadcasts).
+
+  Three equal values (the defaults, and many processors) serve a gray model too.
+  """
   a = np.asarray(values, np.float32).reshape(-1)
+  if channels == 1 and len(a) == 3 and np.all(a == a[0]):
+    a = a[:1]
   if len(a) not in (1, channels):
     raise UserError(f"{name} has {len(a)} values but the model takes {channels} channel(s)")
   return a

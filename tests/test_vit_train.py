@@ -1,0 +1,123 @@
+"""ViT fine-tuning end to end: real digits, metrics, confusion PNG, export, probe, bad files."""
+
+import importlib.util
+import json
+import pathlib
+import shutil
+
+import numpy as np
+import pytest
+import torch
+import transformers
+from PIL import Image
+from safetensors.numpy import load_file
+
+from jaxft import train
+from jaxft.errors import UserError
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _recipe(arm):
+  spec = importlib.util.spec_from_file_location("vit_recipe", ROOT / "configs" / "vit.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arm)
+
+
+@pytest.fixture(scope="module")
+def tiny_vit(tmp_path_factory):
+  """A tiny random 1-channel ViT checkpoint at 16x16 (perturbed, as a trained one would be)."""
+  path = tmp_path_factory.mktemp("tiny_vit")
+  config = transformers.ViTConfig(image_size=16, patch_size=4, num_channels=1, hidden_size=32,
+                                  num_hidden_layers=2, num_attention_heads=4,
+                                  intermediate_size=37, num_labels=10)
+  torch.manual_seed(0)
+  model = transformers.ViTForImageClassification(config)
+  with torch.no_grad():
+    for p in model.parameters():
+      p.add_(torch.randn(p.shape) * 0.05)
+  model.save_pretrained(path)
+  return path
+
+
+def _config(model_path, arm="full", **train):
+  c = _recipe(arm)
+  c.model.path = str(model_path)
+  c.data.image_size = 16
+  c.train.update(batch_size=32, num_steps=6, log_every=3, eval_batch_size=128)
+  c.train.update(train)
+  return c
+
+
+def test_vit_training_reports_metrics_writes_the_confusion_png_and_exports(tiny_vit, tmp_path):
+  config = _config(tiny_vit)
+  result = train.train(config, str(tmp_path / "run"))
+  assert {"loss", "accuracy", "f1", "recall"} <= set(result)
+  assert list(result["recall"]) == [str(i) for i in range(10)]
+  png = Image.open(tmp_path / "run" / "confusion" / "step_6.png")
+  assert png.format == "PNG" and png.size[0] > 400
+  train.export_command(str(tmp_path / "run"), str(tmp_path / "hf"))
+  theirs = transformers.AutoModelForImageClassification.from_pretrained(tmp_path / "hf").eval()
+  assert theirs.config.id2label[3] == "3"
+  _, run, _ = train.restore(str(tmp_path / "run"))
+  x = np.random.default_rng(0).normal(size=(4, 16, 16, 1)).astype(np.float32)
+  ours = np.asarray(run.model()(x))
+  with torch.no_grad():
+    ref = theirs(pixel_values=torch.from_numpy(x.transpose(0, 3, 1, 2))).logits.numpy()
+  assert np.abs(ours - ref).max() <= 1e-4
+
+
+def test_linear_probe_changes_only_the_classifier(tiny_vit, tmp_path):
+  config = _config(tiny_vit, "probe")
+  train.train(config, str(tmp_path / "run"))
+  train.export_command(str(tmp_path / "run"), str(tmp_path / "hf"))
+  before = load_file(str(tiny_vit / "model.safetensors"))
+  after = load_file(str(tmp_path / "hf" / "model.safetensors"))
+  assert before.keys() == after.keys()
+  changed = sorted(k for k in before if not np.array_equal(before[k], after[k]))
+  assert changed == ["classifier.bias", "classifier.weight"]
+
+
+def test_from_scratch_needs_only_a_config_and_trains_at_a_new_resolution(tiny_vit, tmp_path):
+  folder = tmp_path / "config_only"
+  folder.mkdir()
+  shutil.copy(tiny_vit / "config.json", folder / "config.json")
+  config = _config(folder, "scratch")
+  config.data.image_size = 24  # Not the config's 16: the model is built for 24.
+  result = train.train(config, str(tmp_path / "run"))
+  assert 0.0 <= result["accuracy"] <= 1.0
+  saved = json.loads((tmp_path / "run" / "config.json").read_text())
+  assert saved["model"]["from_scratch"] is True
+
+
+def test_fine_tuning_at_another_resolution_interpolates_the_positions(tiny_vit, tmp_path):
+  config = _config(tiny_vit, num_steps=2)
+  config.data.image_size = 24
+  result = train.train(config, str(tmp_path / "run"))
+  assert np.isfinite(result["loss"])
+
+
+def _folder(root, corrupt=False):
+  digits = np.load(ROOT / "data" / "digits" / "train.npz")
+  for i in range(24):
+    label = int(digits["labels"][i])
+    d = root / f"class_{label}"
+    d.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(digits["images"][i]).save(d / f"{i}.png")
+  if corrupt:
+    (root / "class_0" / "broken.png").write_bytes(b"not an image")
+  return root
+
+
+def test_a_corrupt_image_is_named_or_skipped_with_skip_bad(tiny_vit, tmp_path):
+  data = _folder(tmp_path / "images", corrupt=True)
+  config = _config(tiny_vit, num_steps=1, batch_size=8)
+  config.data.train = str(data)
+  config.data.eval = ""
+  with pytest.raises(UserError, match="broken.png"):
+    train.train(config, str(tmp_path / "a"))
+  config.data.skip_bad = True
+  assert train.train(config, str(tmp_path / "b")) is None
+  labels = json.loads((tmp_path / "b" / "labels.json").read_text())
+  assert labels == sorted(p.name for p in data.iterdir())
