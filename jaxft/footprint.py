@@ -26,6 +26,7 @@ from jaxft import steps
 from jaxft import tasks
 from jaxft import train
 from jaxft import trainable
+from jaxft.data import images
 from jaxft.data import sources
 from jaxft.data import text
 from jaxft.models import registry
@@ -40,8 +41,14 @@ def tree_size(tree: Any) -> int:
   return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
 
 
-def _labels(config: ml_collections.ConfigDict) -> list[str]:
-  """Class names from the training data's label column (no tokenizing)."""
+def _labels(config: ml_collections.ConfigDict) -> list[str] | None:
+  """Class names from the training data (no tokenizing); None for a language model."""
+  name = trainable.task(config)
+  if name == registry.CAUSAL_LM:
+    return None
+  if name == registry.IMAGE_CLASSIFY:  # The class names are the data's: read it.
+    return images.load(config.data.train, skip_bad=config.data.skip_bad,
+                       label_names=list(config.data.label_names) or None).label_names
   ds = sources.load_split(config.data.train, config.data.train_split)
   text.check_columns(ds, [config.data.label_key], "train")
   return text.label_names(ds, config.data.label_key)
@@ -50,7 +57,12 @@ def _labels(config: ml_collections.ConfigDict) -> list[str]:
 def abstract_batch(config: ml_collections.ConfigDict, with_token_types: bool) -> dict:
   """Shapes of one global train batch."""
   shape = (config.train.batch_size, config.data.max_length)
-  if trainable.task(config) == registry.CAUSAL_LM:
+  task = tasks.of(config)
+  if task.name == registry.IMAGE_CLASSIFY:
+    size, channels = task.input.size, task.input.channels
+    return {"pixels": jax.ShapeDtypeStruct((shape[0], *size, channels), jnp.uint8),
+            "label": jax.ShapeDtypeStruct(shape[:1], jnp.int32)}
+  if task.name == registry.CAUSAL_LM:
     batch = {k: jax.ShapeDtypeStruct(shape, jnp.int32)
              for k in ("input_ids", "positions", "segment_ids")}
     batch["loss_mask"] = jax.ShapeDtypeStruct(shape, jnp.bool_)
@@ -98,9 +110,9 @@ def inspect(config: ml_collections.ConfigDict, show_params: bool = False) -> dic
   config_lib.validate(config)
   model_path = hf.resolve_model(config.model.path, weights=False)
   task = tasks.of(config)
-  labels = _labels(config) if task.name == registry.CLASSIFY else None
+  labels = _labels(config)
   hf_config = task.hf_config(model_path, labels)
-  tokenizer = hf.load_tokenizer(model_path)
+  tokenizer = hf.load_tokenizer(model_path) if task.uses_tokenizer else None
   sharding.check_fits(config, sharding.make_mesh(config), hf_config.num_attention_heads)
   split = trainable.split(trainable.abstract_model(hf_config, config), config,
                           hf_config.model_type)
@@ -112,8 +124,8 @@ def inspect(config: ml_collections.ConfigDict, show_params: bool = False) -> dic
     print(rules.listing(split.assignment, dict(sorted(shapes.items())), decay))
     print()
   print(rules.table(split.assignment, split.sizes, decay))
-  compiled, state, mesh = compile_step(config, split,
-                                       "token_type_ids" in tokenizer.model_input_names)
+  token_types = tokenizer is not None and "token_type_ids" in tokenizer.model_input_names
+  compiled, state, mesh = compile_step(config, split, token_types)
   flops, peak = compiled_costs(compiled)
   return {
       "params_total": tree_size(state["params"]) + tree_size(state["frozen"]),

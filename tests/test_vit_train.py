@@ -121,3 +121,11 @@ def test_a_corrupt_image_is_named_or_skipped_with_skip_bad(tiny_vit, tmp_path):
   assert train.train(config, str(tmp_path / "b")) is None
   labels = json.loads((tmp_path / "b" / "labels.json").read_text())
   assert labels == sorted(p.name for p in data.iterdir())
+
+
+def test_inspect_compiles_the_image_step_and_counts_the_probe(tiny_vit):
+  from jaxft import footprint
+  out = footprint.inspect(_config(tiny_vit, "probe"))
+  assert out["params_trainable"] == 32 * 10 + 10  # The classifier alone.
+  assert out["params_total"] > 20 * out["params_trainable"]
+  assert out["step_flops"] > 0 and out["optimizer_state_bytes"] < 4 * 4 * 400
