@@ -10,7 +10,7 @@ matrix as DIR/confusion/step_N.png.
 
   jaxft train --config=configs/vit.py --workdir=runs/scans \\
     --config.model.path=google/vit-base-patch16-224 \\
-    --config.data.train=scans/train --config.data.eval=scans/test
+    --config.data.train=scans/train --config.data.eval=scans/test --config.data.flip=True
 
 Transfer, offline (`make vit` runs all of it): no pretrained ViT ships in a
 package, so the `pretrain` arm trains a small ViT (configs/vit-small) from
@@ -48,7 +48,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   if arm not in ARMS:
     raise ValueError(f"configs/vit.py:{arm}: the arm must be one of {ARMS}")
   c = jaxft_config.image_classify()
-  c.data.image_size = 28
+  c.data.image_size = 0  # The checkpoint's (28 for configs/vit-small, 224 for vit-base).
   c.data.crop_scale = (0.6, 1.0)
   c.train.log_every = 50
   c.train.eval_batch_size = 500
@@ -63,7 +63,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data.eval = os.path.join(FMNIST, "t10k-images-idx3-ubyte.gz")
     c.data.label_names = FMNIST_NAMES
     c.train.batch_size = 128
-    c.train.num_steps = 1000
+    c.train.num_steps = 1800
     c.optim.lr = 1e-3
     return c
   c.model.path = SMALL_VIT if arm == "scratch" else PRETRAINED
@@ -76,5 +76,5 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.optim.lr = 1e-3
   if arm == "probe":
     c.optim.rules = (("classifier/.*", 1.0), (".*", None))
-    c.optim.lr = 1e-2
+    c.optim.lr = 0.3  # A linear head on frozen features takes a large rate.
   return c

@@ -118,6 +118,8 @@ def image_classify() -> ml_collections.ConfigDict:
   c.data.flip = True  # Random horizontal flips in training.
   c.data.crop_scale = (0.08, 1.0)  # Area fraction range of random resized crops.
   c.data.label_names = ()  # Class names for IDX files (whose labels are numbers).
+  c.data.image_key = "image"  # Columns of table / hub data (parquet, json, `datasets`).
+  c.data.label_key = "label"
   return c
 
 

@@ -26,7 +26,6 @@ from jaxft import steps
 from jaxft import tasks
 from jaxft import train
 from jaxft import trainable
-from jaxft.data import images
 from jaxft.data import sources
 from jaxft.data import text
 from jaxft.models import registry
@@ -47,8 +46,7 @@ def _labels(config: ml_collections.ConfigDict) -> list[str] | None:
   if name == registry.CAUSAL_LM:
     return None
   if name == registry.IMAGE_CLASSIFY:  # The class names are the data's: read it.
-    return images.load(config.data.train, skip_bad=config.data.skip_bad,
-                       label_names=list(config.data.label_names) or None).label_names
+    return tasks.of(config).read(config.data.train, config.data.train_split, None).label_names
   ds = sources.load_split(config.data.train, config.data.train_split)
   text.check_columns(ds, [config.data.label_key], "train")
   return text.label_names(ds, config.data.label_key)

@@ -244,17 +244,22 @@ class ImageClassify(Classify):
   def eval_step(self):
     return functools.partial(steps.eval_step, objective=self.objective)
 
+  def read(self, spec: str, split: str, size: tuple[int, int] | None) -> images.ImageSet:
+    """One split of the config's image data, as uint8 at `size` (None: as stored)."""
+    d = self.config.data
+    return images.load(spec, skip_bad=d.skip_bad, size=size, split=split,
+                       label_names=list(d.label_names) or None, image_key=d.image_key,
+                       label_key=d.label_key)
+
   def prepare(self, config: ml_collections.ConfigDict, tokenizer, labels: list[str] | None,
               *, need_train: bool) -> Data:
     del tokenizer
     d, inp = config.data, self.input
     splits = {}
-    read = functools.partial(images.load, skip_bad=d.skip_bad, size=inp.size,
-                             label_names=list(d.label_names) or None)
     if need_train or labels is None:
-      splits["train"] = read(d.train)
+      splits["train"] = self.read(d.train, d.train_split, inp.size)
     if d.eval:
-      splits["eval"] = read(d.eval)
+      splits["eval"] = self.read(d.eval, d.eval_split, inp.size)
     names = list(labels) if labels is not None else splits["train"].label_names
     out = {}
     for name, data in splits.items():

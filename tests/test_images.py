@@ -269,3 +269,19 @@ def test_augment_crop_equals_cropping_then_resizing():
     assert 0 < h[i] <= 16 and 0 < w[i] <= 12 and top[i] + h[i] <= 16 and left[i] + w[i] <= 12
     crop = np.asarray(x)[i:i + 1, top[i]:top[i] + h[i], left[i]:left[i] + w[i]]
     np.testing.assert_allclose(out[i], images.resize(crop, (16, 12))[0], atol=1e-5)
+
+
+def test_parquet_table_with_an_image_column_reads_like_a_hub_dataset(tmp_path):
+  import datasets
+  rng = np.random.default_rng(0)
+  pictures = [Image.fromarray(rng.integers(0, 255, (10, 12), dtype=np.uint8)) for _ in range(4)]
+  ds = datasets.Dataset.from_dict(
+      {"img": pictures, "label": ["cat", "dog", "cat", "dog"]},
+      features=datasets.Features({"img": datasets.Image(), "label": datasets.Value("string")}))
+  path = str(tmp_path / "pets.parquet")
+  ds.to_parquet(path)
+  data = images.load(path, image_key="img", size=8)
+  assert data.label_names == ["cat", "dog"] and data.labels.tolist() == [0, 1, 0, 1]
+  assert data.images.shape == (4, 8, 8, 1) and data.images.dtype == np.uint8
+  with pytest.raises(UserError, match="has no column 'image'"):
+    images.load(path, size=8)

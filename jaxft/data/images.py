@@ -19,17 +19,20 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import gzip
+import io
 import json
 import math
 import os
 import struct
-from typing import Sequence, Sized
+from typing import Any, Sequence, Sized
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
+from jaxft.data import sources
+from jaxft.data import text
 from jaxft.errors import UserError
 
 Size = tuple[int, int]  # (height, width)
@@ -335,13 +338,75 @@ def load_npz(path: str) -> ImageSet:
 # ---------------------------------------------------------------- dispatch and labels
 
 
+# ---------------------------------------------------------------- tables (parquet, hub datasets)
+
+
+def _table_image(value: Any, size: Size | None) -> np.ndarray | str:
+  """One cell of an image column (a decoded image, {"bytes", "path"} or a file path)."""
+  if isinstance(value, str):
+    return _decode(value, size)
+  if isinstance(value, dict):
+    data = value.get("bytes")
+    return _decode(io.BytesIO(data) if data else value.get("path"), size)
+  try:
+    a = _to_uint8(value)
+  except (AttributeError, OSError, ValueError) as e:
+    return f"{type(e).__name__}: {e}"
+  if size is not None and a.shape[:2] != size:
+    a = np.asarray(Image.fromarray(a).resize((size[1], size[0]), Image.Resampling.BILINEAR))
+  return a
+
+
+def load_table(spec: str, split: str = "train", *, size: int | Sequence[int] | None = None,
+               skip_bad: bool = False, image_key: str = "image",
+               label_key: str = "label") -> ImageSet:
+  """Reads a table with an image column and a label column: a parquet / json / csv
+  file or a Hugging Face hub dataset (`split` picks the hub split).
+
+  Labels are a ClassLabel's names, or the sorted distinct values.
+
+  Raises:
+    UserError: unreadable or empty data, a missing column, or an unreadable
+      image (named by its row) unless `skip_bad`.
+  """
+  ds = sources.load_split(spec, split)
+  text.check_columns(ds, [image_key, label_key], spec)
+  names = text.label_names(ds, label_key)
+  ids = text.label_ids(ds, label_key, names, spec)
+  hw = _pair(size) if size is not None else None
+  kept, labels, bad = [], [], []
+  for row, (value, label) in enumerate(zip(ds[image_key], ids)):
+    a = _table_image(value, hw)
+    if isinstance(a, str):
+      if not skip_bad:
+        raise UserError(f"cannot read the image in row {row} of {spec}: {a} "
+                        "(skip_bad=True leaves such rows out)")
+      bad.append(f"{spec} row {row}")
+      continue
+    hw = hw or a.shape[:2]
+    kept.append(a[..., None] if a.ndim == 2 else a)
+    labels.append(label)
+  if not kept:
+    raise UserError(f"image data {spec!r} has no readable images ({len(bad)} skipped)")
+  if any(a.shape[-1] == 3 for a in kept):
+    kept = [np.repeat(a, 3, axis=-1) if a.shape[-1] == 1 else a for a in kept]
+  return ImageSet(np.stack(kept), names, np.asarray(labels, np.int32), skipped=len(bad),
+                  skipped_files=bad)
+
+
+# File types read as tables by `load` (with `datasets`, like text data).
+_TABLES = (".parquet", ".json", ".jsonl", ".csv", ".tsv")
+
+
 def load(spec: str, *, skip_bad: bool = False, size: int | Sequence[int] | None = None,
-         label_names: Sequence[str] | None = None) -> ImageSet:
+         label_names: Sequence[str] | None = None, split: str = "train",
+         image_key: str = "image", label_key: str = "label") -> ImageSet:
   """Reads image data by the form of `spec`.
 
   A directory is an image folder (`load_folder`, with `size` and `skip_bad`);
   a file named *idx3-ubyte* (optionally .gz) is IDX (`load_idx`, with
-  `label_names`); a .npz file is `load_npz`.
+  `label_names`); a .npz file is `load_npz`; a parquet / json / csv file or a
+  name that is not a path (a hub dataset, its `split`) is `load_table`.
 
   Raises:
     UserError: the path is missing, of another kind, unreadable, or empty.
@@ -349,8 +414,15 @@ def load(spec: str, *, skip_bad: bool = False, size: int | Sequence[int] | None 
   path = os.path.expanduser(spec)
   if os.path.isdir(path):
     return load_folder(path, size=size, skip_bad=skip_bad)
+  looks_like_path = spec.startswith((".", "/", "~")) or os.path.splitext(spec)[1] != ""
+  if not os.path.exists(path) and not looks_like_path:
+    return load_table(spec, split, size=size, skip_bad=skip_bad, image_key=image_key,
+                      label_key=label_key)
   if not os.path.exists(path):
     raise UserError(f"image data not found: {spec}")
+  if path.lower().endswith(_TABLES):
+    return load_table(path, split, size=size, skip_bad=skip_bad, image_key=image_key,
+                      label_key=label_key)
   base = os.path.basename(path)
   if "idx3-ubyte" in base:
     return load_idx(path, label_names)
@@ -358,7 +430,8 @@ def load(spec: str, *, skip_bad: bool = False, size: int | Sequence[int] | None 
     return load_npz(path)
   hint = "; pass the images file, its labels file is found by name" if "idx1-ubyte" in base else ""
   raise UserError(f"cannot read image data {spec!r}: expected an image folder (one subfolder "
-                  f"per class), an IDX images file (*-images-idx3-ubyte[.gz]) or a .npz{hint}")
+                  f"per class), an IDX images file (*-images-idx3-ubyte[.gz]), a .npz, a "
+                  f"parquet / json / csv table or a hub dataset name{hint}")
 
 
 def align_labels(data: ImageSet, names: Sequence[str], name: str) -> ImageSet:
