@@ -17,7 +17,10 @@ package, so the `pretrain` arm trains a small ViT (configs/vit-small) from
 scratch on Fashion-MNIST and `jaxft export`s it; the other arms fine-tune on
 scikit-learn's digits (data/digits, 8x8 upscaled to 28x28) for the same
 number of steps: `probe` (backbone frozen by config.optim.rules), `full`, and
-`scratch` (same architecture, random init). RESULT (see bench/RESULTS.md).
+`scratch` (same architecture, random init). Measured 2026-11-25 on 2 CPU
+cores (fp32; bench/RESULTS.md): pretraining reaches 0.814 on the Fashion-MNIST
+test set in 7 min; on the 500 held-out digits after 300 steps of 64, full
+fine-tune 0.980, linear probe 0.872, from scratch 0.908 (about a minute each).
 
   jaxft train --config=configs/vit.py:pretrain --workdir=runs/vit-fmnist
   jaxft export --workdir=runs/vit-fmnist --out=runs/vit-fmnist-hf
@@ -63,7 +66,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data.eval = os.path.join(FMNIST, "t10k-images-idx3-ubyte.gz")
     c.data.label_names = FMNIST_NAMES
     c.train.batch_size = 128
-    c.train.num_steps = 1800
+    c.train.num_steps = 1500
     c.optim.lr = 1e-3
     return c
   c.model.path = SMALL_VIT if arm == "scratch" else PRETRAINED
