@@ -1,6 +1,6 @@
 """`jaxft train | eval | export`: absl flags + ml_collections config files.
 
-  jaxft train  --config=configs/classify.py --workdir=DIR [--config.KEY=VALUE ...]
+  jaxft train  --config=configs/classify.py --workdir=DIR [--profile=N] [--config.KEY=VALUE ...]
   jaxft eval   --config=configs/classify.py --workdir=DIR [--config.KEY=VALUE ...]
   jaxft export --workdir=DIR --out=HF_DIR [--format=hf|peft]
   jaxft inspect --config=configs/classify.py [--params] [--config.KEY=VALUE ...]
@@ -54,6 +54,8 @@ _TOP_P = flags.DEFINE_float("top_p", 1.0, "generate/chat: nucleus sampling mass.
 _STOP = flags.DEFINE_multi_string("stop", [], "generate/chat: cut the text at this string.")
 _SEED = flags.DEFINE_integer("seed", 0, "generate/chat: sampling seed.")
 _PARAMS = flags.DEFINE_bool("params", False, "inspect: also list every parameter and its rule.")
+_PROFILE = flags.DEFINE_integer("profile", 0, "train: write a JAX trace of this many steps "
+                                "to DIR/profile (TensorBoard / Perfetto).")
 
 
 def _flag_error(e: Exception, argv: Sequence[str]) -> str:
@@ -107,7 +109,7 @@ def run(argv: Sequence[str]) -> int:
   distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   from jaxft import train  # pylint: disable=g-import-not-at-top
   if command == "train":
-    result = train.train(_CONFIG.value, _WORKDIR.value)
+    result = train.train(_CONFIG.value, _WORKDIR.value, profile_steps=_PROFILE.value)
     if result is not None:
       print(json.dumps(result))
   elif command == "eval":

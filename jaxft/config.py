@@ -49,6 +49,7 @@ def base() -> ml_collections.ConfigDict:
   c.train.log_every = 20  # Steps between train-metric lines in metrics.jsonl.
   c.train.seed = 0  # Seeds the head init, the data order and dropout.
   c.train.eval_batch_size = 64
+  c.train.compilation_cache = ""  # Folder for compiled programs (reruns skip compiling); "" off.
 
   c.optim = ml_collections.ConfigDict()
   c.optim.optimizer = "adamw"  # adamw | sgd.

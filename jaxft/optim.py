@@ -76,7 +76,9 @@ def build(config: ml_collections.ConfigDict, params: Any,
   if assignment is None:
     paths = jax.tree.leaves(params_lib.tree_paths(params))
     assignment = rules_lib.Assignment([rules_lib.Rule(".*", True)], dict.fromkeys(paths, 0))
-  groups = set(jax.tree.leaves(labels(params, assignment)))
+  # Sorted: set order follows the per-process string hash, and a program that
+  # changed with it would miss the compilation cache on every other run.
+  groups = sorted(set(jax.tree.leaves(labels(params, assignment))))
   transforms = {}
   for group in groups:
     rule = assignment.rules[int(group.split("/")[0])]

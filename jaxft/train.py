@@ -24,6 +24,7 @@ from jaxft import lora
 from jaxft import metrics as metrics_lib
 from jaxft import optim
 from jaxft import preemption
+from jaxft import profiling
 from jaxft import rules
 from jaxft import sharding
 from jaxft import steps
@@ -217,8 +218,13 @@ def _write_atomic(path: str, text: str) -> None:
   os.replace(tmp, path)
 
 
-def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float] | None:
-  """Trains (or resumes) to `train.num_steps`; returns the final eval metrics if any."""
+def train(config: ml_collections.ConfigDict, workdir: str,
+          profile_steps: int = 0) -> dict[str, float] | None:
+  """Trains (or resumes) to `train.num_steps`; returns the final eval metrics if any.
+
+  `profile_steps` > 0 writes a JAX trace of that many steps to DIR/profile.
+  """
+  profiling.use_compilation_cache(config.train.get("compilation_cache", ""))
   model_path, data = _prepare(config, workdir, need_train=True)
   os.makedirs(workdir, exist_ok=True)
   run = open_run(config, workdir, model_path, data.labels)
@@ -228,19 +234,20 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float] |
       _write_atomic(_labels_file(workdir), json.dumps(data.labels))
   log(f"{data.describe()}; step {run.step} -> {config.train.num_steps}")
   try:
-    return _loop(config, workdir, run, data)
+    return _loop(config, workdir, run, data, profile_steps)
   finally:
     run.checkpointer.close()  # Waits for a pending async save.
 
 
-def _loop(config: ml_collections.ConfigDict, workdir: str, run: Run,
-          data: tasks.Data) -> dict[str, float] | None:
+def _loop(config: ml_collections.ConfigDict, workdir: str, run: Run, data: tasks.Data,
+          profile_steps: int = 0) -> dict[str, float] | None:
   t = config.train
   step_fn = make_step_fn(config, run.split, run.tx, run.placement)
   batches = batches_lib.TrainBatches(data.train, t.batch_size, t.seed)
   writer = metrics_lib.JsonlWriter(workdir)
   lr = optim.schedule(config)
   progress = metrics_lib.Progress(run.step, t.num_steps, t.batch_size, t.log_every)
+  trace = profiling.StepTrace(workdir, run.step, profile_steps)
 
   def run_eval() -> dict[str, float]:
     result = run.task.evaluate(run, data, config, workdir)
@@ -250,7 +257,9 @@ def _loop(config: ml_collections.ConfigDict, workdir: str, run: Run,
   with preemption.StopRequest() as stop:
     for step in range(run.step + 1, t.num_steps + 1):
       batch = sharding.global_batch(batches.lazy(step - 1), run.placement.batch)
+      trace.before(step)
       run.state, m = step_fn(run.state, batch)
+      trace.after(step, run.state)
       loss = None
       if t.log_every and step % t.log_every == 0:
         m = {k: float(v) for k, v in m.items()}
@@ -270,6 +279,7 @@ def _loop(config: ml_collections.ConfigDict, workdir: str, run: Run,
         progress.close()
         raise preemption.Interrupted(stop.signum, step)
   progress.close()
+  trace.stop(run.state)  # A run shorter than the trace still gets one.
   if run.checkpointer.latest_step() != run.step:
     run.checkpointer.save(run.step, run.state, {"step": run.step})
   if data.eval is None:

@@ -1,0 +1,50 @@
+"""Where the time goes: a JAX trace of a few train steps, and the compilation cache.
+
+`jaxft train --profile=N` traces N steps, starting two steps after the run
+(re)starts so compilation stays out of the picture, into DIR/profile; open it
+with TensorBoard's profile plugin or https://ui.perfetto.dev.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+
+
+class StepTrace:
+  """Traces steps first .. first + count - 1 of a run into DIR/profile."""
+
+  def __init__(self, workdir: str, start_step: int, count: int):
+    self.directory = os.path.join(workdir, "profile")
+    self.first = start_step + 3  # Steps start_step + 1, + 2 compile and warm up.
+    self.last = self.first + count - 1
+    self.count = count
+    self._active = False
+
+  def before(self, step: int) -> None:
+    if self.count > 0 and step == self.first:
+      jax.profiler.start_trace(self.directory)
+      self._active = True
+
+  def after(self, step: int, state: Any) -> None:
+    if self._active and step == self.last:
+      self.stop(state)
+
+  def stop(self, state: Any = None) -> None:
+    """Ends the trace (waiting for `state`, so the last step's device work is in it)."""
+    if self._active:
+      jax.block_until_ready(state)
+      jax.profiler.stop_trace()
+      self._active = False
+
+
+def use_compilation_cache(directory: str) -> None:
+  """Keeps compiled programs in `directory`, so a rerun or resume skips compiling."""
+  if directory:
+    os.makedirs(directory, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", os.path.abspath(directory))
+    # Cache every program: even the eval step's few seconds add up on resume.
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
