@@ -73,6 +73,11 @@ class Classify:
   per_example_eval = True
   uses_tokenizer = True
 
+  def tokens_per_example(self, config: ml_collections.ConfigDict, hf_config: Any) -> int:
+    """Positions the model runs over per example (padding included)."""
+    del hf_config
+    return int(config.data.max_length)
+
   def prepare(self, config: ml_collections.ConfigDict, tokenizer, labels: list[str] | None,
               *, need_train: bool) -> Data:
     train, evaluation, names = text.prepare(config, tokenizer, labels, need_train=need_train)
@@ -126,6 +131,7 @@ class CausalLM:
   eval_step = staticmethod(lm_steps.eval_step)
   per_example_eval = False
   uses_tokenizer = True
+  tokens_per_example = Classify.tokens_per_example
 
   def prepare(self, config: ml_collections.ConfigDict, tokenizer, labels: list[str] | None,
               *, need_train: bool) -> Data:
@@ -234,6 +240,12 @@ class ImageClassify(Classify):
                       interpolate=tuple(size) != native,
                       random_resized_crop=bool(d.random_resized_crop), flip=bool(d.flip),
                       crop_scale=tuple(d.crop_scale))
+
+  def tokens_per_example(self, config: ml_collections.ConfigDict, hf_config: Any) -> int:
+    """Patches plus the CLS token."""
+    del config
+    patch = _pair(hf_config.patch_size)
+    return (self.input.size[0] // patch[0]) * (self.input.size[1] // patch[1]) + 1
 
   @property
   def objective(self) -> steps.Objective:

@@ -22,6 +22,7 @@ from jaxft import config as config_lib
 from jaxft import hf
 from jaxft import lora
 from jaxft import metrics as metrics_lib
+from jaxft import mfu
 from jaxft import optim
 from jaxft import preemption
 from jaxft import profiling
@@ -248,6 +249,9 @@ def _loop(config: ml_collections.ConfigDict, workdir: str, run: Run, data: tasks
   lr = optim.schedule(config)
   progress = metrics_lib.Progress(run.step, t.num_steps, t.batch_size, t.log_every)
   trace = profiling.StepTrace(workdir, run.step, profile_steps)
+  tokens = run.task.tokens_per_example(config, run.hf_config)
+  flops_per_example = tokens * _flops_per_token(run, tokens)
+  peak = _total_peak()
 
   def run_eval() -> dict[str, float]:
     result = run.task.evaluate(run, data, config, workdir)
@@ -266,7 +270,8 @@ def _loop(config: ml_collections.ConfigDict, workdir: str, run: Run, data: tasks
         rate = progress.examples_per_sec(step)
         # Row tokens, padding included: a packed LM batch is nearly all real tokens.
         writer.write(step, "train", {**m, "lr": float(lr(step - 1)), "examples_per_sec": rate,
-                                     "tokens_per_sec": rate * config.data.max_length})
+                                     "tokens_per_sec": rate * tokens,
+                                     "mfu": rate * flops_per_example / peak})
         loss = m["loss"]
       progress.update(step, loss)
       if step == t.num_steps:
@@ -288,6 +293,22 @@ def _loop(config: ml_collections.ConfigDict, workdir: str, run: Run, data: tasks
   log(f"held-out eval at step {run.step}: " + ", ".join(
       f"{k} {v:.4f}" for k, v in result.items() if isinstance(v, (int, float))))
   return result
+
+
+def _flops_per_token(run: Run, seq_len: int) -> float:
+  """Training FLOPs per token of the run's model (mfu.py's convention)."""
+  sizes = run.split.sizes
+  tied = run.task.name == tasks.CausalLM.name and not any(
+      p.startswith("lm_head/") for p in sizes)
+  layers, attn_dim = mfu.model_shape(run.hf_config)
+  return mfu.train_flops_per_token(mfu.matmul_params(sizes, tied), layers, seq_len, attn_dim)
+
+
+def _total_peak() -> float:
+  """Peak FLOP/s of all devices; CPU "devices" share one host, measured once."""
+  if jax.devices()[0].platform == "cpu":
+    return mfu.peak_flops() * jax.process_count()
+  return mfu.peak_flops() * jax.device_count()
 
 
 def eval_command(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:

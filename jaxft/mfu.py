@@ -1,0 +1,81 @@
+"""Model FLOPs utilisation: the model's training FLOPs per second over the devices' peak.
+
+Training FLOPs per token (the PaLM appendix B convention):
+
+  6 * N + 12 * L * S * A
+
+N counts the parameters that multiply activations: every Linear / conv
+`kernel`, plus a tied input embedding when it is also the output layer
+(lookup-only embedding tables, norms and biases do no matmuls). 6 = forward
+2 + backward 4 per weight per token. The second term is attention's QK^T and
+AV for L layers over S positions with A = heads x head_dim. The figure counts
+the whole model's work, also for frozen layers (whose weight gradients are
+skipped), so it is the conventional MFU, not the share of work done.
+
+Peak: the chip's datasheet dense bf16 figure on TPU / GPU; on CPU, a float32
+matmul measured on this machine (what the 2 cores actually reach).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+# Dense bf16 peak FLOP/s per chip (vendor datasheets), by substrings of device_kind.
+DATASHEET = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L4": 121e12,
+             "TPU v6": 918e12, "TPU v5p": 459e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12,
+             "TPU v4": 275e12}
+
+
+def matmul_params(sizes: dict[str, int], tied_output: bool) -> int:
+  """N above, from param path -> element count."""
+  n = sum(v for p, v in sizes.items() if p.endswith("/kernel"))
+  if tied_output:  # The embedding table is also the output projection.
+    n += sum(v for p, v in sizes.items() if p.endswith("embed_tokens/embedding")
+             or p.endswith("wte/embedding"))
+  return n
+
+
+def train_flops_per_token(n_matmul: int, layers: int, seq_len: int, attn_dim: int) -> float:
+  """6 N + 12 L S A: training FLOPs per token (see the module docstring)."""
+  return 6.0 * n_matmul + 12.0 * layers * seq_len * attn_dim
+
+
+def model_shape(hf_config: Any) -> tuple[int, int]:
+  """(layers, heads x head_dim) of a transformers config."""
+  layers = getattr(hf_config, "num_hidden_layers", None) or getattr(hf_config, "n_layers")
+  heads = getattr(hf_config, "num_attention_heads", None) or getattr(hf_config, "n_heads")
+  head_dim = getattr(hf_config, "head_dim", None)
+  hidden = getattr(hf_config, "hidden_size", None) or getattr(hf_config, "dim")
+  return int(layers), int(heads * head_dim if head_dim else hidden)
+
+
+_MEASURED: dict[str, float] = {}
+
+
+def measured_matmul_peak(size: int = 2048, repeats: int = 3) -> float:
+  """FLOP/s of the best of `repeats` float32 [size, size] matmuls on the default device."""
+  if "peak" not in _MEASURED:
+    a = jnp.ones((size, size), jnp.float32)
+    f = jax.jit(lambda x: x @ x)
+    f(a).block_until_ready()
+    best = float("inf")
+    for _ in range(repeats):
+      t = time.perf_counter()
+      f(a).block_until_ready()
+      best = min(best, time.perf_counter() - t)
+    _MEASURED["peak"] = 2.0 * size ** 3 / best
+  return _MEASURED["peak"]
+
+
+def peak_flops(device: Any = None) -> float:
+  """Peak FLOP/s of one device: datasheet bf16 for known accelerators, else measured."""
+  device = device or jax.devices()[0]
+  kind = getattr(device, "device_kind", "")
+  for name, peak in DATASHEET.items():
+    if name.lower() in kind.lower():
+      return peak
+  return measured_matmul_peak()
