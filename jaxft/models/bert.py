@@ -41,14 +41,6 @@ def _check_absolute_positions(config: Any) -> None:
                     "jaxft BERT/RoBERTa only implement 'absolute'.")
 
 
-def _linear(config: Any, n_in: int, n_out: int, axes: layers.LogicalAxes, *,
-            dtype: Dtype, param_dtype: Dtype, rngs: nnx.Rngs) -> layers.Linear:
-  """A Linear initialised as transformers does: N(0, initializer_range)."""
-  return layers.Linear(n_in, n_out, dtype=dtype, param_dtype=param_dtype,
-                       kernel_init=layers.normal_init(config.initializer_range),
-                       axes=axes, rngs=rngs)
-
-
 class BertEmbeddings(nnx.Module):
   """Word + absolute position + token type embeddings, LayerNorm, dropout."""
 
@@ -113,7 +105,7 @@ class BertSelfOutput(nnx.Module):
 
   def __init__(self, config: Any, in_features: int, axes: layers.LogicalAxes,
                *, dtype: Dtype, param_dtype: Dtype, rngs: nnx.Rngs):
-    self.dense = _linear(config, in_features, config.hidden_size, axes,
+    self.dense = layers.hf_linear(config, in_features, config.hidden_size, axes,
                          dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.LayerNorm = layers.LayerNorm(
         config.hidden_size, epsilon=config.layer_norm_eps, dtype=dtype,
@@ -157,7 +149,7 @@ class BertIntermediate(nnx.Module):
 
   def __init__(self, config: Any, *, dtype: Dtype, param_dtype: Dtype,
                rngs: nnx.Rngs):
-    self.dense = _linear(config, config.hidden_size, config.intermediate_size,
+    self.dense = layers.hf_linear(config, config.hidden_size, config.intermediate_size,
                          ("embed", "mlp"), dtype=dtype, param_dtype=param_dtype,
                          rngs=rngs)
     self.act = layers.activation(config.hidden_act)
@@ -208,7 +200,7 @@ class BertPooler(nnx.Module):
 
   def __init__(self, config: Any, *, dtype: Dtype, param_dtype: Dtype,
                rngs: nnx.Rngs):
-    self.dense = _linear(config, config.hidden_size, config.hidden_size,
+    self.dense = layers.hf_linear(config, config.hidden_size, config.hidden_size,
                          ("embed", "embed"), dtype=dtype, param_dtype=param_dtype,
                          rngs=rngs)
 
@@ -260,7 +252,7 @@ class BertForSequenceClassification(BertModel):
                param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs):
     super().__init__(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.dropout = layers.dropout(_classifier_dropout(config))
-    self.classifier = _linear(config, config.hidden_size, config.num_labels,
+    self.classifier = layers.hf_linear(config, config.hidden_size, config.num_labels,
                               ("embed", None), dtype=dtype,
                               param_dtype=param_dtype, rngs=rngs)
 
@@ -288,10 +280,10 @@ class RobertaClassificationHead(nnx.Module):
   def __init__(self, config: Any, *, dtype: Dtype, param_dtype: Dtype,
                rngs: nnx.Rngs):
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-    self.dense = _linear(config, config.hidden_size, config.hidden_size,
+    self.dense = layers.hf_linear(config, config.hidden_size, config.hidden_size,
                          ("embed", "embed"), **kw)
     self.dropout = layers.dropout(_classifier_dropout(config))
-    self.out_proj = _linear(config, config.hidden_size, config.num_labels,
+    self.out_proj = layers.hf_linear(config, config.hidden_size, config.num_labels,
                             ("embed", None), **kw)
 
   def __call__(self, hidden: Array, *, deterministic: bool,
@@ -391,10 +383,10 @@ class DistilBertSelfAttention(nnx.Module):
     self.num_heads = config.n_heads
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     d = config.dim
-    self.q_lin = _linear(config, d, d, ("embed", "heads"), **kw)
-    self.k_lin = _linear(config, d, d, ("embed", "heads"), **kw)
-    self.v_lin = _linear(config, d, d, ("embed", "heads"), **kw)
-    self.out_lin = _linear(config, d, d, ("heads", "embed"), **kw)
+    self.q_lin = layers.hf_linear(config, d, d, ("embed", "heads"), **kw)
+    self.k_lin = layers.hf_linear(config, d, d, ("embed", "heads"), **kw)
+    self.v_lin = layers.hf_linear(config, d, d, ("embed", "heads"), **kw)
+    self.out_lin = layers.hf_linear(config, d, d, ("heads", "embed"), **kw)
     self.dropout = layers.dropout(config.attention_dropout)
 
   def __call__(self, x: Array, mask: Array | None, *, deterministic: bool,
@@ -415,9 +407,9 @@ class DistilBertFFN(nnx.Module):
   def __init__(self, config: Any, *, dtype: Dtype, param_dtype: Dtype,
                rngs: nnx.Rngs):
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-    self.lin1 = _linear(config, config.dim, config.hidden_dim,
+    self.lin1 = layers.hf_linear(config, config.dim, config.hidden_dim,
                                ("embed", "mlp"), **kw)
-    self.lin2 = _linear(config, config.hidden_dim, config.dim,
+    self.lin2 = layers.hf_linear(config, config.hidden_dim, config.dim,
                                ("mlp", "embed"), **kw)
     self.act = layers.activation(config.activation)
     self.dropout = layers.dropout(config.dropout)
@@ -473,10 +465,10 @@ class DistilBertForSequenceClassification(nnx.Module):
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.embeddings = DistilBertEmbeddings(config, **kw)
     self.transformer = DistilBertTransformer(config, **kw)
-    self.pre_classifier = _linear(config, config.dim, config.dim,
+    self.pre_classifier = layers.hf_linear(config, config.dim, config.dim,
                                          ("embed", "embed"), **kw)
     self.dropout = layers.dropout(config.seq_classif_dropout)
-    self.classifier = _linear(config, config.dim, config.num_labels,
+    self.classifier = layers.hf_linear(config, config.dim, config.num_labels,
                                      ("embed", None), **kw)
 
   def __call__(self, input_ids: Array, attention_mask: Array | None,

@@ -240,6 +240,13 @@ def padding_mask(attention_mask: Array | None) -> Array | None:
   return (attention_mask != 0)[:, None, None, :]
 
 
+def hf_linear(config: Any, n_in: int, n_out: int, axes: LogicalAxes, *, use_bias: bool = True,
+              dtype: Dtype, param_dtype: Dtype, rngs: nnx.Rngs) -> Linear:
+  """A Linear initialised as transformers does: N(0, config.initializer_range)."""
+  return Linear(n_in, n_out, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype,
+                kernel_init=normal_init(config.initializer_range), axes=axes, rngs=rngs)
+
+
 class SelfAttention(nnx.Module):
   """Multi-head self-attention projections `query`, `key`, `value`.
 
@@ -248,17 +255,20 @@ class SelfAttention(nnx.Module):
   """
 
   def __init__(self, hidden_size: int, num_heads: int, *,
+               head_dim: int | None = None, use_bias: bool = True,
                attention_dropout: float = 0.0, dtype: Dtype = jnp.float32,
                param_dtype: Dtype = jnp.float32,
                kernel_init: Initializer = normal_init(DEFAULT_INIT_STD),
                rngs: nnx.Rngs):
-    if hidden_size % num_heads:
-      raise UserError(f"hidden_size {hidden_size} is not a multiple of "
-                      f"num_attention_heads {num_heads}.")
+    if head_dim is None:
+      if hidden_size % num_heads:
+        raise UserError(f"hidden_size {hidden_size} is not a multiple of "
+                        f"num_attention_heads {num_heads}.")
+      head_dim = hidden_size // num_heads
     self.num_heads = num_heads
-    self.head_dim = hidden_size // num_heads
-    proj = functools.partial(Linear, hidden_size, hidden_size, dtype=dtype,
-                             param_dtype=param_dtype, kernel_init=kernel_init,
+    self.head_dim = head_dim
+    proj = functools.partial(Linear, hidden_size, num_heads * head_dim, use_bias=use_bias,
+                             dtype=dtype, param_dtype=param_dtype, kernel_init=kernel_init,
                              axes=("embed", "heads"), rngs=rngs)
     self.query = proj()
     self.key = proj()
@@ -267,7 +277,7 @@ class SelfAttention(nnx.Module):
 
   def __call__(self, x: Array, mask: Array | None, *, deterministic: bool,
                rngs: nnx.Rngs | None) -> Array:
-    """[batch, length, hidden] -> [batch, length, hidden] (before out proj)."""
+    """[batch, length, hidden] -> [batch, length, heads * head_dim] (before out proj)."""
     batch, length, _ = x.shape
     split = lambda y: y.reshape(batch, length, self.num_heads, self.head_dim)
     kw = dict(deterministic=deterministic, rngs=rngs)

@@ -36,6 +36,7 @@ from flax import nnx
 
 from jaxft import sharding
 from jaxft.errors import UserError
+from jaxft.models import bert
 from jaxft.models import layers
 
 Array = jax.Array
@@ -46,16 +47,6 @@ def _pair(x: int | Sequence[int]) -> tuple[int, int]:
   if isinstance(x, (list, tuple)):
     return int(x[0]), int(x[1])
   return int(x), int(x)
-
-
-def _linear(config: Any, n_in: int, n_out: int, axes: layers.LogicalAxes, *,
-            use_bias: bool = True, dtype: Dtype, param_dtype: Dtype,
-            rngs: nnx.Rngs) -> layers.Linear:
-  """A Linear initialised as transformers does: N(0, initializer_range)."""
-  return layers.Linear(n_in, n_out, use_bias=use_bias, dtype=dtype,
-                       param_dtype=param_dtype,
-                       kernel_init=layers.normal_init(config.initializer_range),
-                       axes=axes, rngs=rngs)
 
 
 def _layer_norm(config: Any, *, dtype: Dtype,
@@ -239,48 +230,12 @@ class ViTEmbeddings(nnx.Module):
     return self.dropout(x, deterministic=deterministic, rngs=rngs)
 
 
-class ViTSelfAttention(nnx.Module):
-  """`query`, `key`, `value` projections (bias per config.qkv_bias) and softmax."""
-
-  def __init__(self, config: Any, *, dtype: Dtype, param_dtype: Dtype,
-               rngs: nnx.Rngs):
-    heads = config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None)
-    if head_dim is None:
-      if config.hidden_size % heads:
-        raise UserError(f"hidden_size {config.hidden_size} is not a multiple "
-                        f"of num_attention_heads {heads}.")
-      head_dim = config.hidden_size // heads
-    self.num_heads = heads
-    self.head_dim = head_dim
-    proj = functools.partial(
-        _linear, config, config.hidden_size, heads * head_dim,
-        ("embed", "heads"), use_bias=getattr(config, "qkv_bias", True),
-        dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-    self.query = proj()
-    self.key = proj()
-    self.value = proj()
-    self.dropout = layers.dropout(config.attention_probs_dropout_prob)
-
-  def __call__(self, x: Array, *, deterministic: bool,
-               rngs: nnx.Rngs | None) -> Array:
-    """[batch, length, hidden] -> [batch, length, heads * head_dim]."""
-    batch, length, _ = x.shape
-    split = lambda y: y.reshape(batch, length, self.num_heads, self.head_dim)
-    kw = dict(deterministic=deterministic, rngs=rngs)
-    context = layers.dot_product_attention(
-        split(self.query(x, **kw)), split(self.key(x, **kw)),
-        split(self.value(x, **kw)), None, dropout_layer=self.dropout, **kw)
-    context = context.reshape(batch, length, self.num_heads * self.head_dim)
-    return sharding.constrain(context, ("batch", "length", "heads"))
-
-
 class ViTSelfOutput(nnx.Module):
   """Attention output projection `dense` and dropout (the residual is the layer's)."""
 
   def __init__(self, config: Any, in_features: int, *, dtype: Dtype,
                param_dtype: Dtype, rngs: nnx.Rngs):
-    self.dense = _linear(config, in_features, config.hidden_size,
+    self.dense = layers.hf_linear(config, in_features, config.hidden_size,
                          ("heads", "embed"), dtype=dtype,
                          param_dtype=param_dtype, rngs=rngs)
     self.dropout = layers.dropout(config.hidden_dropout_prob)
@@ -296,8 +251,14 @@ class ViTAttention(nnx.Module):
 
   def __init__(self, config: Any, *, dtype: Dtype, param_dtype: Dtype,
                rngs: nnx.Rngs):
-    self.attention = ViTSelfAttention(config, dtype=dtype,
-                                      param_dtype=param_dtype, rngs=rngs)
+    # transformers' ViTSelfAttention: BERT's projections, biases per qkv_bias.
+    self.attention = layers.SelfAttention(
+        config.hidden_size, config.num_attention_heads,
+        head_dim=getattr(config, "head_dim", None),
+        use_bias=getattr(config, "qkv_bias", True),
+        attention_dropout=config.attention_probs_dropout_prob, dtype=dtype,
+        param_dtype=param_dtype,
+        kernel_init=layers.normal_init(config.initializer_range), rngs=rngs)
     self.output = ViTSelfOutput(
         config, self.attention.num_heads * self.attention.head_dim,
         dtype=dtype, param_dtype=param_dtype, rngs=rngs)
@@ -305,23 +266,7 @@ class ViTAttention(nnx.Module):
   def __call__(self, x: Array, *, deterministic: bool,
                rngs: nnx.Rngs | None) -> Array:
     kw = dict(deterministic=deterministic, rngs=rngs)
-    return self.output(self.attention(x, **kw), **kw)
-
-
-class ViTIntermediate(nnx.Module):
-  """MLP up-projection and activation."""
-
-  def __init__(self, config: Any, *, dtype: Dtype, param_dtype: Dtype,
-               rngs: nnx.Rngs):
-    self.dense = _linear(config, config.hidden_size, config.intermediate_size,
-                         ("embed", "mlp"), dtype=dtype, param_dtype=param_dtype,
-                         rngs=rngs)
-    self.act = layers.activation(config.hidden_act)
-
-  def __call__(self, x: Array, *, deterministic: bool,
-               rngs: nnx.Rngs | None) -> Array:
-    hidden = self.act(self.dense(x, deterministic=deterministic, rngs=rngs))
-    return sharding.constrain(hidden, ("batch", "length", "mlp"))
+    return self.output(self.attention(x, None, **kw), **kw)
 
 
 class ViTOutput(nnx.Module):
@@ -329,7 +274,7 @@ class ViTOutput(nnx.Module):
 
   def __init__(self, config: Any, *, dtype: Dtype, param_dtype: Dtype,
                rngs: nnx.Rngs):
-    self.dense = _linear(config, config.intermediate_size, config.hidden_size,
+    self.dense = layers.hf_linear(config, config.intermediate_size, config.hidden_size,
                          ("mlp", "embed"), dtype=dtype, param_dtype=param_dtype,
                          rngs=rngs)
     self.dropout = layers.dropout(config.hidden_dropout_prob)
@@ -347,7 +292,7 @@ class ViTLayer(nnx.Module):
                rngs: nnx.Rngs):
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.attention = ViTAttention(config, **kw)
-    self.intermediate = ViTIntermediate(config, **kw)
+    self.intermediate = bert.BertIntermediate(config, **kw)  # Same module in both.
     self.output = ViTOutput(config, **kw)
     self.layernorm_before = _layer_norm(config, dtype=dtype,
                                         param_dtype=param_dtype)
@@ -385,7 +330,7 @@ class ViTPooler(nnx.Module):
   def __init__(self, config: Any, *, dtype: Dtype, param_dtype: Dtype,
                rngs: nnx.Rngs):
     out = getattr(config, "pooler_output_size", None) or config.hidden_size
-    self.dense = _linear(config, config.hidden_size, out, ("embed", None),
+    self.dense = layers.hf_linear(config, config.hidden_size, out, ("embed", None),
                          dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.act = layers.activation(getattr(config, "pooler_act", "tanh"))
 
@@ -438,7 +383,7 @@ class ViTForImageClassification(ViTModel):
       raise UserError(f"num_labels must be >= 1, got {config.num_labels}.")
     super().__init__(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
                      add_pooling_layer=False)
-    self.classifier = _linear(config, config.hidden_size, config.num_labels,
+    self.classifier = layers.hf_linear(config, config.hidden_size, config.num_labels,
                               ("embed", None), dtype=dtype,
                               param_dtype=param_dtype, rngs=rngs)
 
