@@ -40,22 +40,22 @@ def tree_size(tree: Any) -> int:
   return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
 
 
-def _labels(config: ml_collections.ConfigDict) -> list[str] | None:
+def _labels(config: ml_collections.ConfigDict, task: Any) -> list[str] | None:
   """Class names from the training data (no tokenizing); None for a language model."""
-  name = trainable.task(config)
-  if name == registry.CAUSAL_LM:
+  if task.name == registry.CAUSAL_LM:
     return None
-  if name == registry.IMAGE_CLASSIFY:  # The class names are the data's: read it.
-    return tasks.of(config).read(config.data.train, config.data.train_split, None).label_names
+  if task.name == registry.IMAGE_CLASSIFY:  # The class names are the data's: read it.
+    return task.read(config.data.train, config.data.train_split, None).label_names
   ds = sources.load_split(config.data.train, config.data.train_split)
   text.check_columns(ds, [config.data.label_key], "train")
   return text.label_names(ds, config.data.label_key)
 
 
-def abstract_batch(config: ml_collections.ConfigDict, with_token_types: bool) -> dict:
-  """Shapes of one global train batch."""
+def abstract_batch(config: ml_collections.ConfigDict, with_token_types: bool,
+                   task: Any = None) -> dict:
+  """Shapes of one global train batch (`task`: the config's, when the caller has it)."""
   shape = (config.train.batch_size, config.data.max_length)
-  task = tasks.of(config)
+  task = task or tasks.of(config)
   if task.name == registry.IMAGE_CLASSIFY:
     size, channels = task.input.size, task.input.channels
     return {"pixels": jax.ShapeDtypeStruct((shape[0], *size, channels), jnp.uint8),
@@ -90,16 +90,18 @@ def compiled_costs(compiled: Any) -> tuple[float, int]:
 
 
 def compile_step(config: ml_collections.ConfigDict, split: trainable.Split,
-                 with_token_types: bool) -> tuple[Any, Any, jax.sharding.Mesh]:
+                 with_token_types: bool, task: Any = None) -> tuple[Any, Any, jax.sharding.Mesh]:
   """(compiled train step, its abstract sharded state, the mesh): nothing runs."""
+  task = task or tasks.of(config)
   mesh = sharding.make_mesh(config)
   tx = optim.build(config, split.params, split.assignment)
   state = jax.eval_shape(functools.partial(steps.init_state, tx=tx), split.params, split.frozen)
   where = train.placement(config, mesh, state)
   state = sharding.with_shardings(state, where.state)
-  batch = abstract_batch(config, with_token_types)
+  batch = abstract_batch(config, with_token_types, task)
   batch = sharding.with_shardings(batch, jax.tree.map(lambda _: where.batch, batch))
-  compiled = train.make_step_fn(config, split, tx, where).lower(state, batch).compile()
+  step_fn = train.make_step_fn(config, split, tx, where, task.objective)
+  compiled = step_fn.lower(state, batch).compile()
   return compiled, state, mesh
 
 
@@ -108,7 +110,7 @@ def inspect(config: ml_collections.ConfigDict, show_params: bool = False) -> dic
   config_lib.validate(config)
   model_path = hf.resolve_model(config.model.path, weights=False)
   task = tasks.of(config)
-  labels = _labels(config)
+  labels = _labels(config, task)
   hf_config = task.hf_config(model_path, labels)
   tokenizer = hf.load_tokenizer(model_path) if task.uses_tokenizer else None
   sharding.check_fits(config, sharding.make_mesh(config), hf_config.num_attention_heads)
@@ -123,7 +125,7 @@ def inspect(config: ml_collections.ConfigDict, show_params: bool = False) -> dic
     print()
   print(rules.table(split.assignment, split.sizes, decay))
   token_types = tokenizer is not None and "token_type_ids" in tokenizer.model_input_names
-  compiled, state, mesh = compile_step(config, split, token_types)
+  compiled, state, mesh = compile_step(config, split, token_types, task)
   flops, peak = compiled_costs(compiled)
   return {
       "params_total": tree_size(state["params"]) + tree_size(state["frozen"]),

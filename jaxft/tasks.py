@@ -48,12 +48,14 @@ class Data:
     labels: class names (classification), else None.
     samples: (prompt, reference) pairs generated from at each eval (LMs).
     records: the eval rows as read, aligned with `samples` (LMs).
+    tokenizer: what tokenized the data (LMs generate with it at eval).
   """
   train: dict[str, np.ndarray] | None
   eval: dict[str, np.ndarray] | None
   labels: list[str] | None = None
   samples: list[tuple[str, str]] = dataclasses.field(default_factory=list)
   records: list[dict] = dataclasses.field(default_factory=list)
+  tokenizer: Any = None
 
   def describe(self) -> str:
     n = batches_lib.num_examples(self.train)
@@ -143,7 +145,7 @@ class CausalLM:
                         f"than max_length={config.data.max_length} and were cut")
     return Data(train and train.rows, evaluation and evaluation.rows,
                 samples=evaluation.samples if evaluation else [],
-                records=evaluation.records if evaluation else [])
+                records=evaluation.records if evaluation else [], tokenizer=tokenizer)
 
   def hf_config(self, model_path: str, labels: list[str] | None):
     del labels
@@ -178,7 +180,7 @@ class CausalLM:
     e = config.eval
     samples = data.samples if e.metric else data.samples[:e.num_samples]
     if samples and (e.metric or workdir is not None):
-      completions = complete(run, [p for p, _ in samples], config)
+      completions = complete(run, data.tokenizer, [p for p, _ in samples], config)
       if e.metric == "pass@1":
         result["pass@1"] = lm_metrics.pass_at_1(data.records, completions, timeout=e.timeout)
       elif e.metric == "rouge_l":
@@ -324,9 +326,8 @@ def _pair(size: int | Sequence[int]) -> tuple[int, int]:
   return (int(size), int(size)) if isinstance(size, (int, np.integer)) else tuple(map(int, size))
 
 
-def complete(run, prompts: list[str], config: ml_collections.ConfigDict) -> list[str]:
+def complete(run, tokenizer, prompts: list[str], config: ml_collections.ConfigDict) -> list[str]:
   """Greedy completions of `prompts` by the run's model, eval_batch_size at a time."""
-  tokenizer = hf.load_tokenizer(hf.resolve_model(config.model.path))
   model, size = run.model(), config.train.eval_batch_size
   out = []
   for start in range(0, len(prompts), size):

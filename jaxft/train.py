@@ -106,11 +106,12 @@ def placement(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
 
 
 def make_step_fn(config: ml_collections.ConfigDict, split: trainable.Split,
-                 tx: optax.GradientTransformation, where: Placement):
+                 tx: optax.GradientTransformation, where: Placement,
+                 objective: steps.Objective):
   """The jitted, sharded train step (state donated), as `train` runs and `inspect` compiles it."""
   t = config.train
   fn = where.traced_under_rules(functools.partial(
-      steps.train_step, objective=tasks.of(config).objective, graphdef=split.graphdef,
+      steps.train_step, objective=objective, graphdef=split.graphdef,
       rest=split.rest, tx=tx, grad_accum=t.grad_accum, dropout_key=jax.random.key(t.seed)))
   return jax.jit(fn, in_shardings=(where.state, where.batch),
                  out_shardings=(where.state, where.replicated), donate_argnums=0)
@@ -130,13 +131,14 @@ def read_labels(workdir: str) -> list[str] | None:
 
 
 def open_run(config: ml_collections.ConfigDict, workdir: str, model_path: str,
-             labels: list[str] | None, *, quiet: bool = False) -> Run:
+             labels: list[str] | None, *, quiet: bool = False, task: Any = None) -> Run:
   """Restores the latest checkpoint in `workdir`, or loads the pretrained model.
 
   `labels` are the class names of a classifier (None for a language model).
   Prints the rules table (which parameters train, how fast) unless `quiet`.
+  `task` is the config's task when the caller already has it.
   """
-  task = tasks.of(config)
+  task = task or tasks.of(config)
   mesh = sharding.make_mesh(config)
   rules_ = sharding.logical_rules(config)
   hf_config = task.hf_config(model_path, labels)
@@ -201,14 +203,14 @@ def _report_load(report: hf.LoadReport) -> None:
 
 
 def _prepare(config: ml_collections.ConfigDict, workdir: str, *,
-             need_train: bool) -> tuple[str, tasks.Data]:
-  """(local model path, the task's data); UserError on any bad config or input."""
+             need_train: bool) -> tuple[str, Any, tasks.Data]:
+  """(local model path, the task, its data); UserError on any bad config or input."""
   config_lib.validate(config)
   model_path = hf.resolve_model(config.model.path, allow_pickle=config.model.allow_pickle)
   task = tasks.of(config)
   tokenizer = hf.load_tokenizer(model_path) if task.uses_tokenizer else None
   data = task.prepare(config, tokenizer, read_labels(workdir), need_train=need_train)
-  return model_path, data
+  return model_path, task, data
 
 
 def _write_atomic(path: str, text: str) -> None:
@@ -226,9 +228,9 @@ def train(config: ml_collections.ConfigDict, workdir: str,
   `profile_steps` > 0 writes a JAX trace of that many steps to DIR/profile.
   """
   profiling.use_compilation_cache(config.train.get("compilation_cache", ""))
-  model_path, data = _prepare(config, workdir, need_train=True)
+  model_path, task, data = _prepare(config, workdir, need_train=True)
   os.makedirs(workdir, exist_ok=True)
-  run = open_run(config, workdir, model_path, data.labels)
+  run = open_run(config, workdir, model_path, data.labels, task=task)
   if metrics_lib.is_primary():
     _write_atomic(os.path.join(workdir, "config.json"), config_lib.to_json(config))
     if data.labels is not None:
@@ -243,7 +245,7 @@ def train(config: ml_collections.ConfigDict, workdir: str,
 def _loop(config: ml_collections.ConfigDict, workdir: str, run: Run, data: tasks.Data,
           profile_steps: int = 0) -> dict[str, float] | None:
   t = config.train
-  step_fn = make_step_fn(config, run.split, run.tx, run.placement)
+  step_fn = make_step_fn(config, run.split, run.tx, run.placement, run.task.objective)
   batches = batches_lib.TrainBatches(data.train, t.batch_size, t.seed)
   writer = metrics_lib.JsonlWriter(workdir)
   lr = optim.schedule(config)
@@ -251,7 +253,7 @@ def _loop(config: ml_collections.ConfigDict, workdir: str, run: Run, data: tasks
   trace = profiling.StepTrace(workdir, run.step, profile_steps)
   tokens = run.task.tokens_per_example(config, run.hf_config)
   flops_per_example = tokens * _flops_per_token(run, tokens)
-  peak = _total_peak()
+  peak = _total_peak() if t.log_every else 0.0  # Measured on CPU: only when it is logged.
 
   def run_eval() -> dict[str, float]:
     result = run.task.evaluate(run, data, config, workdir)
@@ -313,10 +315,10 @@ def _total_peak() -> float:
 
 def eval_command(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   """Evaluates the latest checkpoint in `workdir`, or the pretrained model if none."""
-  model_path, data = _prepare(config, workdir, need_train=False)
+  model_path, task, data = _prepare(config, workdir, need_train=False)
   if data.eval is None:
     raise UserError("config.data.eval is empty: nothing to evaluate")
-  run = open_run(config, workdir, model_path, data.labels)
+  run = open_run(config, workdir, model_path, data.labels, task=task)
   try:
     result = run.task.evaluate(run, data, config)
   finally:
