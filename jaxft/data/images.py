@@ -106,6 +106,13 @@ def _to_uint8(img: Image.Image) -> np.ndarray:
   return np.asarray(img.convert("RGB"))
 
 
+def _fit(a: np.ndarray, size: Size | None) -> np.ndarray:
+  """A decoded uint8 image resized (Pillow bilinear) to `size` unless it has it already."""
+  if size is None or a.shape[:2] == size:
+    return a
+  return np.asarray(Image.fromarray(a).resize((size[1], size[0]), Image.Resampling.BILINEAR))
+
+
 def _decode(path: str, size: Size | None) -> np.ndarray | str:
   """The file at `path` as uint8 [H, W(, 3)] resized to `size`; an error message if unreadable."""
   try:
@@ -115,9 +122,7 @@ def _decode(path: str, size: Size | None) -> np.ndarray | str:
   except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
     # Pillow signals corrupt, truncated and non-image files with these.
     return f"{type(e).__name__}: {e}"
-  if size is not None and a.shape[:2] != size:
-    a = np.asarray(Image.fromarray(a).resize((size[1], size[0]), Image.Resampling.BILINEAR))
-  return a
+  return _fit(a, size)
 
 
 def _class_files(root: str) -> tuple[list[str], list[str], list[int]]:
@@ -352,9 +357,7 @@ def _table_image(value: Any, size: Size | None) -> np.ndarray | str:
     a = _to_uint8(value)
   except (AttributeError, OSError, ValueError) as e:
     return f"{type(e).__name__}: {e}"
-  if size is not None and a.shape[:2] != size:
-    a = np.asarray(Image.fromarray(a).resize((size[1], size[0]), Image.Resampling.BILINEAR))
-  return a
+  return _fit(a, size)
 
 
 def load_table(spec: str, split: str = "train", *, size: int | Sequence[int] | None = None,
