@@ -15,7 +15,7 @@ with code 2 and one line naming the problem, before anything compiles.
 `inspect` builds the model from shapes alone, compiles one train step and
 prints the rules table, then (last line) a JSON object: params_total,
 params_trainable, param_bytes, optimizer_state_bytes, step_flops,
-peak_memory_bytes, devices.
+peak_memory_bytes, temp_memory_bytes (activations), devices.
 """
 
 from __future__ import annotations

@@ -13,6 +13,8 @@ from typing import Any
 import ml_collections
 
 from jaxft.errors import UserError
+from jaxft.models import layers
+from jaxft.models import stack
 
 SCHEDULES = ("linear", "cosine", "constant")
 OPTIMIZERS = ("adamw", "sgd")
@@ -33,6 +35,10 @@ def base() -> ml_collections.ConfigDict:
   c.model.allow_pickle = False  # Read pytorch_model.bin (torch.load weights_only) if True.
   c.model.frozen_dtype = "float32"  # Storage of frozen params (and LoRA bases): or bfloat16.
   c.model.from_scratch = False  # Random init from config.json; the weights are not read.
+  # How the layer stack runs (jaxft/models/stack.py); neither changes a result.
+  c.model.scan_layers = False  # One lax.scan over the layers: compile time flat in depth.
+  c.model.attention = "jaxft"  # jaxft (einsum, dropout) | fused (cuDNN flash on GPU, no dropout).
+  c.model.remat = "none"  # Recompute activations in backward: none | full | dots (keep matmuls).
 
   c.data = ml_collections.ConfigDict()
   c.data.train = ""  # csv/json/jsonl/parquet file, or a hub dataset name.
@@ -49,6 +55,7 @@ def base() -> ml_collections.ConfigDict:
   c.train.log_every = 20  # Steps between train-metric lines in metrics.jsonl.
   c.train.seed = 0  # Seeds the head init, the data order and dropout.
   c.train.eval_batch_size = 64
+  c.train.prefetch = 2  # Batches built ahead on a background thread; 0: inline.
   c.train.compilation_cache = ""  # Folder for compiled programs (reruns skip compiling); "" off.
 
   c.optim = ml_collections.ConfigDict()
@@ -133,6 +140,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
   """Checks values that the type system of ConfigDict cannot; raises UserError."""
   t, o, d = config.train, config.optim, config.data
   _require(config.task in TASKS, "task", f"one of {TASKS}", config.task)
+  remat = config.model.get("remat", "none")
+  _require(remat in stack.REMAT_POLICIES, "model.remat", f"one of {tuple(stack.REMAT_POLICIES)}",
+           remat)
+  attention = config.model.get("attention", "jaxft")
+  _require(attention in layers.ATTENTION, "model.attention", f"one of {layers.ATTENTION}",
+           attention)
   if config.task == "image_classify":
     _require(d.image_size >= 0, "data.image_size", ">= 0 (0: the checkpoint's)", d.image_size)
     _require(len(d.crop_scale) == 2 and 0 < d.crop_scale[0] <= d.crop_scale[1] <= 1,

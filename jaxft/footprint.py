@@ -134,6 +134,8 @@ def inspect(config: ml_collections.ConfigDict, show_params: bool = False) -> dic
       "optimizer_state_bytes": tree_bytes(state["opt_state"]),
       "step_flops": flops,
       "peak_memory_bytes": peak,
+      # Activations (what remat trades for recompute) and XLA's scratch space.
+      "temp_memory_bytes": int(compiled.memory_analysis().temp_size_in_bytes),
       "devices": jax.device_count(),
       "mesh": dict(mesh.shape),
       "param_bytes_per_device": sharding.bytes_per_device([state["params"], state["frozen"]]),

@@ -10,6 +10,7 @@ import optax
 
 from jaxft import params as params_lib
 from jaxft import rules as rules_lib
+from jaxft.models import stack
 
 
 def warmup_steps(config: ml_collections.ConfigDict) -> int:
@@ -59,7 +60,7 @@ def _transform(config: ml_collections.ConfigDict, lr: optax.Schedule,
 def labels(params: Any, assignment: rules_lib.Assignment) -> Any:
   """Each param's optimizer group: its rule's index, split by whether it decays."""
   def label(path: str) -> str:
-    return f"{assignment.of[path]}" + ("" if rules_lib.decays(path) else "/nodecay")
+    return f"{assignment.of[stack.layer_path(path)]}" + ("" if rules_lib.decays(path) else "/nodecay")
   return jax.tree.map(label, params_lib.tree_paths(params))
 
 

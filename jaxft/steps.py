@@ -23,6 +23,8 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from jaxft.models import stack
+
 State = dict[str, Any]
 
 
@@ -63,7 +65,7 @@ def init_state(params: nnx.State, frozen: nnx.State, tx: optax.GradientTransform
 def logits(objective: Objective, graphdef: nnx.GraphDef, params: nnx.State, frozen: nnx.State,
            rest: nnx.State, batch: dict, dropout_key: jax.Array | None) -> jax.Array:
   """The model's logits on `batch`; dropout on iff `dropout_key` is given."""
-  model = nnx.merge(graphdef, params, frozen, rest)
+  model = nnx.merge(graphdef, stack.unstack_state(params), stack.unstack_state(frozen), rest)
   rngs = None if dropout_key is None else nnx.Rngs(dropout=dropout_key)
   return objective.forward(model, batch, dropout_key is None, rngs)
 

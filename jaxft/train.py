@@ -32,7 +32,9 @@ from jaxft import steps
 from jaxft import tasks
 from jaxft import trainable
 from jaxft.data import batches as batches_lib
+from jaxft.data import prefetch
 from jaxft.errors import UserError
+from jaxft.models import layers
 
 EXPORT_FORMATS = ("hf", "peft")
 
@@ -80,20 +82,23 @@ class Placement:
     rules: logical axis name -> mesh axes.
     state: shardings of the train state (same structure).
     batch: sharding of every batch array (rows split over data x fsdp).
+    attention: config.model.attention (see layers.attention_implementation).
   """
   mesh: jax.sharding.Mesh
   rules: sharding.Rules
   state: Any
   batch: jax.sharding.NamedSharding
+  attention: str = "jaxft"
 
   @property
   def replicated(self) -> jax.sharding.NamedSharding:
     return jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
 
   def traced_under_rules(self, fn):
-    """`fn` with activation constraints active while jit traces it."""
+    """`fn` with activation constraints and the attention choice active while jit traces it."""
     def wrapped(*args, **kwargs):
-      with sharding.activation_rules(self.mesh, self.rules):
+      with sharding.activation_rules(self.mesh, self.rules), \
+          layers.attention_implementation(self.attention):
         return fn(*args, **kwargs)
     return wrapped
 
@@ -102,7 +107,7 @@ def placement(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
               abstract_state: Any) -> Placement:
   rules_ = sharding.logical_rules(config)
   return Placement(mesh, rules_, sharding.tree_shardings(abstract_state, mesh, rules_),
-                   sharding.batch_sharding(mesh, rules_))
+                   sharding.batch_sharding(mesh, rules_), config.model.get("attention", "jaxft"))
 
 
 def make_step_fn(config: ml_collections.ConfigDict, split: trainable.Split,
@@ -171,7 +176,7 @@ def open_run(config: ml_collections.ConfigDict, workdir: str, model_path: str,
 
 # Keys that decide the checkpoint's structure (what is trainable, its dtype).
 _PARTITION_KEYS = ("optim.rules", "optim.layer_decay", "optim.optimizer", "lora",
-                   "model.frozen_dtype")
+                   "model.frozen_dtype", "model.scan_layers")
 
 
 def _check_same_partition(config: ml_collections.ConfigDict, workdir: str) -> None:
@@ -188,9 +193,12 @@ def _check_same_partition(config: ml_collections.ConfigDict, workdir: str) -> No
       tree = tree.get(part, {})
     return tree
 
+  defaults = json.loads(config_lib.to_json(config_lib.base()))
   for key in _PARTITION_KEYS:
-    if get(saved, key) != get(now, key):
-      raise UserError(f"{workdir} was trained with config.{key}={get(saved, key)!r}, not "
+    # A key newer than the workdir's config had its default then.
+    was = get(saved, key) if get(saved, key) != {} else get(defaults, key)
+    if was != get(now, key):
+      raise UserError(f"{workdir} was trained with config.{key}={was!r}, not "
                       f"{get(now, key)!r}; its checkpoints cannot resume with other "
                       "trainable parameters. Use a new --workdir.")
 
@@ -260,12 +268,16 @@ def _loop(config: ml_collections.ConfigDict, workdir: str, run: Run, data: tasks
     writer.write(run.step, "eval", result)
     return result
 
-  with preemption.StopRequest() as stop:
+  make_batch = lambda step: sharding.global_batch(batches.lazy(step - 1), run.placement.batch)
+  with preemption.StopRequest() as stop, prefetch.Prefetch(
+      make_batch, run.step + 1, t.num_steps, t.get("prefetch", 0)) as upcoming:
     for step in range(run.step + 1, t.num_steps + 1):
-      batch = sharding.global_batch(batches.lazy(step - 1), run.placement.batch)
-      trace.before(step)
-      run.state, m = step_fn(run.state, batch)
-      trace.after(step, run.state)
+      batch = upcoming.get(step)
+      # Between log steps nothing waits for the device: dispatch runs ahead of it.
+      with jax.transfer_guard_device_to_host("disallow"):
+        trace.before(step)
+        run.state, m = step_fn(run.state, batch)
+        trace.after(step, run.state)
       loss = None
       if t.log_every and step % t.log_every == 0:
         m = {k: float(v) for k, v in m.items()}

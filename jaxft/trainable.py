@@ -20,6 +20,7 @@ from jaxft import lora
 from jaxft import params as params_lib
 from jaxft import rules as rules_lib
 from jaxft.models import registry
+from jaxft.models import stack
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -38,10 +39,17 @@ def compute_dtype(config: ml_collections.ConfigDict) -> Any:
 
 
 def with_adapters(model: nnx.Module, config: ml_collections.ConfigDict) -> nnx.Module:
-  """`model` with LoRA adapters attached if the config asks for them (in place)."""
+  """`model` with LoRA adapters attached if the config asks for them, and the
+  layer stack run as config.model.scan_layers / remat say (in place)."""
   if lora.enabled(config):
     lora.attach(model, config, seed=config.train.seed)
-  return model
+  return stack.configure(model, stack_options(config))
+
+
+def stack_options(config: ml_collections.ConfigDict) -> stack.Options:
+  """How the config runs layer stacks (configs older than the keys: a plain loop)."""
+  return stack.Options(scan=bool(config.model.get("scan_layers", False)),
+                       remat=config.model.get("remat", "none"))
 
 
 def abstract_model(hf_config: Any, config: ml_collections.ConfigDict) -> nnx.Module:
@@ -58,8 +66,8 @@ class Split:
 
   Attributes:
     graphdef: the model's structure.
-    params: trainable parameters.
-    frozen: every other parameter.
+    params: trainable parameters (layer lists stacked under config.model.scan_layers).
+    frozen: every other parameter (likewise).
     rest: non-parameter state.
     assignment: each parameter's rule.
     sizes: parameter path -> element count.
@@ -72,7 +80,8 @@ class Split:
   sizes: dict[str, int]
 
   def merge(self, params: nnx.State, frozen: nnx.State) -> nnx.Module:
-    return nnx.merge(self.graphdef, params, frozen, self.rest)
+    return nnx.merge(self.graphdef, stack.unstack_state(params), stack.unstack_state(frozen),
+                     self.rest)
 
 
 def _cast(x: Any, dtype: Any) -> Any:
@@ -103,4 +112,8 @@ def split(model: nnx.Module, config: ml_collections.ConfigDict, model_type: str)
   if frozen_dtype != jnp.float32:
     frozen = jax.tree.map(lambda x: _cast(x, frozen_dtype), frozen)
   sizes = {p: int(v.get_value().size) for p, v in named}
+  if stack_options(config).scan:
+    lists = stack.containers(model)
+    params = stack.stack_state(params, lists, lambda p: assignment.of["/".join(map(str, p))])
+    frozen = stack.stack_state(frozen, lists)
   return Split(graphdef, params, frozen, rest, assignment, sizes)

@@ -13,6 +13,7 @@ import transformers
 
 from jaxft import train
 from jaxft.errors import UserError
+from jaxft.models import stack
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -69,23 +70,48 @@ def test_resume_from_a_checkpoint_reproduces_the_uninterrupted_run(tiny_setup, t
   jax.tree.map(np.testing.assert_array_equal, state_a, state_b)
 
 
-def test_grad_accumulation_matches_the_full_batch(tiny_setup, tmp_path):
-  # Dropout draws differ per micro-batch, so compare with dropout off.
-  def no_dropout(c):
-    c.model.path = str(tmp_path / "nodrop")
-    return c
+def _without_dropout(tiny_setup, tmp_path):
+  """A copy of the tiny model with dropout off: runs that draw masks differently agree."""
   cfg = transformers.AutoConfig.from_pretrained(tiny_setup / "model")
   cfg.hidden_dropout_prob = cfg.attention_probs_dropout_prob = 0.0
   shutil.copytree(tiny_setup / "model", tmp_path / "nodrop")
   cfg.save_pretrained(tmp_path / "nodrop")
-  one = no_dropout(tiny_config(tiny_setup, num_steps=2, grad_accum=1))
-  four = no_dropout(tiny_config(tiny_setup, num_steps=2, grad_accum=4))
+
+  def config(**train_overrides):
+    c = tiny_config(tiny_setup, **train_overrides)
+    c.model.path = str(tmp_path / "nodrop")
+    return c
+  return config
+
+
+def test_grad_accumulation_matches_the_full_batch(tiny_setup, tmp_path):
+  no_dropout = _without_dropout(tiny_setup, tmp_path)  # Micro-batches draw their own masks.
+  one = no_dropout(num_steps=2, grad_accum=1)
+  four = no_dropout(num_steps=2, grad_accum=4)
   train.train(one, str(tmp_path / "one"))
   train.train(four, str(tmp_path / "four"))
   _, a = _params(tmp_path / "one", one)
   _, b = _params(tmp_path / "four", four)
   jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6),
                a["params"], b["params"])
+
+
+def test_scanned_rematerialised_layers_train_like_the_loop_and_resume(tiny_setup, tmp_path):
+  no_dropout = _without_dropout(tiny_setup, tmp_path)
+  loop = no_dropout(num_steps=4)
+  scan = no_dropout(num_steps=4)
+  scan.model.update(scan_layers=True, remat="full")
+  train.train(loop, str(tmp_path / "loop"))
+  train.train(scan, str(tmp_path / "scan"))
+  _, a = _params(tmp_path / "loop", loop)
+  _, b = _params(tmp_path / "scan", scan)  # Restored from the stacked checkpoint.
+  assert any("stacked" in str(path) for path, _ in jax.tree_util.tree_leaves_with_path(b))
+  unstacked = stack.unstack_state(jax.tree.map(jax.numpy.asarray, b["params"]))
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6),
+               a["params"], jax.tree.map(np.asarray, unstacked))
+  loop.model.scan_layers = True  # The loop's checkpoints hold unstacked layers.
+  with pytest.raises(UserError, match="scan_layers"):
+    train.train(loop, str(tmp_path / "loop"))
 
 
 def test_bfloat16_compute_trains_with_float32_params(tiny_setup, tmp_path):

@@ -24,6 +24,7 @@ from flax import nnx
 from jaxft import sharding
 from jaxft.errors import UserError
 from jaxft.models import layers
+from jaxft.models import stack
 
 Array = jax.Array
 Dtype = Any
@@ -139,9 +140,11 @@ class BertAttention(nnx.Module):
                                  rngs=rngs)
 
   def __call__(self, x: Array, mask: Array | None, *, deterministic: bool,
-               rngs: nnx.Rngs | None) -> Array:
-    context = self.self(x, mask, deterministic=deterministic, rngs=rngs)
-    return self.output(context, x, deterministic=deterministic, rngs=rngs)
+               rngs: nnx.Rngs | None, first_only: bool = False) -> Array:
+    """`first_only`: outputs for the first position only (keys and values see all)."""
+    queries = x[:, :1] if first_only else x
+    context = self.self(x, mask, deterministic=deterministic, rngs=rngs, queries=queries)
+    return self.output(context, queries, deterministic=deterministic, rngs=rngs)
 
 
 class BertIntermediate(nnx.Module):
@@ -172,8 +175,8 @@ class BertLayer(nnx.Module):
                              **kw)
 
   def __call__(self, x: Array, mask: Array | None, *, deterministic: bool,
-               rngs: nnx.Rngs | None) -> Array:
-    x = self.attention(x, mask, deterministic=deterministic, rngs=rngs)
+               rngs: nnx.Rngs | None, first_only: bool = False) -> Array:
+    x = self.attention(x, mask, deterministic=deterministic, rngs=rngs, first_only=first_only)
     hidden = self.intermediate(x, deterministic=deterministic, rngs=rngs)
     return self.output(hidden, x, deterministic=deterministic, rngs=rngs)
 
@@ -186,12 +189,25 @@ class BertEncoder(nnx.Module):
     self.layer = nnx.List([
         BertLayer(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         for _ in range(config.num_hidden_layers)])
+    self.stack_options = stack.Options()
 
   def __call__(self, x: Array, mask: Array | None, *, deterministic: bool,
-               rngs: nnx.Rngs | None) -> Array:
-    for block in self.layer:
-      x = block(x, mask, deterministic=deterministic, rngs=rngs)
-      x = sharding.constrain(x, ("batch", "length", "embed"))
+               rngs: nnx.Rngs | None, first_only: bool = False) -> Array:
+    """Hidden states [batch, length, hidden]; with `first_only`, [batch, 1, hidden].
+
+    `first_only` runs the last layer for the first position only: a
+    classification head reads nothing else, and that layer's query, output
+    and MLP matmuls for the other positions would be thrown away.
+    """
+    def call(block, h, block_rngs, first=False):
+      h = block(h, mask, deterministic=deterministic, rngs=block_rngs, first_only=first)
+      return sharding.constrain(h, ("batch", "length", "embed"))
+
+    blocks = list(self.layer)
+    body = blocks[:-1] if first_only else blocks
+    x = stack.run(body, x, call, options=self.stack_options, rngs=rngs)
+    if first_only:
+      x = call(blocks[-1], x, rngs, first=True)
     return x
 
 
@@ -226,12 +242,15 @@ class BertModel(nnx.Module):
   def encode(self, input_ids: Array, attention_mask: Array | None,
              token_type_ids: Array | None = None, *,
              deterministic: bool = True,
-             rngs: nnx.Rngs | None = None) -> Array:
-    """Token ids -> last hidden states [batch, length, hidden]."""
+             rngs: nnx.Rngs | None = None, first_only: bool = False) -> Array:
+    """Token ids -> last hidden states [batch, length, hidden].
+
+    `first_only`: only the first position's last hidden state ([batch, 1, hidden]).
+    """
     x = self.embeddings(input_ids, token_type_ids, deterministic=deterministic,
                         rngs=rngs)
     return self.encoder(x, layers.padding_mask(attention_mask),
-                        deterministic=deterministic, rngs=rngs)
+                        deterministic=deterministic, rngs=rngs, first_only=first_only)
 
   def __call__(self, input_ids: Array, attention_mask: Array | None,
                token_type_ids: Array | None = None, *,
@@ -262,7 +281,7 @@ class BertForSequenceClassification(BertModel):
                rngs: nnx.Rngs | None = None) -> Array:
     """Returns float32 logits [batch, num_labels]."""
     hidden = self.encode(input_ids, attention_mask, token_type_ids,
-                         deterministic=deterministic, rngs=rngs)
+                         deterministic=deterministic, rngs=rngs, first_only=True)
     kw = dict(deterministic=deterministic, rngs=rngs)
     pooled = self.dropout(self.pooler(hidden, **kw), **kw)
     return self.classifier(pooled, **kw).astype(jnp.float32)
@@ -310,7 +329,7 @@ class RobertaForSequenceClassification(RobertaModel):
                rngs: nnx.Rngs | None = None) -> Array:
     """Returns float32 logits [batch, num_labels]."""
     hidden = self.encode(input_ids, attention_mask, token_type_ids,
-                         deterministic=deterministic, rngs=rngs)
+                         deterministic=deterministic, rngs=rngs, first_only=True)
     return self.classifier(hidden, deterministic=deterministic,
                            rngs=rngs).astype(jnp.float32)
 
@@ -448,13 +467,15 @@ class DistilBertTransformer(nnx.Module):
     self.layer = nnx.List([
         DistilBertBlock(config, dtype=dtype, param_dtype=param_dtype,
                         rngs=rngs) for _ in range(config.n_layers)])
+    self.stack_options = stack.Options()
 
   def __call__(self, x: Array, mask: Array | None, *, deterministic: bool,
                rngs: nnx.Rngs | None) -> Array:
-    for block in self.layer:
-      x = block(x, mask, deterministic=deterministic, rngs=rngs)
-      x = sharding.constrain(x, ("batch", "length", "embed"))
-    return x
+    def call(block, h, block_rngs):
+      h = block(h, mask, deterministic=deterministic, rngs=block_rngs)
+      return sharding.constrain(h, ("batch", "length", "embed"))
+
+    return stack.run(list(self.layer), x, call, options=self.stack_options, rngs=rngs)
 
 
 class DistilBertForSequenceClassification(nnx.Module):

@@ -18,6 +18,7 @@ from flax import nnx
 from jaxft import sharding
 from jaxft.models import layers
 from jaxft.models import llama
+from jaxft.models import stack
 
 Array = jax.Array
 
@@ -104,6 +105,7 @@ class Transformer(nnx.Module):
                             axes=(None, "embed"), rngs=rngs, **kw)
     self.drop = layers.dropout(config.embd_pdrop)
     self.h = nnx.List([Block(config, rngs=rngs, **kw) for _ in range(config.n_layer)])
+    self.stack_options = stack.Options()
     self.ln_f = layers.LayerNorm(config.n_embd, epsilon=config.layer_norm_epsilon,
                                  axes=("embed",), **kw)
 
@@ -131,11 +133,15 @@ class GPT2LMHeadModel(nnx.Module):
                                          attention_mask)
     x = t.drop(t.wte(input_ids) + t.wpe(positions), deterministic=deterministic, rngs=rngs)
     new_cache = []
-    for i, block in enumerate(t.h):
-      x, layer_cache = block(x, mask, deterministic=deterministic, rngs=rngs,
-                             cache=None if cache is None else cache[i],
-                             cache_index=cache_index)
-      new_cache.append(layer_cache)
+    if cache is None:
+      call = lambda block, h, block_rngs: block(h, mask, deterministic=deterministic,
+                                                rngs=block_rngs)[0]
+      x = stack.run(list(t.h), x, call, options=t.stack_options, rngs=rngs)
+    else:
+      for i, block in enumerate(t.h):
+        x, layer_cache = block(x, mask, deterministic=deterministic, rngs=rngs,
+                               cache=cache[i], cache_index=cache_index)
+        new_cache.append(layer_cache)
     logits = t.wte.attend(t.ln_f(x)).astype(jnp.float32)
     return logits if cache is None else (logits, new_cache)
 

@@ -26,6 +26,7 @@ from jaxft import sharding
 from jaxft.errors import UserError
 from jaxft.models import layers
 from jaxft.models import rope
+from jaxft.models import stack
 
 Array = jax.Array
 Dtype = Any
@@ -201,6 +202,7 @@ class DecoderModel(nnx.Module):
     self.layers = nnx.List([
         DecoderLayer(config, family=family, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         for _ in range(config.num_hidden_layers)])
+    self.stack_options = stack.Options()
     self.norm = layers.RMSNorm(config.hidden_size, epsilon=config.rms_norm_eps, dtype=dtype,
                                param_dtype=param_dtype, axes=("embed",))
 
@@ -216,13 +218,17 @@ class DecoderModel(nnx.Module):
     else:
       mask = cached_attention_mask(length, cache[0][0].shape[1], cache_index, attention_mask)
     x = self.embed_tokens(input_ids)
+    if cache is None:
+      call = lambda layer, h, layer_rngs: layer(h, positions, mask, deterministic=deterministic,
+                                                rngs=layer_rngs)[0]
+      x = stack.run(list(self.layers), x, call, options=self.stack_options, rngs=rngs)
+      return self.norm(x), None
     new_cache = []
     for i, layer in enumerate(self.layers):
       x, layer_cache = layer(x, positions, mask, deterministic=deterministic, rngs=rngs,
-                             cache=None if cache is None else cache[i],
-                             cache_index=cache_index)
+                             cache=cache[i], cache_index=cache_index)
       new_cache.append(layer_cache)
-    return self.norm(x), (None if cache is None else new_cache)
+    return self.norm(x), new_cache
 
 
 class CausalLM(nnx.Module):

@@ -38,6 +38,7 @@ from jaxft import sharding
 from jaxft.errors import UserError
 from jaxft.models import bert
 from jaxft.models import layers
+from jaxft.models import stack
 
 Array = jax.Array
 Dtype = Any
@@ -315,13 +316,15 @@ class ViTEncoder(nnx.Module):
     self.layer = nnx.List([
         ViTLayer(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         for _ in range(config.num_hidden_layers)])
+    self.stack_options = stack.Options()
 
   def __call__(self, x: Array, *, deterministic: bool,
                rngs: nnx.Rngs | None) -> Array:
-    for block in self.layer:
-      x = block(x, deterministic=deterministic, rngs=rngs)
-      x = sharding.constrain(x, ("batch", "length", "embed"))
-    return x
+    def call(block, h, block_rngs):
+      h = block(h, deterministic=deterministic, rngs=block_rngs)
+      return sharding.constrain(h, ("batch", "length", "embed"))
+
+    return stack.run(list(self.layer), x, call, options=self.stack_options, rngs=rngs)
 
 
 class ViTPooler(nnx.Module):
