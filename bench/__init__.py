@@ -1,0 +1,1 @@
+"""Side-by-side measurements of jaxft and PyTorch + transformers (see README.md)."""
