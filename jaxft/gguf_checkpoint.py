@@ -9,6 +9,7 @@ one at a time, when read, with the `gguf` package (numpy; no torch).
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 from typing import Callable
@@ -42,6 +43,17 @@ def is_gguf(path: str) -> bool:
 def _reader(path: str):
   if not os.path.isfile(path):
     raise UserError(f"GGUF file not found: {path}")
+  stat = os.stat(path)
+  return _parsed(os.path.abspath(path), stat.st_mtime_ns, stat.st_size)
+
+
+# Parsing the metadata (every vocabulary string and merge, one numpy view
+# each) takes ~6 s for SmolLM2 on a CPU core, and one load needs the reader
+# for its config, its tensors and its tokenizer check: parse once per file
+# version. The reader memory-maps the file, so keeping it is cheap.
+@functools.lru_cache(maxsize=2)
+def _parsed(path: str, mtime_ns: int, size: int):
+  del mtime_ns, size  # Part of the cache key only: a rewritten file is parsed again.
   import gguf  # pylint: disable=g-import-not-at-top
   try:
     return gguf.GGUFReader(path)

@@ -19,6 +19,16 @@ TINY_DISTILBERT_SIZES = dict(dim=32, n_layers=2, n_heads=4, hidden_dim=37,
                              vocab_size=100, max_position_embeddings=64)
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+  """Modules pinned to one xdist worker (`xdist_group`) go first.
+
+  `make test` runs two workers with `--dist loadgroup`; a group is the
+  longest unit of work (test_sharding: minutes), so starting it last would
+  leave one worker running it alone at the end.
+  """
+  items.sort(key=lambda item: item.get_closest_marker("xdist_group") is None)
+
+
 @pytest.fixture(scope="session")
 def minilm_path() -> str:
   """Folder of sentence-transformers/all-MiniLM-L6-v2 (BERT, no `bert.` prefix)."""
@@ -145,15 +155,25 @@ def smollm2_path() -> str:
 
 
 @pytest.fixture(scope="session")
-def tiny_chat_lm(tmp_path_factory, smollm2_path):
+def smollm2_tokenizer(smollm2_path):
+  """SmolLM2's tokenizer and chat template, read from the GGUF once per test process.
+
+  Reading it takes seconds (the vocabulary and merges are parsed from the
+  GGUF metadata); the tests only read from it.
+  """
+  from jaxft import hf
+  return hf.load_tokenizer(smollm2_path)
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_lm(tmp_path_factory, smollm2_tokenizer):
   """A tiny random Llama with SmolLM2's tokenizer and chat template, and real chats.
 
   root/model (HF folder), root/train.jsonl (24 chitchat conversations),
   root/test.jsonl (8).
   """
-  from jaxft import hf
   root = tmp_path_factory.mktemp("tiny_chat")
-  tokenizer = hf.load_tokenizer(smollm2_path)
+  tokenizer = smollm2_tokenizer
   config = transformers.LlamaConfig(
       vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,

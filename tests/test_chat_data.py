@@ -12,11 +12,6 @@ TWO_TURNS = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content":
              {"role": "user", "content": "Bye"}, {"role": "assistant", "content": "See you."}]
 
 
-@pytest.fixture(scope="module")
-def smollm2_tokenizer(smollm2_path):
-  return hf.load_tokenizer(smollm2_path)
-
-
 def test_loss_falls_on_the_assistant_tokens_of_each_turn_under_smollm2s_template(
     smollm2_tokenizer):
   tok = smollm2_tokenizer

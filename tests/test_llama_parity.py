@@ -211,13 +211,14 @@ def test_sampling_top_k_1_and_tiny_top_p_are_greedy_and_eos_stops_a_row(tmp_path
   assert first <= 2 and (stopped[0, first:] == eos).all()
 
 
-def test_smollm2_gguf_matches_transformers_and_generates_the_same_reply(smollm2_path):
+def test_smollm2_gguf_matches_transformers_and_generates_the_same_reply(smollm2_path,
+                                                                         smollm2_tokenizer):
   # The real 30-layer model, dequantized from Q4_1 / Q8_0 by both sides.
   from jaxft import generate
   import os
   loaded = hf.load_causal_lm(smollm2_path)
   assert not loaded.report.missing and loaded.hf_config.num_hidden_layers == 30
-  tok = hf.load_tokenizer(smollm2_path)
+  tok = smollm2_tokenizer
   text = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
                                  tokenize=False, add_generation_prompt=True)
   ids = np.asarray(tok(text)["input_ids"], np.int32)[None]

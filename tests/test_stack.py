@@ -140,3 +140,10 @@ def test_hashed_dropout_keeps_one_minus_rate_and_the_mean():
   keep = np.asarray(a != 0, np.float32)
   assert abs(np.corrcoef(keep[:, :-1].ravel(), keep[:, 1:].ravel())[0, 1]) < 0.01
   np.testing.assert_array_equal(drop(x, deterministic=True, rngs=None), x)
+
+
+def test_hashed_dropout_with_a_rate_just_below_one_drops_nearly_everything():
+  # rate * 2**32 rounds to 2**32 here, which does not fit the uint32 threshold.
+  x = jnp.ones((64, 64))
+  out = layers.dropout(1 - 1e-12)(x, deterministic=False, rngs=nnx.Rngs(dropout=0))
+  assert int(jnp.sum(out != 0)) <= 1

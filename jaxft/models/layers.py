@@ -209,7 +209,8 @@ def hashed_bits(seed: Array, shape: tuple[int, ...]) -> Array:
   jax.random's threefry costs about a sixth of a BERT train step on a CPU
   when it draws every dropout mask; this hash fuses into the op that uses the
   mask instead of being computed and stored separately. Distinct elements of
-  one call get distinct bits (the hash is a bijection of the index).
+  one call get distinct bits (the hash is a bijection of the index) up to
+  2**32 elements per call, beyond which indices wrap around.
   """
   index = jnp.zeros(shape, jnp.uint32)
   stride = 1
@@ -237,7 +238,8 @@ class Dropout(nnx.Module):
     if rngs is None:
       raise ValueError("Dropout needs rngs=nnx.Rngs(dropout=key) when not deterministic.")
     seed = jax.random.bits(rngs.dropout(), (), jnp.uint32)
-    keep = hashed_bits(seed, x.shape) >= jnp.uint32(round(self.rate * 2**32))
+    threshold = min(round(self.rate * 2**32), 2**32 - 1)
+    keep = hashed_bits(seed, x.shape) >= jnp.uint32(threshold)
     return jnp.where(keep, x * jnp.asarray(1.0 / (1.0 - self.rate), x.dtype), jnp.zeros_like(x))
 
 
