@@ -221,12 +221,6 @@ def build_model(hf_config: transformers.PretrainedConfig, task: str, *,
                      rngs=nnx.Rngs(params=seed))
 
 
-def _flat_params(model: nnx.Module) -> tuple[Any, list[tuple[str, Any]]]:
-  """(param State, [(path 'a/b/0/kernel', Variable)]) of a model."""
-  state = nnx.state(model, nnx.Param)
-  return state, params_lib.named_variables(state)
-
-
 # --- reading checkpoints -----------------------------------------------------
 
 @dataclasses.dataclass
@@ -331,11 +325,12 @@ def _open_checkpoint(folder: str, allow_pickle: bool) -> Iterator[_Checkpoint]:
       f"{sorted(os.listdir(folder))}.")
 
 
-def _assign_params(model: nnx.Module, layout: layers.CheckpointLayout,
-                   ckpt: _Checkpoint, param_dtype: Any) -> LoadReport:
-  """Copies matching checkpoint tensors into `model`; reports the rest."""
-  state, flat = _flat_params(model)
-  used, missing = set(), []
+def _read_params(abstract: nnx.State, layout: layers.CheckpointLayout, ckpt: _Checkpoint,
+                 param_dtype: Any, places: dict[str, Any]
+                 ) -> tuple[dict[str, jax.Array], LoadReport]:
+  """The checkpoint tensors of `abstract`'s params, placed; the report of the rest."""
+  flat = params_lib.named_variables(nnx.state(abstract, nnx.Param))
+  values, used, missing = {}, set(), []
   for path, var in flat:
     found = [(k, t) for k, t in layout.candidates(path, ckpt.fmt)
              if k in ckpt.readers]
@@ -350,30 +345,60 @@ def _assign_params(model: nnx.Module, layout: layers.CheckpointLayout,
           f"Checkpoint tensor {key!r} has shape {raw.shape} (as our param "
           f"{path!r}: {value.shape}) but the model built from config.json "
           f"expects {var.shape}. Is num_labels or the config right?")
-    var.set_value(_place(value.astype(param_dtype), var.get_value()))
+    values[path] = _place(value.astype(param_dtype), places[path])
     used.add(key)
   if not used:
     raise UserError(
-        f"No tensor in {ckpt.source} matches a {type(model).__name__} "
-        f"parameter (e.g. {layout.candidates(flat[0][0], ckpt.fmt)[0][0]!r}); "
+        f"No tensor in {ckpt.source} matches a parameter of the model "
+        f"(e.g. {layout.candidates(flat[0][0], ckpt.fmt)[0][0]!r}); "
         "does config.json's model_type match the weights?")
-  nnx.update(model, state)
   unexpected = sorted(k for k in ckpt.readers
                       if k not in used and not _IGNORED_KEYS.search(k))
-  return LoadReport(missing=missing, unexpected=unexpected)
+  return values, LoadReport(missing=missing, unexpected=unexpected)
 
 
-def _place(value: np.ndarray, like: jax.Array) -> jax.Array:
-  """`value` laid out as `like` is: each device gets only its own slice."""
-  return jax.make_array_from_callback(value.shape, like.sharding, lambda index: value[index])
+def _place(value: np.ndarray, sharding: jax.sharding.Sharding) -> jax.Array:
+  """`value` laid out by `sharding`: each device gets only its own slice."""
+  return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
 
 
-def _build_sharded(hf_config: transformers.PretrainedConfig, task: str,
-                   shardings: Callable[[Any], Any], **kwargs: Any) -> nnx.Module:
-  """Initialises the model directly into its shards: no host holds it whole."""
-  build = lambda: build_model(hf_config, task, **kwargs)
+def _placements(abstract: nnx.State, shardings: Callable[[Any], Any] | None
+                ) -> dict[str, jax.sharding.Sharding]:
+  """Where each variable of the model goes, by path: `shardings`, else the default device."""
+  if shardings is None:
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    return {path: device for path, _ in params_lib.named_variables(abstract)}
+  leaves = jax.tree_util.tree_flatten_with_path(shardings(abstract))[0]
+  return {params_lib.path_str(kp): s for kp, s in leaves}
+
+
+def _abstract(build: Callable[[], nnx.Module], shardings: Callable[[Any], Any] | None
+              ) -> tuple[nnx.GraphDef, nnx.State, dict[str, jax.sharding.Sharding]]:
+  """(graph, abstract state, placements) of the model `build` makes, nothing computed."""
   graphdef, abstract = nnx.split(nnx.eval_shape(build))
-  state = jax.jit(lambda: nnx.split(build())[1], out_shardings=shardings(abstract))()
+  return graphdef, abstract, _placements(abstract, shardings)
+
+
+def _materialise(build: Callable[[], nnx.Module], values: dict[str, jax.Array],
+                 graphdef: nnx.GraphDef, abstract: nnx.State,
+                 places: dict[str, jax.sharding.Sharding]) -> nnx.Module:
+  """The model `build` makes, with `values` for those paths and its own init elsewhere.
+
+  Only the variables without a value are initialised, directly into their
+  shards, in one jitted program: XLA drops the random draws of everything
+  else, which for a loaded checkpoint is nearly the whole model (a 1B model's
+  init would cost tens of seconds on a CPU, to be overwritten).
+  """
+  named = params_lib.named_variables(abstract)
+  rest = [path for path, _ in named if path not in values]
+  if rest:
+    def init() -> list[jax.Array]:
+      built = dict(params_lib.named_variables(nnx.split(build())[1]))
+      return [built[path].get_value() for path in rest]
+    values = {**values, **dict(zip(rest, jax.jit(
+        init, out_shardings=[places[path] for path in rest])()))}
+  treedef = jax.tree_util.tree_structure(abstract, is_leaf=lambda x: isinstance(x, nnx.Variable))
+  state = jax.tree_util.tree_unflatten(treedef, [var.replace(values[path]) for path, var in named])
   return nnx.merge(graphdef, state)
 
 
@@ -451,10 +476,9 @@ def init_model(hf_config: transformers.PretrainedConfig, task: str, *, dtype: An
                param_dtype: Any = jnp.float32, seed: int = 0,
                shardings: Callable[[Any], Any] | None = None) -> Loaded:
   """A randomly initialised model of `hf_config` (training from scratch): no weights read."""
-  kwargs = dict(dtype=dtype, param_dtype=param_dtype, seed=seed)
-  model = (build_model(hf_config, task, **kwargs) if shardings is None
-           else _build_sharded(hf_config, task, shardings, **kwargs))
-  return Loaded(model=model, hf_config=hf_config, report=LoadReport([], []), path="")
+  build = lambda: build_model(hf_config, task, dtype=dtype, param_dtype=param_dtype, seed=seed)
+  return Loaded(model=_materialise(build, {}, *_abstract(build, shardings)), hf_config=hf_config,
+                report=LoadReport([], []), path="")
 
 
 def _load(folder: str, hf_config: transformers.PretrainedConfig, task: str, *,
@@ -463,14 +487,13 @@ def _load(folder: str, hf_config: transformers.PretrainedConfig, task: str, *,
           opener: Callable[[], Any] | None = None) -> Loaded:
   opener = opener or (lambda: _open_checkpoint(folder, allow_pickle))
   spec = registry.lookup(hf_config.model_type, task)
-  kwargs = dict(dtype=dtype, param_dtype=param_dtype, seed=seed)
-  if shardings is None:
-    model = build_model(hf_config, task, **kwargs)
-  else:
-    model = _build_sharded(hf_config, task, shardings, **kwargs)
+  build = lambda: build_model(hf_config, task, dtype=dtype, param_dtype=param_dtype, seed=seed)
+  graphdef, abstract, places = _abstract(build, shardings)
   with opener() as ckpt:
-    report = _assign_params(model, spec.layout, ckpt, param_dtype)
-  return Loaded(model=model, hf_config=hf_config, report=report, path=folder)
+    values, report = _read_params(abstract, spec.layout, ckpt, param_dtype, places)
+  return Loaded(model=_materialise(build, values, graphdef, abstract, places),
+                hf_config=hf_config,
+                report=report, path=folder)
 
 
 # --- writing checkpoints -----------------------------------------------------
@@ -517,7 +540,7 @@ def _export(model: nnx.Module, config: transformers.PretrainedConfig, task: str,
   from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
   spec = registry.lookup(config.model_type, task)
   tensors = {}
-  for path, var in _flat_params(model)[1]:
+  for path, var in params_lib.named_variables(nnx.state(model, nnx.Param)):
     key, transform = spec.layout.export_name(path)
     value = transform.to_theirs(sharding.to_host(var.get_value()).astype(np.float32))
     tensors[key] = np.ascontiguousarray(value)

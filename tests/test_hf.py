@@ -4,6 +4,7 @@ import json
 import os
 import shutil
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -59,6 +60,21 @@ def test_prefixless_checkpoint_reports_only_the_head_missing(minilm_path):
       "encoder.layer.2.attention.self.query.weight"]
   kernel = loaded.model.encoder.layer[2].attention.self.query.kernel[...]
   np.testing.assert_array_equal(np.asarray(kernel), weight.T)
+
+
+def test_a_missing_head_gets_the_seeds_init_and_only_it_is_initialised(minilm_path):
+  from flax import nnx
+  from jaxft.models import registry
+  loaded = hf.load_classifier(minilm_path, num_labels=3, seed=7)
+  built = hf.build_model(loaded.hf_config, registry.CLASSIFY, seed=7)
+  for name in ("kernel", "bias"):
+    np.testing.assert_allclose(np.asarray(getattr(loaded.model.classifier, name)[...]),
+                               np.asarray(getattr(built.classifier, name)[...]), atol=1e-7)
+  other = hf.load_classifier(minilm_path, num_labels=3, seed=8).model.classifier.kernel[...]
+  assert not np.allclose(np.asarray(other), np.asarray(built.classifier.kernel[...]))
+  # Every variable is a concrete array on the device: nothing was left abstract.
+  leaves = jax.tree.leaves(nnx.state(loaded.model))
+  assert leaves and all(isinstance(x, jax.Array) for x in leaves)
 
 
 def test_unexpected_key_is_reported(tiny_bert, tmp_path):
