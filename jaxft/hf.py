@@ -492,8 +492,7 @@ def _load(folder: str, hf_config: transformers.PretrainedConfig, task: str, *,
   with opener() as ckpt:
     values, report = _read_params(abstract, spec.layout, ckpt, param_dtype, places)
   return Loaded(model=_materialise(build, values, graphdef, abstract, places),
-                hf_config=hf_config,
-                report=report, path=folder)
+                hf_config=hf_config, report=report, path=folder)
 
 
 # --- writing checkpoints -----------------------------------------------------
