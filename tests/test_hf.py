@@ -62,7 +62,7 @@ def test_prefixless_checkpoint_reports_only_the_head_missing(minilm_path):
   np.testing.assert_array_equal(np.asarray(kernel), weight.T)
 
 
-def test_a_missing_head_gets_the_seeds_init_and_only_it_is_initialised(minilm_path):
+def test_a_missing_head_gets_the_seeds_init_and_every_variable_is_concrete(minilm_path):
   from flax import nnx
   from jaxft.models import registry
   loaded = hf.load_classifier(minilm_path, num_labels=3, seed=7)
