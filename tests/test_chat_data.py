@@ -1,7 +1,6 @@
 """SFT data: which tokens carry loss, packing, and a loss that packing does not change."""
 
 import numpy as np
-import pytest
 import transformers
 
 from jaxft import hf
