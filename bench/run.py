@@ -48,6 +48,7 @@ import tempfile  # noqa: E402
 from typing import Any, Sequence  # noqa: E402
 
 from bench import rows as rows_lib  # noqa: E402
+from jaxft import host_memory  # noqa: E402
 
 SIDES = ("jax", "torch")
 NAMES = {"jax": "jaxft", "torch": "torch"}
@@ -237,6 +238,9 @@ def notes(results: list[dict[str, Any]], skipped: list[str], header: str) -> lis
 def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
   """Runs the suite; prints (and writes) the table; returns one dict per (row, side)."""
   args = parse_args(argv)
+  # As `jaxft train` does, before JAX starts (both sides share the setting).
+  policy = dict(rows_lib.parse_set(s) for s in args.sets).get("train.host_memory", "auto")
+  reuse = host_memory.apply(policy)
   if args.child:
     return [child(args)]
   selected = rows_lib.suite(args.suite, [r for r in args.rows.split(",") if r])
@@ -247,7 +251,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
   peak = jax_side.peak_flops()
   header = (f"device {jax_side.device()}; peak {peak / 1e9:.1f} GFLOP/s "
             f"({jax_side.peak_source()});"
-            f" torch threads {args.threads}; {args.warmup} warm-up steps, then "
+            f" torch threads {args.threads}; host memory {'reused' if reuse else 'released'}"
+            f" (train.host_memory={policy}); {args.warmup} warm-up steps, then "
             f"{args.rounds} rounds of {args.steps} steps per side"
             + "".join(f"; --set {s}" for s in args.sets))
   if args.memory:

@@ -12,6 +12,7 @@ from typing import Any
 
 import ml_collections
 
+from jaxft import host_memory
 from jaxft.errors import UserError
 from jaxft.models import layers
 from jaxft.models import stack
@@ -57,6 +58,9 @@ def base() -> ml_collections.ConfigDict:
   c.train.eval_batch_size = 64
   c.train.prefetch = 2  # Batches built ahead on a background thread; 0: inline.
   c.train.compilation_cache = ""  # Folder for compiled programs (reruns skip compiling); "" off.
+  # Freed host buffers: reuse (no per-step page faults on CPU) | release | auto
+  # (reuse when JAX runs on the CPU). Process-wide; see jaxft/host_memory.py.
+  c.train.host_memory = "auto"
 
   c.optim = ml_collections.ConfigDict()
   c.optim.optimizer = "adamw"  # adamw | sgd.
@@ -168,6 +172,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _require(t[key] > 0, f"train.{key}", "> 0", t[key])
   for key in ("eval_every", "log_every"):
     _require(t[key] >= 0, f"train.{key}", ">= 0", t[key])
+  _require(t.get("host_memory", "auto") in host_memory.POLICIES, "train.host_memory",
+           f"one of {host_memory.POLICIES}", t.get("host_memory", "auto"))
   _require(t.batch_size % t.grad_accum == 0, "train.batch_size",
            f"divisible by train.grad_accum={t.grad_accum}", t.batch_size)
   _require(o.lr > 0, "optim.lr", "> 0", o.lr)

@@ -20,6 +20,7 @@ from flax import nnx
 from jaxft import checkpoint
 from jaxft import config as config_lib
 from jaxft import hf
+from jaxft import host_memory
 from jaxft import lora
 from jaxft import metrics as metrics_lib
 from jaxft import mfu
@@ -235,6 +236,8 @@ def train(config: ml_collections.ConfigDict, workdir: str,
 
   `profile_steps` > 0 writes a JAX trace of that many steps to DIR/profile.
   """
+  # Before anything starts JAX's backend: its threads must not have allocated yet.
+  host_memory.apply(config.train.get("host_memory", "auto"))
   profiling.use_compilation_cache(config.train.get("compilation_cache", ""))
   model_path, task, data = _prepare(config, workdir, need_train=True)
   os.makedirs(workdir, exist_ok=True)
