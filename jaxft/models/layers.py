@@ -288,7 +288,10 @@ def dot_product_attention(query: Array, key: Array, value: Array,
   """Softmax attention over [batch, length, heads, head_dim] inputs.
 
   Args:
-    query, key, value: [batch, q_len | kv_len, heads, head_dim].
+    query: [batch, q_len, heads, head_dim].
+    key, value: [batch, kv_len, kv_heads, head_dim]; kv_heads divides heads
+      (grouped-query attention: query head h reads key head h // (heads /
+      kv_heads), as repeating each key head that many times would give).
     mask: boolean [batch, 1 | heads, q_len | 1, kv_len], True where attending
       is allowed; None attends everywhere.
     dropout_layer: applied to the attention probabilities.
@@ -298,20 +301,38 @@ def dot_product_attention(query: Array, key: Array, value: Array,
   Returns:
     [batch, q_len, heads, head_dim] in the dtype of `value`.
   """
+  batch, q_len, heads, head_dim = query.shape
+  kv_heads = key.shape[2]
   if _ATTENTION.get() == "fused" and (deterministic or dropout_layer.rate == 0.0):
     # A fully masked row (a dummy padding example) gets uniform weights here too.
     return jax.nn.dot_product_attention(query, key, value, mask=mask).astype(value.dtype)
-  scale = query.shape[-1] ** -0.5
-  scores = jnp.einsum("bqhd,bkhd->bhqk", query, key,
-                      preferred_element_type=jnp.float32) * scale
+  # The query heads that share a key head are one matmul against it, not
+  # `groups` matmuls against repeated copies: on a CPU the bigger matmuls
+  # and the skipped repeat make a SmolLM2 layer (9 heads, 3 key heads) ~10%
+  # faster. With groups == 1 the extra axis has size one.
+  # Heads-major operands, transposed here rather than left to the einsums:
+  # XLA then lays the matmuls out without further copies (measured faster).
+  groups = heads // kv_heads
+  q = query.reshape(batch, q_len, kv_heads, groups, head_dim).transpose(0, 2, 3, 1, 4)
+  key, value = jnp.swapaxes(key, 1, 2), jnp.swapaxes(value, 1, 2)
+  scores = jnp.einsum("bhgqd,bhkd->bhgqk", q, key,
+                      preferred_element_type=jnp.float32) * head_dim ** -0.5
   if mask is not None:
     # `where` rather than an additive bias: a fully padded row (a dummy
     # example filling a fixed-shape batch) then softmaxes to uniform weights
     # instead of NaN, which would poison a loss even when weighted by zero.
-    scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+    scores = jnp.where(_grouped_mask(mask, groups), scores, jnp.finfo(jnp.float32).min)
   probs = jax.nn.softmax(scores, axis=-1)
   probs = dropout_layer(probs, deterministic=deterministic, rngs=rngs)
-  return jnp.einsum("bhqk,bkhd->bqhd", probs.astype(value.dtype), value)
+  context = jnp.einsum("bhgqk,bhkd->bhgqd", probs.astype(value.dtype), value)
+  return context.transpose(0, 3, 1, 2, 4).reshape(batch, q_len, heads, head_dim)
+
+
+def _grouped_mask(mask: Array, groups: int) -> Array:
+  """[b, 1 | heads, q, k] -> [b, 1 | kv_heads, 1 | groups, q, k], as the grouped scores."""
+  if mask.shape[1] == 1:
+    return mask[:, :, None]
+  return mask.reshape(mask.shape[0], mask.shape[1] // groups, groups, *mask.shape[2:])
 
 
 def padding_mask(attention_mask: Array | None) -> Array | None:

@@ -138,8 +138,6 @@ class Attention(nnx.Module):
     if cache is not None:
       cache = write_cache(cache, k, v, cache_index)
       k, v = cache
-    repeat = self.num_heads // self.num_kv_heads
-    k, v = jnp.repeat(k, repeat, axis=2), jnp.repeat(v, repeat, axis=2)
     context = layers.dot_product_attention(q, k, v, mask, dropout_layer=self.dropout, **kw)
     context = context.reshape(batch, length, self.num_heads * self.head_dim)
     context = sharding.constrain(context, ("batch", "length", "heads"))
