@@ -187,6 +187,9 @@ def bench_row(row: rows_lib.Row, model_path: str, args: argparse.Namespace,
   del jx, tc, sides  # Free both models before the next row (and the memory children).
   gc.collect()
   jax.clear_caches()
+  # Reused host memory stays mapped otherwise (train.host_memory): a memory
+  # child would then share the machine with this process's freed gigabytes.
+  host_memory.return_free()
   return out
 
 

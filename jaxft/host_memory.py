@@ -13,7 +13,8 @@ next to an accelerator, hence `auto`.
 
 The setting is process-wide and one-way, and reaches only threads that have
 not allocated yet: it must be applied before JAX starts its backend (the
-first computation), as `jaxft train` does.
+first computation), as `jaxft train` does. `return_free` hands what is free
+back to the system at a point where nothing large is about to be allocated.
 """
 
 from __future__ import annotations
@@ -61,3 +62,10 @@ def apply(policy: str) -> bool:
   # -1 disables trimming (mallopt(3)); mallopt returns 1 on success.
   settings = ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, -1))
   return all(libc.mallopt(param, value) == 1 for param, value in settings)
+
+
+def return_free() -> bool:
+  """Returns the free memory of the malloc heap to the system (glibc's malloc_trim)."""
+  if platform.libc_ver()[0] != "glibc":
+    return False
+  return ctypes.CDLL("libc.so.6").malloc_trim(0) == 1
