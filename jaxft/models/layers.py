@@ -121,8 +121,8 @@ class Linear(nnx.Module):
     leading = x.shape[:-1]
     # As a 2-D matmul: XLA's CPU backend transposes the output gradient of a
     # [batch, length, in] dot in memory before the kernel-gradient matmul
-    # (an 8 x 256 x 1536 copy took 50-140 ms on a 2-core Xeon, two thirds of
-    # the matmuls' time); of a [batch * length, in] one, it does not.
+    # (an 8 x 256 x 1536 copy took 50-140 ms on a 2-core Xeon, longer than
+    # the matmul it fed); of a [batch * length, in] one, it does not.
     x = x.astype(self.dtype).reshape(-1, x.shape[-1])
     y = jnp.dot(x, self.kernel[...].astype(self.dtype))
     if self.lora_a is not None:
@@ -301,19 +301,17 @@ def dot_product_attention(query: Array, key: Array, value: Array,
   Returns:
     [batch, q_len, heads, head_dim] in the dtype of `value`.
   """
-  batch, q_len, heads, head_dim = query.shape
-  kv_heads = key.shape[2]
   if _ATTENTION.get() == "fused" and (deterministic or dropout_layer.rate == 0.0):
     # A fully masked row (a dummy padding example) gets uniform weights here too.
     return jax.nn.dot_product_attention(query, key, value, mask=mask).astype(value.dtype)
   # The query heads that share a key head are one matmul against it, not
-  # `groups` matmuls against repeated copies: on a CPU the bigger matmuls
-  # and the skipped repeat make a SmolLM2 layer (9 heads, 3 key heads) ~10%
-  # faster. With groups == 1 the extra axis has size one.
-  # Heads-major operands, transposed here rather than left to the einsums:
-  # XLA then lays the matmuls out without further copies (measured faster).
-  groups = heads // kv_heads
-  q = query.reshape(batch, q_len, kv_heads, groups, head_dim).transpose(0, 2, 3, 1, 4)
+  # `groups` matmuls against repeated copies (groups == 1 adds a unit axis).
+  # Operands go heads-major explicitly rather than by the einsums' choice.
+  # Both measured on a CPU: a SmolLM2 layer (9 heads, 3 key heads) ~10%
+  # faster than with repeated keys and einsum-chosen layouts.
+  batch, q_len, heads, head_dim = query.shape
+  groups = heads // key.shape[2]
+  q = query.reshape(batch, q_len, heads // groups, groups, head_dim).transpose(0, 2, 3, 1, 4)
   key, value = jnp.swapaxes(key, 1, 2), jnp.swapaxes(value, 1, 2)
   scores = jnp.einsum("bhgqd,bhkd->bhgqk", q, key,
                       preferred_element_type=jnp.float32) * head_dim ** -0.5
