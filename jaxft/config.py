@@ -172,8 +172,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _require(t[key] > 0, f"train.{key}", "> 0", t[key])
   for key in ("eval_every", "log_every"):
     _require(t[key] >= 0, f"train.{key}", ">= 0", t[key])
-  _require(t.get("host_memory", "auto") in host_memory.POLICIES, "train.host_memory",
-           f"one of {host_memory.POLICIES}", t.get("host_memory", "auto"))
+  policy = t.get("host_memory", "auto")
+  _require(policy in host_memory.POLICIES, "train.host_memory",
+           f"one of {host_memory.POLICIES}", policy)
   _require(t.batch_size % t.grad_accum == 0, "train.batch_size",
            f"divisible by train.grad_accum={t.grad_accum}", t.batch_size)
   _require(o.lr > 0, "optim.lr", "> 0", o.lr)

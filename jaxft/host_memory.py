@@ -54,11 +54,9 @@ def apply(policy: str) -> bool:
   """
   if policy not in POLICIES:
     raise UserError(f"train.host_memory must be one of {POLICIES}, got {policy!r}")
-  if policy == "release" or (policy == "auto" and not cpu_only()):
+  libc = _glibc()
+  if policy == "release" or (policy == "auto" and not cpu_only()) or libc is None:
     return False
-  if platform.libc_ver()[0] != "glibc":
-    return False
-  libc = ctypes.CDLL("libc.so.6")
   # -1 disables trimming (mallopt(3)); mallopt returns 1 on success.
   settings = ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, -1))
   return all(libc.mallopt(param, value) == 1 for param, value in settings)
@@ -66,6 +64,10 @@ def apply(policy: str) -> bool:
 
 def return_free() -> bool:
   """Returns the free memory of the malloc heap to the system (glibc's malloc_trim)."""
-  if platform.libc_ver()[0] != "glibc":
-    return False
-  return ctypes.CDLL("libc.so.6").malloc_trim(0) == 1
+  libc = _glibc()
+  return libc is not None and libc.malloc_trim(0) == 1
+
+
+def _glibc() -> ctypes.CDLL | None:
+  """The C library if it is glibc (whose malloc these settings are for), else None."""
+  return ctypes.CDLL("libc.so.6") if platform.libc_ver()[0] == "glibc" else None
