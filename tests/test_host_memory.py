@@ -14,18 +14,19 @@ from jaxft.errors import UserError
 # A jitted function whose temporary (sin(x), 128 MB: above glibc's largest
 # mmap threshold) is allocated and freed on every call, as a train step's are.
 _FAULTS = textwrap.dedent("""
-    import resource, sys
+    import resource, statistics, sys
     from jaxft import host_memory
     print(host_memory.apply(sys.argv[1]))
     import jax, jax.numpy as jnp
     f = jax.jit(lambda x: jnp.sin(x) @ x[:8].T)
     x = jnp.ones((16_000, 2_000))
-    for _ in range(4):
+    def faults():
+      before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
       jax.block_until_ready(f(x))
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+      return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
     for _ in range(8):
-      jax.block_until_ready(f(x))
-    print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+      faults()
+    print(int(statistics.median(faults() for _ in range(16))))
     def rss():
       return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmRSS"))
     del x
@@ -36,7 +37,7 @@ _FAULTS = textwrap.dedent("""
 
 
 def _faults(policy: str) -> tuple[str, int, int]:
-  """(whether reuse applied, minor faults of 8 calls, MB that return_free gave back)."""
+  """(whether reuse applied, median minor faults of a call, MB that return_free gave back)."""
   env = {**os.environ, "JAX_PLATFORMS": "cpu"}
   out = subprocess.run([sys.executable, "-c", _FAULTS, policy], env=env, check=True,
                        capture_output=True, text=True).stdout.split()
@@ -48,11 +49,12 @@ def test_reuse_stops_the_per_call_page_faults_that_release_pays():
   applied, reused, returned = _faults("reuse")
   kept, released, _ = _faults("release")
   assert (applied, kept) == ("True", "False")
-  # 8 calls x 128 MB of fresh pages is ~250k faults when memory goes back.
-  assert released > 200_000
-  # Reused, the heap still grows while one call's buffers overlap the next's
-  # (frees are asynchronous), but not on every call.
-  assert reused < released / 2
+  # 128 MB of fresh pages is ~31k faults when memory goes back after each call.
+  assert released > 25_000
+  # Reused, the heap grows for the first few calls while one call's buffers
+  # overlap the next's (frees are asynchronous; more calls overlap on a loaded
+  # machine), then a call faults nothing: the median call is steady state.
+  assert reused < released / 100
   # The 128 MB input and the freed temporaries go back to the system on request.
   assert returned >= 128
 
