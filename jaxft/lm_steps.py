@@ -7,12 +7,22 @@ each; `loss_mask` marks the tokens to learn (the assistant's, by default).
 
 from __future__ import annotations
 
+import functools
+from typing import Union
+
 import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from jaxft import lm_loss
 from jaxft import steps
+from jaxft.models import layers
+
+
+# The logits [batch, length, vocab], or (final hidden states, output layer)
+# when the output layer is one matrix: lm_loss then never holds the logits.
+Outputs = Union[jax.Array, tuple[jax.Array, layers.OutputLayer]]
 
 
 def loss_targets(batch: dict) -> jax.Array:
@@ -38,20 +48,34 @@ def token_loss_sum(logits: jax.Array, batch: dict) -> tuple[jax.Array, jax.Array
   return jnp.sum(jnp.where(valid, losses, 0.0)), jnp.sum(valid)
 
 
-def _forward(model, batch, deterministic, rngs):
-  return model(batch["input_ids"], None, batch["positions"], batch["segment_ids"],
-               deterministic=deterministic, rngs=rngs)
+def output_loss_sum(outputs: Outputs, batch: dict) -> tuple[jax.Array, jax.Array]:
+  """`token_loss_sum` of what `_forward` returned: logits, or hidden states + output layer."""
+  if not isinstance(outputs, tuple):
+    return token_loss_sum(outputs, batch)
+  hidden, output = outputs
+  valid = loss_targets(batch)
+  # Position i predicts token i + 1; the last position predicts nothing.
+  pad = lambda x: jnp.pad(x, ((0, 0), (0, 1)))
+  total = lm_loss.loss_sum(hidden, output, pad(batch["input_ids"][:, 1:]), pad(valid))
+  return total, jnp.sum(valid)
+
+
+def _forward(model, batch, deterministic, rngs) -> Outputs:
+  output = model.output_layer()
+  call = functools.partial(model, batch["input_ids"], None, batch["positions"],
+                           batch["segment_ids"], deterministic=deterministic, rngs=rngs)
+  return call() if output is None else (call(hidden_only=True), output)
 
 
 CAUSAL_LM = steps.Objective(
     forward=_forward,
-    loss_sums=lambda logits, batch: (token_loss_sum(logits, batch)[0], {}),
+    loss_sums=lambda outputs, batch: (output_loss_sum(outputs, batch)[0], {}),
     units=lambda batch: jnp.sum(loss_targets(batch)).astype(jnp.float32))
 
 
 def eval_step(params: nnx.State, frozen: nnx.State, batch: dict, *, graphdef: nnx.GraphDef,
               rest: nnx.State) -> tuple[jax.Array, jax.Array]:
   """(summed loss, loss tokens) of a batch, dropout off."""
-  logits = steps.logits(CAUSAL_LM, graphdef, params, frozen, rest, batch, None)
-  total, count = token_loss_sum(logits, batch)
+  outputs = steps.model_outputs(CAUSAL_LM, graphdef, params, frozen, rest, batch, None)
+  total, count = output_loss_sum(outputs, batch)
   return total, count.astype(jnp.float32)

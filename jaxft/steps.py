@@ -33,12 +33,14 @@ class Objective:
   """What a task trains.
 
   Attributes:
-    forward: (model, batch, deterministic, rngs) -> float32 logits.
-    loss_sums: (logits, batch) -> (summed loss, {metric name: summed value}).
+    forward: (model, batch, deterministic, rngs) -> the model's outputs: float32
+      logits, or whatever `loss_sums` reads (a causal LM's hidden states and
+      output layer, jaxft.lm_steps).
+    loss_sums: (outputs, batch) -> (summed loss, {metric name: summed value}).
     units: batch -> how many loss units it holds (a float scalar).
   """
-  forward: Callable[..., jax.Array]
-  loss_sums: Callable[[jax.Array, dict], tuple[jax.Array, dict[str, jax.Array]]]
+  forward: Callable[..., Any]
+  loss_sums: Callable[[Any, dict], tuple[jax.Array, dict[str, jax.Array]]]
   units: Callable[[dict], jax.Array]
 
 
@@ -62,9 +64,10 @@ def init_state(params: nnx.State, frozen: nnx.State, tx: optax.GradientTransform
           "opt_state": tx.init(params)}
 
 
-def logits(objective: Objective, graphdef: nnx.GraphDef, params: nnx.State, frozen: nnx.State,
-           rest: nnx.State, batch: dict, dropout_key: jax.Array | None) -> jax.Array:
-  """The model's logits on `batch`; dropout on iff `dropout_key` is given."""
+def model_outputs(objective: Objective, graphdef: nnx.GraphDef, params: nnx.State,
+                  frozen: nnx.State, rest: nnx.State, batch: dict,
+                  dropout_key: jax.Array | None) -> Any:
+  """The model's outputs on `batch` (`objective.forward`); dropout on iff `dropout_key` is given."""
   model = nnx.merge(graphdef, stack.unstack_state(params), stack.unstack_state(frozen), rest)
   rngs = None if dropout_key is None else nnx.Rngs(dropout=dropout_key)
   return objective.forward(model, batch, dropout_key is None, rngs)
@@ -75,7 +78,7 @@ def loss_and_grads(objective: Objective, graphdef, rest, params, frozen, batch, 
   """(loss sum / units, metric sums / units, grads) of one (micro-)batch."""
   def loss_fn(p):
     total, sums = objective.loss_sums(
-        logits(objective, graphdef, p, frozen, rest, batch, key), batch)
+        model_outputs(objective, graphdef, p, frozen, rest, batch, key), batch)
     return total / units, jax.tree.map(lambda s: s / units, sums)
   (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
   return loss, metrics, grads
@@ -118,6 +121,6 @@ def train_step(state: State, batch: dict, *, objective: Objective, graphdef: nnx
 def eval_step(params: nnx.State, frozen: nnx.State, batch: dict, *, graphdef: nnx.GraphDef,
               rest: nnx.State, objective: Objective = CLASSIFY) -> tuple[jax.Array, jax.Array]:
   """Classification: per-example loss and predicted class, dropout off."""
-  out = logits(objective, graphdef, params, frozen, rest, batch, None)
+  out = model_outputs(objective, graphdef, params, frozen, rest, batch, None)
   losses = optax.softmax_cross_entropy_with_integer_labels(out, batch["label"])
   return losses, jnp.argmax(out, -1)

@@ -94,6 +94,36 @@ def test_grad_accumulation_gives_the_per_token_mean_of_the_whole_batch(tiny_chat
     np.testing.assert_allclose(out[accum]["grad_norm"], out[1]["grad_norm"], rtol=1e-4)
 
 
+def test_train_loss_and_gradient_equal_transformers_on_the_same_rows(tiny_chat_lm):
+  # The loss comes from hidden states chunk by chunk (jaxft.lm_loss), never
+  # from full logits: pin it, and the gradient of the tied embedding (input
+  # and output layer), to transformers' loss on logits with -100 labels.
+  from jaxft import trainable
+  from jaxft.data import sft
+  config = tiny_sft_config(tiny_chat_lm)
+  config.data.packing = False  # One document per row: what transformers' loss sees.
+  rows = sft.prepare(config, hf.load_tokenizer(config.model.path))[0].rows
+  batch = {k: v[:4] for k, v in rows.items()}
+  split = trainable.split(hf.load_causal_lm(config.model.path).model, config, "llama")
+  units = lm_steps.CAUSAL_LM.units(batch)
+  loss, _, grads = steps.loss_and_grads(lm_steps.CAUSAL_LM, split.graphdef, split.rest,
+                                        split.params, split.frozen, batch, None, units)
+  theirs = transformers.LlamaForCausalLM.from_pretrained(config.model.path).eval()
+  ids = torch.from_numpy(batch["input_ids"].astype(np.int64))
+  keep = torch.from_numpy((batch["loss_mask"] & (batch["segment_ids"] > 0)).astype(bool))
+  out = theirs(input_ids=ids, attention_mask=torch.from_numpy(batch["segment_ids"] > 0).long(),
+               labels=torch.where(keep, ids, -100))
+  out.loss.backward()
+  np.testing.assert_allclose(float(loss), out.loss.item(), atol=1e-5)
+  ours = np.asarray(grads["model"]["embed_tokens"]["embedding"].get_value())
+  want = theirs.model.embed_tokens.weight.grad.numpy()
+  # torch's nn.Embedding(padding_idx=pad) gives the pad token's row no input-side
+  # gradient, even where it is a real token (SmolLM2's pad is its <|im_end|>).
+  pad = theirs.config.pad_token_id
+  assert (batch["input_ids"][batch["segment_ids"] > 0] == pad).any()
+  np.testing.assert_allclose(np.delete(ours, pad, 0), np.delete(want, pad, 0), atol=1e-6)
+
+
 def _greedy_torch(folder, prompt, n):
   model = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
   tokenizer = transformers.AutoTokenizer.from_pretrained(folder)

@@ -120,7 +120,8 @@ class GPT2LMHeadModel(nnx.Module):
   def __call__(self, input_ids: Array, attention_mask: Array | None = None,
                positions: Array | None = None, segment_ids: Array | None = None, *,
                deterministic: bool = True, rngs: nnx.Rngs | None = None,
-               cache: list[llama.KVCache] | None = None, cache_index: Array | None = None):
+               cache: list[llama.KVCache] | None = None, cache_index: Array | None = None,
+               hidden_only: bool = False):
     """As `llama.CausalLM.__call__`."""
     t = self.transformer
     batch, length = input_ids.shape
@@ -142,8 +143,14 @@ class GPT2LMHeadModel(nnx.Module):
         x, layer_cache = block(x, mask, deterministic=deterministic, rngs=rngs,
                                cache=cache[i], cache_index=cache_index)
         new_cache.append(layer_cache)
+    if hidden_only:
+      return t.ln_f(x)
     logits = t.wte.attend(t.ln_f(x)).astype(jnp.float32)
     return logits if cache is None else (logits, new_cache)
+
+  def output_layer(self) -> layers.OutputLayer:
+    """The tied output weight for jaxft.lm_loss."""
+    return layers.output_layer(None, self.transformer.wte)
 
   def init_cache(self, batch: int, max_length: int, dtype: Any = jnp.float32):
     attn = self.transformer.h[0].attn

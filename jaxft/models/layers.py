@@ -18,6 +18,7 @@ import contextvars
 import dataclasses
 import functools
 import re
+import typing
 from typing import Any, Callable, Iterator, Sequence
 
 import jax
@@ -197,6 +198,27 @@ class Embed(nnx.Module):
   def attend(self, x: Array) -> Array:
     """x @ embedding.T: the output layer of a model with tied embeddings."""
     return jnp.dot(x.astype(self.dtype), self.embedding[...].astype(self.dtype).T)
+
+
+class OutputLayer(typing.NamedTuple):
+  """An LM's output layer as one matrix: logits = hidden @ weight (vocab_major: @ weight.T).
+
+  `weight` is in the compute dtype; a tied embedding is vocab-major.
+  """
+  weight: Array
+  vocab_major: bool
+
+
+def output_layer(head: Linear | None, embed: Embed) -> OutputLayer | None:
+  """The output layer of a causal LM (`head`, or `embed` tied when None) as one matrix.
+
+  None when it is more than one (a LoRA adapter, a bias): callers then use the logits.
+  """
+  if head is None:
+    return OutputLayer(embed.embedding[...].astype(embed.dtype), vocab_major=True)
+  if head.lora_a is not None or head.bias is not None:
+    return None
+  return OutputLayer(head.kernel[...].astype(head.dtype), vocab_major=False)
 
 
 def _mix32(x: Array) -> Array:

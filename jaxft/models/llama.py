@@ -248,21 +248,29 @@ class CausalLM(nnx.Module):
   def __call__(self, input_ids: Array, attention_mask: Array | None = None,
                positions: Array | None = None, segment_ids: Array | None = None, *,
                deterministic: bool = True, rngs: nnx.Rngs | None = None,
-               cache: list[KVCache] | None = None, cache_index: Array | None = None):
+               cache: list[KVCache] | None = None, cache_index: Array | None = None,
+               hidden_only: bool = False):
     """float32 logits [batch, length, vocab]; with `cache`, (logits, new cache).
 
     With a cache, `attention_mask` is [batch, max_length] over cache slots
     (1 where a slot holds a real token, including this call's) and this call's
-    tokens go to slots cache_index .. cache_index + length - 1.
+    tokens go to slots cache_index .. cache_index + length - 1. `hidden_only`
+    (no cache) returns the final hidden states instead, for `output_layer`.
     """
     hidden, cache = self.model(input_ids, attention_mask, positions, segment_ids,
                                deterministic=deterministic, rngs=rngs, cache=cache,
                                cache_index=cache_index)
+    if hidden_only:
+      return hidden
     if self.lm_head is None:
       logits = self.model.embed_tokens.attend(hidden).astype(jnp.float32)
     else:
       logits = self.lm_head(hidden, deterministic=deterministic, rngs=rngs).astype(jnp.float32)
     return logits if cache is None else (logits, cache)
+
+  def output_layer(self) -> layers.OutputLayer | None:
+    """The output weight for jaxft.lm_loss (None with a LoRA adapter on lm_head)."""
+    return layers.output_layer(self.lm_head, self.model.embed_tokens)
 
   def init_cache(self, batch: int, max_length: int, dtype: Any = jnp.float32) -> list[KVCache]:
     """Zeroed keys and values for every layer."""

@@ -1,0 +1,92 @@
+"""lm_loss: the chunked, fused next-token loss equals the loss of the full logits."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+import transformers
+from flax import nnx
+
+from jaxft import hf
+from jaxft import lm_loss
+from jaxft import lm_steps
+from jaxft.models import layers
+from jaxft.models import registry
+
+BATCH, LENGTH, FEATURES, VOCAB = 3, 40, 16, 97
+
+
+def _inputs(vocab_major: bool):
+  keys = jax.random.split(jax.random.key(0), 4)
+  hidden = jax.random.normal(keys[0], (BATCH, LENGTH, FEATURES))
+  shape = (VOCAB, FEATURES) if vocab_major else (FEATURES, VOCAB)
+  weight = jax.random.normal(keys[1], shape) * 0.5
+  targets = jax.random.randint(keys[2], (BATCH, LENGTH), 0, VOCAB)
+  valid = jax.random.bernoulli(keys[3], 0.7, (BATCH, LENGTH))
+  return hidden, weight, targets, valid
+
+
+def _reference(hidden, weight, targets, valid, vocab_major):
+  logits = hidden @ (weight.T if vocab_major else weight)
+  losses = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+  return jnp.sum(jnp.where(valid, losses, 0.0))
+
+
+@pytest.mark.parametrize("vocab_major", [False, True])
+def test_loss_and_both_gradients_match_the_full_logits(vocab_major, monkeypatch):
+  # Several chunks per row, so the scan and its weight-gradient sum are exercised.
+  monkeypatch.setattr(lm_loss, "CHUNK_POSITIONS", BATCH * 8)
+  hidden, weight, targets, valid = _inputs(vocab_major)
+  fused = lambda h, w: lm_loss.loss_sum(h, layers.OutputLayer(w, vocab_major), targets, valid)
+  ref = lambda h, w: _reference(h, w, targets, valid, vocab_major)
+  loss, (dh, dw) = jax.value_and_grad(fused, argnums=(0, 1))(hidden, weight)
+  want, (want_dh, want_dw) = jax.value_and_grad(ref, argnums=(0, 1))(hidden, weight)
+  np.testing.assert_allclose(loss, want, rtol=1e-5)
+  np.testing.assert_allclose(dh, want_dh, atol=1e-5)
+  np.testing.assert_allclose(dw, want_dw, atol=1e-5)
+  np.testing.assert_allclose(jax.jit(fused)(hidden, weight), want, rtol=1e-5)
+
+
+def test_a_frozen_output_layer_costs_no_weight_gradient_matmul():
+  hidden, weight, targets, valid = _inputs(False)
+  fused = lambda h: lm_loss.loss_sum(h, layers.OutputLayer(weight, False), targets, valid)
+  dh = jax.grad(fused)(hidden)
+  np.testing.assert_allclose(
+      dh, jax.grad(lambda h: _reference(h, weight, targets, valid, False))(hidden), atol=1e-5)
+  # Forward, and the hidden-state gradient: two vocab-sized contractions, not three.
+  text = jax.jit(jax.grad(fused)).lower(hidden).as_text()
+  dots = [line for line in text.splitlines() if "dot_general" in line]
+  assert len(dots) == 2, dots
+
+
+@pytest.mark.parametrize("batch,length,chunk", [(8, 256, 64), (1, 40, 40), (3, 7, 7),
+                                                (600, 10, 1), (32, 100, 10)])
+def test_chunks_divide_the_length_and_hold_at_most_the_budget(batch, length, chunk):
+  assert lm_loss._chunk_length(batch, length) == chunk  # pylint: disable=protected-access
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_the_lm_objective_gives_the_same_loss_and_grads_through_either_output_path(
+    tied, monkeypatch):
+  # lm_steps reads hidden states + output layer when the head is one matrix,
+  # and full logits otherwise (a LoRA adapter on lm_head): both must agree.
+  config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2,
+                                    num_attention_heads=4, num_key_value_heads=2,
+                                    intermediate_size=48, tie_word_embeddings=tied)
+  graphdef, params = nnx.split(hf.build_model(config, registry.CAUSAL_LM, seed=0))
+  ids = jax.random.randint(jax.random.key(1), (2, 12), 0, 64)
+  batch = {"input_ids": ids, "positions": jnp.tile(jnp.arange(12) % 7, (2, 1)),
+           "segment_ids": jnp.array([[1] * 7 + [2] * 5, [1] * 9 + [0] * 3]),
+           "loss_mask": jnp.ones((2, 12), bool).at[0, :3].set(False)}
+
+  def loss(p):
+    outputs = lm_steps.CAUSAL_LM.forward(nnx.merge(graphdef, p), batch, True, None)
+    return lm_steps.CAUSAL_LM.loss_sums(outputs, batch)[0]
+
+  fused, fused_grads = jax.value_and_grad(loss)(params)
+  monkeypatch.setattr(type(nnx.merge(graphdef, params)), "output_layer", lambda self: None)
+  full, full_grads = jax.value_and_grad(loss)(params)
+  np.testing.assert_allclose(fused, full, rtol=1e-6)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), fused_grads,
+               full_grads)
