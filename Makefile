@@ -54,7 +54,7 @@ bench: install $(SMOLLM2)
 	JAXFT_SMOLLM2=$(SMOLLM2) $(BIN)/python -m bench.run --suite cpu
 
 test: install $(SMOLLM2)
-	JAXFT_SMOLLM2=$(SMOLLM2) $(BIN)/python -m pytest -q -n 2 --dist loadgroup tests
+	JAXFT_SMOLLM2=$(SMOLLM2) $(BIN)/python -m pytest -q -n 2 --dist loadfile tests
 
 clean:
 	rm -rf $(VENV) runs

@@ -19,14 +19,22 @@ TINY_DISTILBERT_SIZES = dict(dim=32, n_layers=2, n_heads=4, hidden_dim=37,
                              vocab_size=100, max_position_embeddings=64)
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-  """Modules pinned to one xdist worker (`xdist_group`) go first.
+# The longest modules (minutes each), started first so that neither worker
+# runs one alone at the end.
+LONG_MODULES = ("test_sharding.py", "test_cli.py", "test_bench.py")
 
-  `make test` runs two workers with `--dist loadgroup`; a group is the
-  longest unit of work (test_sharding: minutes), so starting it last would
-  leave one worker running it alone at the end.
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+  """LONG_MODULES go first, in that order.
+
+  `make test` runs two workers with `--dist loadfile`: each module on one
+  worker, so a module-scoped fixture (test_sharding's mesh runs, minutes)
+  runs once. (`--dist loadgroup` stopped grouping with pytest 9.2,
+  pytest-dev/pytest-xdist#1386: the fixture ran on both workers.)
   """
-  items.sort(key=lambda item: item.get_closest_marker("xdist_group") is None)
+  rank = lambda item: (LONG_MODULES.index(item.path.name) if item.path.name in LONG_MODULES
+                       else len(LONG_MODULES))
+  items.sort(key=rank)
 
 
 @pytest.fixture(scope="session")

@@ -15,8 +15,6 @@ import pytest
 from bench import rows as rows_lib
 from bench import run as bench_run
 
-# One xdist worker runs this module, so `tiny_suite` is computed once.
-pytestmark = pytest.mark.xdist_group("bench")
 
 # One timed step per side per round, two rounds; 1 torch thread so that a busy
 # machine (OpenMP threads fighting for the cores) cannot stretch the test.

@@ -24,8 +24,6 @@ from tests.test_train import ROOT
 from tests.test_train import tiny_config
 
 MESHES = [(8, 1, 1), (1, 8, 1), (2, 2, 2)]
-# One xdist worker runs this module, so `mesh_runs` is computed once.
-pytestmark = pytest.mark.xdist_group("sharding")
 
 
 def _worker(root, workdir, mesh, steps, devices=8, dist=None, background=False):
