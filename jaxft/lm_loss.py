@@ -62,7 +62,7 @@ def _scan(hidden, weight, targets, valid, vocab_major, want_dh, want_dw):
   vocab = weight.shape[0 if vocab_major else 1]
   logits_spec = "bcd,vd->bcv" if vocab_major else "bcd,dv->bcv"
   dh_spec = "bcv,vd->bcd" if vocab_major else "bcv,dv->bcd"
-  dw_spec = "bcv,bcd->vd" if vocab_major else "bcd,bcv->dv"
+  dw_spec = "bcv,bcd->vd" if vocab_major else "bcv,bcd->dv"
 
   def body(dw, chunk):
     h, t, ok = chunk
@@ -79,9 +79,7 @@ def _scan(hidden, weight, targets, valid, vocab_major, want_dh, want_dw):
                      preferred_element_type=jnp.float32).astype(hidden.dtype)
           if want_dh else None)
     if want_dw:
-      g = g.astype(h.dtype)
-      dw = dw + jnp.einsum(dw_spec, *((g, h) if vocab_major else (h, g)),
-                           preferred_element_type=jnp.float32)
+      dw = dw + jnp.einsum(dw_spec, g.astype(h.dtype), h, preferred_element_type=jnp.float32)
     return dw, (loss, dh)
 
   dw0 = jnp.zeros(weight.shape, jnp.float32) if want_dw else None

@@ -36,27 +36,23 @@ def loss_targets(batch: dict) -> jax.Array:
           & (segments[:, 1:] != 0))
 
 
-def token_loss_sum(logits: jax.Array, batch: dict) -> tuple[jax.Array, jax.Array]:
+def token_loss_sum(outputs: Outputs, batch: dict) -> tuple[jax.Array, jax.Array]:
   """(sum of next-token losses over loss tokens, number of loss tokens).
 
-  Dividing the two sums over the whole global batch averages per token, not
-  per row, so packing does not change the loss.
+  `outputs` is what `_forward` returned: logits, or hidden states + output
+  layer. Dividing the two sums over the whole global batch averages per
+  token, not per row, so packing does not change the loss.
   """
   valid = loss_targets(batch)
-  losses = optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1],
-                                                           batch["input_ids"][:, 1:])
-  return jnp.sum(jnp.where(valid, losses, 0.0)), jnp.sum(valid)
-
-
-def output_loss_sum(outputs: Outputs, batch: dict) -> tuple[jax.Array, jax.Array]:
-  """`token_loss_sum` of what `_forward` returned: logits, or hidden states + output layer."""
-  if not isinstance(outputs, tuple):
-    return token_loss_sum(outputs, batch)
-  hidden, output = outputs
-  valid = loss_targets(batch)
-  # Position i predicts token i + 1; the last position predicts nothing.
-  pad = lambda x: jnp.pad(x, ((0, 0), (0, 1)))
-  total = lm_loss.loss_sum(hidden, output, pad(batch["input_ids"][:, 1:]), pad(valid))
+  targets = batch["input_ids"][:, 1:]
+  if isinstance(outputs, tuple):
+    hidden, output = outputs
+    # Position i predicts token i + 1; the last position predicts nothing.
+    pad = lambda x: jnp.pad(x, ((0, 0), (0, 1)))
+    total = lm_loss.loss_sum(hidden, output, pad(targets), pad(valid))
+  else:
+    losses = optax.softmax_cross_entropy_with_integer_labels(outputs[:, :-1], targets)
+    total = jnp.sum(jnp.where(valid, losses, 0.0))
   return total, jnp.sum(valid)
 
 
@@ -69,7 +65,7 @@ def _forward(model, batch, deterministic, rngs) -> Outputs:
 
 CAUSAL_LM = steps.Objective(
     forward=_forward,
-    loss_sums=lambda outputs, batch: (output_loss_sum(outputs, batch)[0], {}),
+    loss_sums=lambda outputs, batch: (token_loss_sum(outputs, batch)[0], {}),
     units=lambda batch: jnp.sum(loss_targets(batch)).astype(jnp.float32))
 
 
@@ -77,5 +73,5 @@ def eval_step(params: nnx.State, frozen: nnx.State, batch: dict, *, graphdef: nn
               rest: nnx.State) -> tuple[jax.Array, jax.Array]:
   """(summed loss, loss tokens) of a batch, dropout off."""
   outputs = steps.model_outputs(CAUSAL_LM, graphdef, params, frozen, rest, batch, None)
-  total, count = output_loss_sum(outputs, batch)
+  total, count = token_loss_sum(outputs, batch)
   return total, count.astype(jnp.float32)

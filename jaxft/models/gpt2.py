@@ -143,9 +143,10 @@ class GPT2LMHeadModel(nnx.Module):
         x, layer_cache = block(x, mask, deterministic=deterministic, rngs=rngs,
                                cache=cache[i], cache_index=cache_index)
         new_cache.append(layer_cache)
+    hidden = t.ln_f(x)
     if hidden_only:
-      return t.ln_f(x)
-    logits = t.wte.attend(t.ln_f(x)).astype(jnp.float32)
+      return hidden
+    logits = t.wte.attend(hidden).astype(jnp.float32)
     return logits if cache is None else (logits, new_cache)
 
   def output_layer(self) -> layers.OutputLayer:
