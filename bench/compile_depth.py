@@ -2,7 +2,7 @@
 
 Builds random BERTs of MiniLM's width (hidden 384, 12 heads, MLP 1536) at
 each depth, and times tracing + lowering and XLA compilation of the real
-train step (`train.make_step_fn`, AdamW, batch 32 x 128) exactly as
+train step (`run_lib.make_step_fn`, AdamW, batch 32 x 128) exactly as
 `jaxft train` builds it. Nothing runs; nothing is downloaded.
 
   .venv/bin/python -m bench.compile_depth --layers 6 24
@@ -19,7 +19,7 @@ import transformers
 
 from jaxft import config as config_lib
 from jaxft import tasks
-from jaxft import train
+from jaxft import run as run_lib
 
 
 def compile_seconds(layers: int, scan: bool, batch: int = 32, length: int = 128
@@ -33,8 +33,8 @@ def compile_seconds(layers: int, scan: bool, batch: int = 32, length: int = 128
   config.model.update(path=model_dir, from_scratch=True, scan_layers=scan)
   config.data.max_length = length
   task = tasks.of(config)
-  run = train.open_run(config, tempfile.mkdtemp(), model_dir, ["a", "b"], quiet=True, task=task)
-  step = train.make_step_fn(config, run.split, run.tx, run.placement, task.objective)
+  run = run_lib.open_run(config, tempfile.mkdtemp(), model_dir, ["a", "b"], quiet=True, task=task)
+  step = run_lib.make_step_fn(config, run.split, run.tx, run.placement, task.objective)
   ids = np.ones((batch, length), np.int32)
   example = {"input_ids": ids, "attention_mask": ids, "token_type_ids": 0 * ids,
              "label": np.zeros((batch,), np.int32)}

@@ -18,7 +18,9 @@ import numpy as np
 import torch
 import transformers
 
-from jaxft import generate, hf
+from jaxft import generate
+from jaxft.formats import hf
+from jaxft.formats import hub
 
 DEFAULT_GGUF = ".cache/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -39,8 +41,8 @@ def main():
   parser.add_argument("--repeats", type=int, default=3)
   args = parser.parse_args()
   torch.set_num_threads(os.cpu_count())
-  ours = hf.load_causal_lm(args.gguf).model
-  tok = hf.load_tokenizer(args.gguf)
+  ours = hf.load(args.gguf, "causal_lm").model
+  tok = hub.load_tokenizer(args.gguf)
   theirs = transformers.AutoModelForCausalLM.from_pretrained(
       os.path.dirname(args.gguf), gguf_file=os.path.basename(args.gguf)).eval()
   text = generate.chat_prompt(tok, [{"role": "user", "content": "Tell me about the sea."}])

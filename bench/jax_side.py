@@ -1,7 +1,7 @@
 """The jaxft side of a bench row: the train step exactly as `jaxft train` builds it.
 
 `open_run` loads the checkpoint and resolves the rules (LoRA, freezing) into
-the trainable / frozen split and the optimizer; `make_step_fn` is the jitted,
+the trainable / frozen split and the optimizer; `run.make_step_fn` is the jitted,
 sharded, state-donating step of the training loop. The bench only swaps the
 data pipeline for one fixed synthetic batch.
 """
@@ -16,11 +16,11 @@ import jax
 import ml_collections
 
 from bench import rows as rows_lib
-from jaxft import footprint
+from jaxft import inspect
 from jaxft import mfu
 from jaxft import sharding
 from jaxft import tasks
-from jaxft import train
+from jaxft import run as run_lib
 
 
 @dataclasses.dataclass
@@ -28,7 +28,7 @@ class JaxSide:
   """A built jaxft step with its state and batch.
 
   Attributes:
-    step_fn: train.make_step_fn's jitted step (state donated).
+    step_fn: run_lib.make_step_fn's jitted step (state donated).
     state: the current train state, threaded through the steps.
     batch: the fixed global batch.
     compile_s: seconds of `step_fn.lower(state, batch).compile()`.
@@ -58,24 +58,22 @@ def build(row: rows_lib.Row, config: ml_collections.ConfigDict, model_path: str,
   `workdir` must be empty: open_run would resume a checkpoint found there.
   """
   task = tasks.of(config)
-  is_lm = task.name == tasks.CausalLM.name
-  labels = None if is_lm else [f"label_{i}" for i in range(row.num_labels)]
-  run = train.open_run(config, workdir, model_path, labels, quiet=True, task=task)
+  labels = [f"label_{i}" for i in range(row.num_labels)] if task.has_labels else None
+  run = run_lib.open_run(config, workdir, model_path, labels, quiet=True, task=task)
   run.checkpointer.close()  # The bench never saves.
-  step_fn = train.make_step_fn(config, run.split, run.tx, run.placement, task.objective)
+  step_fn = run_lib.make_step_fn(config, run.split, run.tx, run.placement, task.objective)
   hf_config = run.hf_config
-  batch = rows_lib.synthetic_batch(
-      config.task, config.train.batch_size, config.data.max_length, hf_config.vocab_size,
-      row.num_labels, token_types=getattr(hf_config, "type_vocab_size", 1) > 1)
+  shapes = task.abstract_batch(model_path)
+  batch = rows_lib.synthetic_batch(list(shapes), shapes["input_ids"].shape, hf_config.vocab_size,
+                                   row.num_labels)
   batch = sharding.global_batch(batch, run.placement.batch)
   start = time.perf_counter()
   step_fn.lower(run.state, batch).compile()
   compile_s = time.perf_counter() - start
-  tokens = config.data.max_length
-  # train.py's own count, so the bench's MFU is the one the training logs show.
-  per_token = train._flops_per_token(run, tokens)  # pylint: disable=protected-access
-  flops = per_token * tokens * config.train.batch_size
-  return JaxSide(step_fn, run.state, batch, compile_s, footprint.tree_size(run.state["params"]),
+  # The task's own count, so the bench's MFU is the one the training logs show.
+  tokens = task.tokens_per_example(hf_config)
+  flops = task.flops_per_token(run.split.sizes, hf_config) * tokens * config.train.batch_size
+  return JaxSide(step_fn, run.state, batch, compile_s, inspect.tree_size(run.state["params"]),
                  flops)
 
 

@@ -22,6 +22,7 @@ from typing import Any, Sequence
 import ml_collections
 import numpy as np
 
+from jaxft import config as config_lib
 from jaxft import defaults
 
 ROOT = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
@@ -51,6 +52,8 @@ class Row:
       jaxft trains a classifier's fresh head under LoRA (its layout's
       `head_modules`: `classifier` for BERT) and no module of an LM.
     num_labels: classes of a classifier row.
+    causal_lm: the torch side builds an AutoModelForCausalLM (labels = inputs),
+      else an AutoModelForSequenceClassification.
   """
   name: str
   recipe: str
@@ -61,6 +64,7 @@ class Row:
   torch_frozen: tuple[str, ...] = ()
   torch_heads: tuple[str, ...] = ("classifier",)
   num_labels: int = 2
+  causal_lm: bool = False
 
 
 def _classify_rows(prefix: str, model: str, batch: int, length: int,
@@ -75,18 +79,18 @@ def _classify_rows(prefix: str, model: str, batch: int, length: int,
 
 
 CPU = _classify_rows("minilm", "minilm", 32, 128, _MINILM_FROZEN_RULES, _MINILM_FROZEN_TORCH) + [
-    Row("smollm2-sft", "sft", "smollm2", 8, 256, torch_heads=()),
+    Row("smollm2-sft", "sft", "smollm2", 8, 256, torch_heads=(), causal_lm=True),
 ]
 # One row of 2048 tokens: jaxft's attention keeps the fp32 scores of every layer
 # for the backward pass (~1 GB per layer per example here), and the alternation
 # keeps both sides' fp32 params + grads + AdamW state (~20 GB each) on one GPU at
 # once; raise it with --set train.batch_size=N where memory allows.
 GPU = CPU + [
-    Row("llama-1b-bf16", "sft", "llama-1b", 1, 2048, torch_heads=(),
+    Row("llama-1b-bf16", "sft", "llama-1b", 1, 2048, torch_heads=(), causal_lm=True,
         overrides=(("model.dtype", "bfloat16"),)),
 ]
 TINY = _classify_rows("tiny-bert", "tiny-bert", 4, 16, _TINY_FROZEN_RULES, _TINY_FROZEN_TORCH) + [
-    Row("tiny-llama-sft", "sft", "tiny-llama", 4, 16, torch_heads=()),
+    Row("tiny-llama-sft", "sft", "tiny-llama", 4, 16, torch_heads=(), causal_lm=True),
 ]
 SUITES = {"cpu": CPU, "gpu": GPU, "tiny": TINY}
 
@@ -145,15 +149,15 @@ def _assign(config: ml_collections.ConfigDict, key: str, value: Any) -> None:
   node[leaf] = value
 
 
-def jaxft_config(row: Row, model_path: str, sets: Sequence[tuple[str, Any]] = (),
-                 validate: bool = True) -> ml_collections.ConfigDict:
+def jaxft_config(row: Row, model_path: str,
+                 sets: Sequence[tuple[str, Any]] = ()) -> ml_collections.ConfigDict:
   """The config `jaxft train` would run for the row: recipe, bench settings, overrides.
 
   Both sides use AdamW at a constant rate (no warmup: the schedule costs
   nothing measurable, and a constant rate is the simplest to mirror in
   torch), weight decay 0.01 (not on biases / norms) and clipping at 1.0.
-  `sets` (from --set) come last and win. `validate` imports JAX (through
-  jaxft's rule checks); a torch-only child passes False.
+  `sets` (from --set) come last and win; the result is validated (which
+  imports no JAX).
   """
   config = _recipe(row.recipe)
   config.model.path = model_path
@@ -168,9 +172,7 @@ def jaxft_config(row: Row, model_path: str, sets: Sequence[tuple[str, Any]] = ()
   config.optim.clip_norm = 1.0
   for key, value in (*row.overrides, *sets):
     _assign(config, key, value)
-  if validate:
-    from jaxft import config as config_lib  # pylint: disable=g-import-not-at-top
-    config_lib.validate(config)
+  config_lib.validate(config)
   return config
 
 
@@ -240,27 +242,30 @@ def model_path(key: str, scratch: str) -> tuple[str | None, str]:
 
 # --- the batch -------------------------------------------------------------------
 
-def synthetic_batch(task: str, batch_size: int, length: int, vocab_size: int,
-                    num_labels: int = 2, token_types: bool = False,
-                    seed: int = 0) -> dict[str, np.ndarray]:
-  """One fixed batch of random token ids, in jaxft's layout (int32 / bool arrays).
+def synthetic_batch(keys: Sequence[str], shape: tuple[int, int], vocab_size: int,
+                    num_labels: int = 2, seed: int = 0) -> dict[str, np.ndarray]:
+  """One fixed batch of random token ids: `keys` (a task's batch keys), rows x tokens `shape`.
 
-  Classification: no padding (the mask is all ones), token types 0 if the
-  model has them, random labels. Causal LM: one document filling each row
-  (segment 1, positions 0..length-1) and loss on every token. Several
-  documents per row would need a block-diagonal mask on the torch side,
-  which swaps its causal attention kernel for a masked one: not the same job.
+  Arrays are int32 (bool for `loss_mask`), in jaxft's layout. Classification:
+  no padding (the mask is all ones), token types 0, random labels. Causal LM:
+  one document filling each row (segment 1, positions 0..length-1) and loss
+  on every token. Several documents per row would need a block-diagonal mask
+  on the torch side, which swaps its causal attention kernel for a masked
+  one: not the same job.
   """
   rng = np.random.default_rng(seed)
-  shape = (batch_size, length)
-  ids = rng.integers(1, vocab_size, shape, dtype=np.int32)  # 0 is often padding.
-  if task == "causal_lm":
-    return {"input_ids": ids,
-            "positions": np.broadcast_to(np.arange(length, dtype=np.int32), shape).copy(),
-            "segment_ids": np.ones(shape, np.int32),
-            "loss_mask": np.ones(shape, bool)}
-  batch = {"input_ids": ids, "attention_mask": np.ones(shape, np.int32)}
-  if token_types:
-    batch["token_type_ids"] = np.zeros(shape, np.int32)
-  batch["label"] = rng.integers(0, num_labels, (batch_size,), dtype=np.int32)
+  fill = {
+      "attention_mask": lambda: np.ones(shape, np.int32),
+      "token_type_ids": lambda: np.zeros(shape, np.int32),
+      "positions": lambda: np.broadcast_to(np.arange(shape[1], dtype=np.int32), shape).copy(),
+      "segment_ids": lambda: np.ones(shape, np.int32),
+      "loss_mask": lambda: np.ones(shape, bool),
+  }
+  batch = {"input_ids": rng.integers(1, vocab_size, shape, dtype=np.int32)}  # 0: often padding.
+  batch.update({k: fill[k]() for k in keys if k in fill})
+  if "label" in keys:
+    batch["label"] = rng.integers(0, num_labels, (shape[0],), dtype=np.int32)
+  unknown = set(keys) - set(batch)
+  if unknown:
+    raise ValueError(f"no synthetic values for batch keys {sorted(unknown)}")
   return batch

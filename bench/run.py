@@ -6,7 +6,7 @@
 
 For each row of the suite (bench/rows.py) both sides build the same job in
 this one process: jaxft's step exactly as `jaxft train` builds it
-(`train.open_run` + `train.make_step_fn`, its compilation timed as
+(`run_lib.open_run` + `run_lib.make_step_fn`, its compilation timed as
 "compile s") and the textbook torch step (bench/torch_side.py), on one fixed
 synthetic batch. After --warmup steps each, the sides alternate: --steps
 timed jaxft steps, then --steps timed torch steps, --rounds times, so a
@@ -48,7 +48,7 @@ import tempfile  # noqa: E402
 from typing import Any, Sequence  # noqa: E402
 
 from bench import rows as rows_lib  # noqa: E402
-from jaxft import host_memory  # noqa: E402
+from jaxft.runtime import host_memory  # noqa: E402
 
 SIDES = ("jax", "torch")
 NAMES = {"jax": "jaxft", "torch": "torch"}
@@ -110,7 +110,7 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
   baseline = _proc_status_mb("VmRSS")
   row = rows_lib.suite(args.suite, [args.child])[0]
   sets = [rows_lib.parse_set(s) for s in args.sets]
-  config = rows_lib.jaxft_config(row, args.model_path, sets, validate=args.side == "jax")
+  config = rows_lib.jaxft_config(row, args.model_path, sets)
   with tempfile.TemporaryDirectory() as workdir:
     built = (side.build(row, config, args.model_path, workdir) if args.side == "jax"
              else side.build(row, config, args.model_path))

@@ -24,7 +24,7 @@ import transformers  # noqa: E402
 
 from bench import rows as rows_lib  # noqa: E402
 from bench import torch_classify  # noqa: E402
-from jaxft import gguf_checkpoint  # noqa: E402  (numpy + transformers: no JAX)
+from jaxft.formats import gguf  # noqa: E402  (numpy + transformers: no JAX)
 
 
 @dataclasses.dataclass
@@ -77,10 +77,10 @@ def _causal_lm(path: str) -> tuple[torch.nn.Module, str]:
   A GGUF holds llama.cpp's quantized tensors, which transformers does not
   read without the `gguf` torch path; timing does not depend on the values,
   so the torch side builds the same architecture from the config jaxft reads
-  (what hf.load_lm_config returns for a .gguf) with random weights.
+  (what hub.load_hf_config returns for a .gguf) with random weights.
   """
-  if gguf_checkpoint.is_gguf(path):
-    config = gguf_checkpoint.read_config(path)
+  if gguf.is_gguf(path):
+    config = gguf.read_config(path)
     return transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32), "random"
   return transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32), "loaded"
 
@@ -111,11 +111,15 @@ def _batch(config: ml_collections.ConfigDict, model_config: Any, row: rows_lib.R
   the cross-entropy over all B x (L-1) next-token predictions, the tokens
   jaxft's loss covers for one document per row with loss on every token.
   """
-  arrays = rows_lib.synthetic_batch(
-      config.task, config.train.batch_size, config.data.max_length, model_config.vocab_size,
-      row.num_labels, token_types=getattr(model_config, "type_vocab_size", 1) > 1)
+  shape = (config.train.batch_size, config.data.max_length)
+  if row.causal_lm:
+    keys = ("input_ids", "positions", "segment_ids", "loss_mask")
+  else:
+    token_types = getattr(model_config, "type_vocab_size", 1) > 1
+    keys = ("input_ids", "attention_mask") + (("token_type_ids",) if token_types else ()) + ("label",)
+  arrays = rows_lib.synthetic_batch(keys, shape, model_config.vocab_size, row.num_labels)
   tensor = lambda x: torch.from_numpy(x.astype("int64")).to(device)
-  if config.task == "causal_lm":
+  if row.causal_lm:
     return {"input_ids": tensor(arrays["input_ids"]), "labels": tensor(arrays["input_ids"])}
   out = {k: tensor(v) for k, v in arrays.items() if k != "label"}
   out["labels"] = tensor(arrays["label"])
@@ -129,7 +133,7 @@ def build(row: rows_lib.Row, config: ml_collections.ConfigDict, model_path: str)
     # XLA's default precision runs float32 matmuls on TF32 tensor cores; torch's
     # does not. The same arithmetic on both sides: TF32 here too.
     torch.set_float32_matmul_precision("high")
-  classify = config.task != "causal_lm"
+  classify = not row.causal_lm
   torch.manual_seed(config.train.seed)  # The fresh head and LoRA initialisation.
   if classify:
     model = transformers.AutoModelForSequenceClassification.from_pretrained(

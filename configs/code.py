@@ -24,7 +24,7 @@ import ml_collections
 
 from jaxft import config as jaxft_config
 from jaxft import defaults
-from jaxft import lm_metrics
+from jaxft.tasks import lm_metrics
 
 _ROOT = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 _DATA = os.path.join(_ROOT, "data", "humaneval")

@@ -27,8 +27,9 @@ from typing import Sequence
 from absl import flags
 from ml_collections import config_flags
 
+from jaxft import config as config_lib
 from jaxft.errors import UserError
-from jaxft.preemption import Interrupted
+from jaxft.runtime.preemption import Interrupted
 
 COMMANDS = ("train", "eval", "export", "inspect", "generate", "chat")
 USAGE = __doc__.split("\n\n")[1]
@@ -37,7 +38,7 @@ FLAGS = flags.FLAGS
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Recipe file, e.g. configs/classify.py.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run folder: checkpoints, metrics.jsonl, config.json.")
 _OUT = flags.DEFINE_string("out", None, "export: the Hugging Face folder to write.")
-_FORMAT = flags.DEFINE_enum("format", "hf", ["hf", "peft"],
+_FORMAT = flags.DEFINE_enum("format", "hf", list(config_lib.EXPORT_FORMATS),
                             "export: hf (full checkpoint, LoRA merged) or peft (LoRA adapter).")
 _COORDINATOR = flags.DEFINE_string(
     "coordinator_address", None, "Multi-process: HOST:PORT of process 0 (jax.distributed).")
@@ -105,24 +106,24 @@ def run(argv: Sequence[str]) -> int:
     return 0 if help_asked else 2
   command = argv[1]
   _parse(command, [argv[0], *argv[2:]])
-  from jaxft import distributed  # Deferred: JAX start-up is slow and --help should not pay it.
+  from jaxft.runtime import distributed  # Deferred: JAX start-up is slow and --help should not pay it.
   distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-  from jaxft import train  # pylint: disable=g-import-not-at-top
+  from jaxft import commands, train  # pylint: disable=g-import-not-at-top
   if command == "train":
     result = train.train(_CONFIG.value, _WORKDIR.value, profile_steps=_PROFILE.value)
     if result is not None:
       print(json.dumps(result))
   elif command == "eval":
-    print(json.dumps(train.eval_command(_CONFIG.value, _WORKDIR.value)))
+    print(json.dumps(commands.eval_command(_CONFIG.value, _WORKDIR.value)))
   elif command == "inspect":
-    from jaxft import footprint  # pylint: disable=g-import-not-at-top
-    print(json.dumps(footprint.inspect(_CONFIG.value, show_params=_PARAMS.value)))
+    from jaxft import inspect  # pylint: disable=g-import-not-at-top
+    print(json.dumps(inspect.inspect(_CONFIG.value, show_params=_PARAMS.value)))
   elif command in ("generate", "chat"):
     _generate(command)
   else:
     if not _OUT.value:
       raise UserError("export needs --out=HF_DIR")
-    train.export_command(_WORKDIR.value, _OUT.value, _FORMAT.value)
+    commands.export_command(_WORKDIR.value, _OUT.value, _FORMAT.value)
   return 0
 
 
@@ -151,14 +152,17 @@ def _generate(command: str) -> None:
 
 def _causal_lm():
   """(model, tokenizer) from --model, or from the latest checkpoint of --workdir."""
-  from jaxft import hf, lora, train  # pylint: disable=g-import-not-at-top
-  from jaxft.models import registry  # pylint: disable=g-import-not-at-top
+  # pylint: disable=g-import-not-at-top
+  from jaxft import run as run_lib
+  from jaxft.formats import hf, hub
+  from jaxft.tasks import CausalLM
+  from jaxft.tuning import lora
   if _MODEL.value:
-    return hf.load_causal_lm(_MODEL.value).model, hf.load_tokenizer(_MODEL.value)
-  _, run, model_path = train.restore(_WORKDIR.value)
-  if run.task.name != registry.CAUSAL_LM:
+    return hf.load(_MODEL.value, CausalLM.name).model, hub.load_tokenizer(_MODEL.value)
+  _, run, model_path = run_lib.restore(_WORKDIR.value)
+  if not run.task.generates_text:
     raise UserError(f"{_WORKDIR.value} trained a classifier, not a language model")
-  return lora.merge(run.model()), hf.load_tokenizer(model_path)
+  return lora.merge(run.model()), hub.load_tokenizer(model_path)
 
 
 def main() -> None:

@@ -1,27 +1,39 @@
-"""Shared config defaults and validation with clear errors.
+"""Config defaults, every vocabulary a config key takes, and validation with clear errors.
 
-A recipe in `configs/` calls `base()` and sets what it needs; `validate()` runs
-before anything is loaded or compiled, so a wrong value fails in milliseconds
-with a message that names the key.
+A recipe in `configs/` calls `base()` (or a task's variant) and sets what it
+needs; `validate()` runs before anything is loaded or compiled, so a wrong
+value fails in milliseconds with a message that names the key.
+
+This module is a leaf: it imports no JAX, Flax or jaxft module, so a config
+can be read and validated (by the CLI, bench, a notebook) without starting a
+JAX backend. The modules that act on a key import its vocabulary from here.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 import ml_collections
 
-from jaxft import host_memory
-from jaxft.errors import UserError
-from jaxft.models import layers
-from jaxft.models import stack
+from jaxft.errors import UserError  # The one exception type; errors.py imports nothing.
 
-SCHEDULES = ("linear", "cosine", "constant")
-OPTIMIZERS = ("adamw", "sgd")
-DTYPES = ("float32", "bfloat16")
-TASKS = ("classify", "causal_lm", "image_classify")
-LOSS_ON = ("assistant", "last", "all")
+# The values each enumerated key takes.
+TASKS = ("classify", "causal_lm", "image_classify")  # config.task
+DTYPES = ("float32", "bfloat16")  # model.dtype, model.frozen_dtype
+REMAT = ("none", "full", "dots")  # model.remat
+ATTENTION = ("jaxft", "fused")  # model.attention
+HOST_MEMORY = ("auto", "reuse", "release")  # train.host_memory
+OPTIMIZERS = ("adamw", "sgd")  # optim.optimizer
+SCHEDULES = ("linear", "cosine", "constant")  # optim.schedule, a rule's schedule
+LOSS_ON = ("assistant", "last", "all")  # data.loss_on
+EVAL_METRICS = ("", "pass@1", "rouge_l")  # eval.metric
+EXPORT_FORMATS = ("hf", "peft")  # jaxft export --format
+
+# Keys a rule's dict value may hold, and the types they take.
+RULE_KEYS = {"lr_mult": (int, float), "weight_decay": (int, float), "schedule": (str,),
+             "warmup_steps": (int,), "start_step": (int,)}
 
 
 def base() -> ml_collections.ConfigDict:
@@ -59,7 +71,7 @@ def base() -> ml_collections.ConfigDict:
   c.train.prefetch = 2  # Batches built ahead on a background thread; 0: inline.
   c.train.compilation_cache = ""  # Folder for compiled programs (reruns skip compiling); "" off.
   # Freed host buffers: reuse (no per-step page faults on CPU) | release | auto
-  # (reuse when JAX runs on the CPU). Process-wide; see jaxft/host_memory.py.
+  # (reuse when JAX runs on the CPU). Process-wide; see jaxft/runtime/host_memory.py.
   c.train.host_memory = "auto"
 
   c.optim = ml_collections.ConfigDict()
@@ -76,7 +88,7 @@ def base() -> ml_collections.ConfigDict:
   c.optim.clip_norm = 1.0  # Global-norm gradient clipping; 0 turns it off.
   # Ordered (regex, value) pairs over param paths; first match wins. value:
   # None (frozen), a float (lr multiplier) or a dict (lr_mult, weight_decay,
-  # schedule, warmup_steps, start_step). See jaxft/rules.py; () trains all.
+  # schedule, warmup_steps, start_step). See jaxft/tuning/rules.py; () trains all.
   c.optim.rules = ()
   c.optim.layer_decay = 0.0  # If > 0: layer i of L gets lr x decay^(L-i).
 
@@ -114,7 +126,7 @@ def causal_lm() -> ml_collections.ConfigDict:
   # "" | "pass@1" (eval rows have `test` and `entry_point`; runs the code) | "rouge_l":
   # computed on greedy completions of every eval prompt, all written to DIR/samples/.
   c.eval.metric = ""
-  c.eval.stop = ()  # Strings that end a completion (e.g. lm_metrics.CODE_STOPS).
+  c.eval.stop = ()  # Strings that end a completion (e.g. tasks/lm_metrics.CODE_STOPS).
   c.eval.timeout = 10.0  # pass@1: seconds per program.
   return c
 
@@ -141,27 +153,29 @@ def _require(ok: bool, key: str, expected: str, value: Any) -> None:
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
-  """Checks values that the type system of ConfigDict cannot; raises UserError."""
+  """Checks values that the type system of ConfigDict cannot; raises UserError.
+
+  Keys a task adds (image, generation) are checked where the config has them.
+  """
   t, o, d = config.train, config.optim, config.data
-  _require(config.task in TASKS, "task", f"one of {TASKS}", config.task)
+  _require(config.get("task", "classify") in TASKS, "task", f"one of {TASKS}",
+           config.get("task"))
   remat = config.model.get("remat", "none")
-  _require(remat in stack.REMAT_POLICIES, "model.remat", f"one of {tuple(stack.REMAT_POLICIES)}",
-           remat)
+  _require(remat in REMAT, "model.remat", f"one of {REMAT}", remat)
   attention = config.model.get("attention", "jaxft")
-  _require(attention in layers.ATTENTION, "model.attention", f"one of {layers.ATTENTION}",
-           attention)
-  if config.task == "image_classify":
+  _require(attention in ATTENTION, "model.attention", f"one of {ATTENTION}", attention)
+  if "image_size" in d:
     _require(d.image_size >= 0, "data.image_size", ">= 0 (0: the checkpoint's)", d.image_size)
+  if "crop_scale" in d:
     _require(len(d.crop_scale) == 2 and 0 < d.crop_scale[0] <= d.crop_scale[1] <= 1,
              "data.crop_scale", "(low, high) with 0 < low <= high <= 1", d.crop_scale)
-  if config.task == "causal_lm":
+  if "loss_on" in d:
     _require(d.loss_on in LOSS_ON, "data.loss_on", f"one of {LOSS_ON}", d.loss_on)
-    _require(config.eval.num_samples >= 0, "eval.num_samples", ">= 0", config.eval.num_samples)
-    _require(config.eval.max_new_tokens > 0, "eval.max_new_tokens", "> 0",
-             config.eval.max_new_tokens)
-    from jaxft import lm_metrics  # pylint: disable=g-import-not-at-top
-    _require(config.eval.metric in lm_metrics.METRICS, "eval.metric",
-             f"one of {lm_metrics.METRICS}", config.eval.metric)
+  if "eval" in config:
+    e = config.eval
+    _require(e.num_samples >= 0, "eval.num_samples", ">= 0", e.num_samples)
+    _require(e.max_new_tokens > 0, "eval.max_new_tokens", "> 0", e.max_new_tokens)
+    _require(e.metric in EVAL_METRICS, "eval.metric", f"one of {EVAL_METRICS}", e.metric)
   _require(bool(config.model.path), "model.path", "a checkpoint folder or hub id", config.model.path)
   _require(config.model.dtype in DTYPES, "model.dtype", f"one of {DTYPES}", config.model.dtype)
   _require(config.model.frozen_dtype in DTYPES, "model.frozen_dtype", f"one of {DTYPES}",
@@ -173,8 +187,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   for key in ("eval_every", "log_every"):
     _require(t[key] >= 0, f"train.{key}", ">= 0", t[key])
   policy = t.get("host_memory", "auto")
-  _require(policy in host_memory.POLICIES, "train.host_memory",
-           f"one of {host_memory.POLICIES}", policy)
+  _require(policy in HOST_MEMORY, "train.host_memory", f"one of {HOST_MEMORY}", policy)
   _require(t.batch_size % t.grad_accum == 0, "train.batch_size",
            f"divisible by train.grad_accum={t.grad_accum}", t.batch_size)
   _require(o.lr > 0, "optim.lr", "> 0", o.lr)
@@ -189,9 +202,75 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _require(isinstance(o.rules, (tuple, list)), "optim.rules", "a list of (regex, value)", o.rules)
   _require(config.checkpoint.every >= 0, "checkpoint.every", ">= 0", config.checkpoint.every)
   _require(config.checkpoint.keep > 0, "checkpoint.keep", "> 0", config.checkpoint.keep)
-  from jaxft import lora, rules  # pylint: disable=g-import-not-at-top  (they import this module)
-  lora.validate(config)
-  rules.user_rules(config)
+  validate_lora(config)
+  rule_entries(o.rules)
+
+
+def lora_enabled(config: ml_collections.ConfigDict) -> bool:
+  """Whether the config asks for LoRA (`config.lora.rank > 0`)."""
+  return "lora" in config and config.lora.rank > 0
+
+
+def validate_lora(config: ml_collections.ConfigDict) -> None:
+  """Raises UserError for LoRA settings that cannot work."""
+  if "lora" not in config:
+    return
+  c = config.lora
+  if c.rank < 0:
+    raise UserError(f"config.lora.rank must be >= 0 (0: no LoRA), got {c.rank}")
+  if not lora_enabled(config):
+    return
+  if c.alpha <= 0:
+    raise UserError(f"config.lora.alpha must be > 0, got {c.alpha}")
+  if not 0 <= c.dropout < 1:
+    raise UserError(f"config.lora.dropout must be in [0, 1), got {c.dropout}")
+  try:
+    re.compile(c.targets)
+  except re.error as e:
+    raise UserError(f"config.lora.targets is not a regex ({e}): {c.targets!r}") from e
+
+
+def rule_entries(rules: Any) -> list[tuple[str, dict[str, Any], str]]:
+  """`config.optim.rules` checked: [(regex, rule fields, "optim.rules[i]")].
+
+  A value is None (frozen: {"trainable": False}), a number (an lr
+  multiplier) or a dict of RULE_KEYS; UserError names the bad entry.
+  """
+  out = []
+  for i, entry in enumerate(rules):
+    where = f"optim.rules[{i}]"
+    if not isinstance(entry, (tuple, list)) or len(entry) != 2 or not isinstance(entry[0], str):
+      raise UserError(f"config.{where} must be a (regex, value) pair, got {entry!r}")
+    try:
+      re.compile(entry[0])
+    except re.error as e:
+      raise UserError(f"config.{where}: {entry[0]!r} is not a regex ({e})") from e
+    out.append((entry[0], _rule_fields(entry[1], where), where))
+  return out
+
+
+def _rule_fields(value: Any, where: str) -> dict[str, Any]:
+  """Rule fields from a rule's value: None, a multiplier, or a dict."""
+  if value is None:
+    return {"trainable": False}
+  if isinstance(value, (int, float)) and not isinstance(value, bool):
+    value = {"lr_mult": value}
+  if not isinstance(value, (dict, ml_collections.ConfigDict)):
+    raise UserError(f"config.{where}: value must be None (frozen), a float "
+                    f"(lr multiplier) or a dict, got {value!r}")
+  value = dict(value)
+  for key, v in value.items():
+    if key not in RULE_KEYS:
+      raise UserError(f"config.{where}: unknown key {key!r}; allowed: {', '.join(RULE_KEYS)}")
+    if isinstance(v, bool) or not isinstance(v, RULE_KEYS[key]):
+      kind = {int: "an integer", float: "a number", str: "a string"}[RULE_KEYS[key][-1]]
+      raise UserError(f"config.{where}: {key} must be {kind}, got {v!r}")
+    if key != "schedule" and v < 0:
+      raise UserError(f"config.{where}: {key} must be >= 0, got {v!r}")
+  if value.get("schedule", "linear") not in SCHEDULES:
+    raise UserError(f"config.{where}: schedule must be one of "
+                    f"{SCHEDULES}, got {value['schedule']!r}")
+  return {"trainable": True, **value}
 
 
 def to_json(config: ml_collections.ConfigDict) -> str:

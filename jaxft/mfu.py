@@ -30,12 +30,15 @@ DATASHEET = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L4": 121e12,
              "TPU v4": 275e12}
 
 
-def matmul_params(sizes: dict[str, int], tied_output: bool) -> int:
-  """N above, from param path -> element count."""
+def matmul_params(sizes: dict[str, int], output_embedding: str | None = None) -> int:
+  """N above, from param path -> element count.
+
+  `output_embedding`: the path of an embedding table that is also the output
+  projection (tied), whose elements then count too.
+  """
   n = sum(v for p, v in sizes.items() if p.endswith("/kernel"))
-  if tied_output:  # The embedding table is also the output projection.
-    n += sum(v for p, v in sizes.items() if p.endswith("embed_tokens/embedding")
-             or p.endswith("wte/embedding"))
+  if output_embedding:
+    n += sizes[output_embedding]
   return n
 
 

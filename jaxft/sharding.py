@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import dataclasses
 import math
 from typing import Any, Iterator, Sequence
 
@@ -83,6 +84,39 @@ def logical_rules(config: ml_collections.ConfigDict) -> Rules:
         raise UserError(f"{where}: {pair!r} names mesh axis {unknown[0]!r}; axes are {AXES}")
       rules[pair[0]] = axes
   return rules
+
+
+@dataclasses.dataclass
+class Placement:
+  """Where a run's arrays live: the mesh, the logical rules and the shardings.
+
+  Attributes:
+    mesh: the device mesh of config.mesh.
+    rules: logical axis name -> mesh axes.
+    state: shardings of the train state (same structure).
+    batch: sharding of every batch array (rows split over data x fsdp).
+  """
+  mesh: Mesh
+  rules: Rules
+  state: Any
+  batch: NamedSharding
+
+  @property
+  def replicated(self) -> NamedSharding:
+    return NamedSharding(self.mesh, PartitionSpec())
+
+  def traced_under_rules(self, fn):
+    """`fn` with the activation constraints active while jit traces it."""
+    def wrapped(*args, **kwargs):
+      with activation_rules(self.mesh, self.rules):
+        return fn(*args, **kwargs)
+    return wrapped
+
+
+def placement(mesh: Mesh, rules: Rules, abstract_state: Any) -> Placement:
+  """The Placement of a train state (abstract arrays) on `mesh` under `rules`."""
+  return Placement(mesh, rules, tree_shardings(abstract_state, mesh, rules),
+                   batch_sharding(mesh, rules))
 
 
 def check_fits(config: ml_collections.ConfigDict, mesh: Mesh, num_heads: int) -> None:

@@ -1,4 +1,4 @@
-"""Pure, jittable train and eval steps, shared by every task.
+"""The pure, jittable train step, shared by every task.
 
 The train state is a plain dict {"step", "params", "frozen", "opt_state"}: a
 pytree that optax updates, `jax.jit` donates and Orbax saves without adapters.
@@ -35,28 +35,13 @@ class Objective:
   Attributes:
     forward: (model, batch, deterministic, rngs) -> the model's outputs: float32
       logits, or whatever `loss_sums` reads (a causal LM's hidden states and
-      output layer, jaxft.lm_steps).
+      output layer, tasks/causal_lm.py).
     loss_sums: (outputs, batch) -> (summed loss, {metric name: summed value}).
     units: batch -> how many loss units it holds (a float scalar).
   """
   forward: Callable[..., Any]
   loss_sums: Callable[[Any, dict], tuple[jax.Array, dict[str, jax.Array]]]
   units: Callable[[dict], jax.Array]
-
-
-def _classify_forward(model, batch, deterministic, rngs):
-  return model(batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"),
-               deterministic=deterministic, rngs=rngs)
-
-
-def _classify_sums(logits, batch):
-  losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
-  correct = jnp.sum(jnp.argmax(logits, -1) == batch["label"])
-  return jnp.sum(losses), {"accuracy": correct.astype(jnp.float32)}
-
-
-CLASSIFY = Objective(forward=_classify_forward, loss_sums=_classify_sums,
-                     units=lambda batch: jnp.float32(batch["label"].shape[0]))
 
 
 def init_state(params: nnx.State, frozen: nnx.State, tx: optax.GradientTransformation) -> State:
@@ -116,11 +101,3 @@ def train_step(state: State, batch: dict, *, objective: Objective, graphdef: nnx
   new_state = {"step": state["step"] + 1, "params": optax.apply_updates(params, updates),
                "frozen": frozen, "opt_state": opt_state}
   return new_state, {"loss": loss, **metrics, "grad_norm": optax.tree_utils.tree_norm(grads)}
-
-
-def eval_step(params: nnx.State, frozen: nnx.State, batch: dict, *, graphdef: nnx.GraphDef,
-              rest: nnx.State, objective: Objective = CLASSIFY) -> tuple[jax.Array, jax.Array]:
-  """Classification: per-example loss and predicted class, dropout off."""
-  out = model_outputs(objective, graphdef, params, frozen, rest, batch, None)
-  losses = optax.softmax_cross_entropy_with_integer_labels(out, batch["label"])
-  return losses, jnp.argmax(out, -1)

@@ -15,15 +15,18 @@ import sys
 
 import jax
 import numpy as np
+from jaxft import run as run_lib
 
 
 def main(argv):
   root, workdir = pathlib.Path(argv[1]), argv[2]
   data, fsdp, tensor, steps = map(int, argv[3:7])
-  from jaxft import distributed
+  from jaxft.runtime import distributed
   if len(argv) > 7:
     distributed.initialize(argv[7], int(argv[8]), int(argv[9]))
-  from jaxft import footprint, sharding, train
+  from jaxft import inspect
+  from jaxft import sharding
+  from jaxft import train
   from tests.test_train import tiny_config
   config = tiny_config(root, num_steps=max(steps, 1), log_every=1)
   config.train.eval_batch_size = 16
@@ -31,8 +34,8 @@ def main(argv):
   config.checkpoint.update(every=5, keep=5)
   if steps:
     train.train(config, workdir)
-  labels = train.read_labels(workdir)
-  run = train.open_run(config, workdir, config.model.path, labels, quiet=True)
+  labels = run_lib.read_labels(workdir)
+  run = run_lib.open_run(config, workdir, config.model.path, labels, quiet=True)
   run.checkpointer.close()
   leaves = jax.tree_util.tree_flatten_with_path(run.state)[0]
   arrays = {jax.tree_util.keystr(k): sharding.to_host(v) for k, v in leaves}
@@ -44,9 +47,9 @@ def main(argv):
   print(json.dumps({
       "step": run.step,
       "losses": {e["step"]: e["loss"] for e in events if e["split"] == "train"},
-      "param_bytes": footprint.tree_bytes(params),
+      "param_bytes": inspect.tree_bytes(params),
       "param_bytes_per_device": sharding.bytes_per_device(params),
-      "opt_bytes": footprint.tree_bytes(run.state["opt_state"]),
+      "opt_bytes": inspect.tree_bytes(run.state["opt_state"]),
       "opt_bytes_per_device": sharding.bytes_per_device(run.state["opt_state"]),
       "devices": jax.device_count(),
       "dump": name,

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jaxft import hf
+from jaxft.formats import hf
 
 TOL = 1e-4
 
@@ -27,7 +27,7 @@ def test_tiny_random_logits_match_torch(kind, tiny_bert, tiny_roberta,
                                         tiny_distilbert):
   ckpt = {"bert": tiny_bert, "roberta": tiny_roberta,
           "distilbert": tiny_distilbert}[kind]
-  loaded = hf.load_classifier(ckpt.path, num_labels=2)
+  loaded = hf.load(ckpt.path, "classify", num_labels=2)
   assert loaded.report.missing == [] and loaded.report.unexpected == []
   batch = ckpt.batch()
   assert batch["attention_mask"].min() == 0  # padding is exercised
@@ -43,14 +43,14 @@ def test_roberta_left_padding_matches_torch(tiny_roberta):
   ids, mask = batch["input_ids"], batch["attention_mask"]
   left = {"input_ids": np.stack([np.roll(r, -int(m.sum())) for r, m in zip(ids, mask)]),
           "attention_mask": np.stack([np.roll(m, -int(m.sum())) for m in mask])}
-  model = hf.load_classifier(tiny_roberta.path, num_labels=2).model
+  model = hf.load(tiny_roberta.path, "classify", num_labels=2).model
   assert _max_diff(_logits(model, left), tiny_roberta.torch_logits(left)) <= TOL
 
 
 @pytest.mark.parametrize("act", ["gelu_new", "relu"])
 def test_other_hidden_act_matches_torch(act, make_tiny_checkpoint):
   ckpt = make_tiny_checkpoint("bert", seed=1, hidden_act=act)
-  model = hf.load_classifier(ckpt.path, num_labels=2).model
+  model = hf.load(ckpt.path, "classify", num_labels=2).model
   batch = ckpt.batch(seed=1)
   assert _max_diff(_logits(model, batch), ckpt.torch_logits(batch)) <= TOL
 
@@ -76,7 +76,7 @@ def test_minilm_logits_match_torch(minilm_path, tmp_path):
   with torch.no_grad():
     want = ref(**{k: torch.from_numpy(v) for k, v in batch.items()}).logits
   assert np.abs(want.numpy()).max() > 1.0
-  loaded = hf.load_classifier(str(tmp_path), num_labels=2)
+  loaded = hf.load(str(tmp_path), "classify", num_labels=2)
   assert loaded.report.missing == []
   assert _max_diff(_logits(loaded.model, batch), want.numpy()) <= TOL
 
@@ -84,7 +84,7 @@ def test_minilm_logits_match_torch(minilm_path, tmp_path):
 def test_param_paths_mirror_hf_module_names(tiny_bert, tiny_roberta,
                                             tiny_distilbert):
   def paths(ckpt):
-    model = hf.load_classifier(ckpt.path, num_labels=2).model
+    model = hf.load(ckpt.path, "classify", num_labels=2).model
     return {"/".join(map(str, p)) for p, _ in
             nnx.to_flat_state(nnx.state(model, nnx.Param))}
 
@@ -113,7 +113,7 @@ def test_param_paths_mirror_hf_module_names(tiny_bert, tiny_roberta,
 
 
 def test_dropout_uses_call_rngs_and_model_holds_no_rng_state(tiny_bert):
-  model = hf.load_classifier(tiny_bert.path, num_labels=2).model
+  model = hf.load(tiny_bert.path, "classify", num_labels=2).model
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
   assert jax.tree_util.tree_leaves(rest) == []
   batch = {k: jnp.asarray(v) for k, v in tiny_bert.batch().items()}
@@ -134,7 +134,7 @@ def test_dropout_uses_call_rngs_and_model_holds_no_rng_state(tiny_bert):
 
 
 def test_bf16_compute_keeps_fp32_params_and_logits(tiny_bert):
-  loaded = hf.load_classifier(tiny_bert.path, num_labels=2,
+  loaded = hf.load(tiny_bert.path, "classify", num_labels=2,
                               dtype=jnp.bfloat16, param_dtype=jnp.float32)
   leaves = jax.tree_util.tree_leaves(nnx.state(loaded.model, nnx.Param))
   assert {leaf.dtype for leaf in leaves} == {jnp.dtype(jnp.float32)}
@@ -146,7 +146,7 @@ def test_bf16_compute_keeps_fp32_params_and_logits(tiny_bert):
 
 def test_fully_padded_row_gives_finite_logits(tiny_bert):
   # Fixed-shape batches are filled with all-padding dummy rows.
-  model = hf.load_classifier(tiny_bert.path, num_labels=2).model
+  model = hf.load(tiny_bert.path, "classify", num_labels=2).model
   batch = tiny_bert.batch()
   batch["attention_mask"][-1] = 0
   assert np.isfinite(_logits(model, batch)).all()

@@ -3,8 +3,8 @@
 import numpy as np
 import transformers
 
-from jaxft import hf
-from jaxft import lm_steps
+from jaxft.formats import hf
+from jaxft.tasks import causal_lm
 from jaxft.data import chat
 
 TWO_TURNS = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"},
@@ -50,7 +50,7 @@ def test_packing_on_and_off_give_the_same_loss(tmp_path):
                                     num_hidden_layers=2, num_attention_heads=4,
                                     num_key_value_heads=2, max_position_embeddings=64)
   transformers.LlamaForCausalLM(config).save_pretrained(tmp_path)
-  model = hf.load_causal_lm(str(tmp_path)).model
+  model = hf.load(str(tmp_path), "causal_lm").model
   rng = np.random.default_rng(0)
   docs = [(rng.integers(1, 100, n).astype(np.int32), rng.random(n) < 0.7) for n in (5, 9, 3, 7, 6)]
 
@@ -58,7 +58,7 @@ def test_packing_on_and_off_give_the_same_loss(tmp_path):
     rows = chat.pack(docs, length=16, pad_id=0, packing=packing)
     logits = model(rows["input_ids"], positions=rows["positions"],
                    segment_ids=rows["segment_ids"])
-    total, count = lm_steps.token_loss_sum(logits, rows)
+    total, count = causal_lm.token_loss_sum(logits, rows)
     return float(total) / float(count), rows["input_ids"].shape[0]
 
   (packed, n_packed), (padded, n_padded) = mean_loss(True), mean_loss(False)

@@ -7,9 +7,13 @@ import jax.numpy as jnp
 import numpy as np
 from safetensors.numpy import load_file
 
-from jaxft import footprint
+from jaxft import inspect
+from jaxft import tasks
 from jaxft import train
 from tests.test_train import tiny_config
+from jaxft import run as run_lib
+from jaxft import commands
+from jaxft.tasks import classify
 
 FREEZE_BOTTOM = (("embeddings/.*", None), ("encoder/layer/[0-3]/.*", None), (".*", 1.0))
 
@@ -27,7 +31,7 @@ def test_frozen_tensors_export_bit_identical_and_trainable_ones_change(
     tiny_setup, minilm_path, tmp_path):
   config = _minilm_config(tiny_setup, minilm_path)
   train.train(config, str(tmp_path / "w"))
-  train.export_command(str(tmp_path / "w"), str(tmp_path / "hf"))
+  commands.export_command(str(tmp_path / "w"), str(tmp_path / "hf"))
   before = load_file(os.path.join(minilm_path, "model.safetensors"))
   after = {k.removeprefix("bert."): v
            for k, v in load_file(str(tmp_path / "hf" / "model.safetensors")).items()}
@@ -44,17 +48,17 @@ def test_frozen_params_get_no_optimizer_state_and_no_update(tiny_setup, tmp_path
   config = tiny_config(tiny_setup, num_steps=3)
   config.optim.rules = (("encoder/layer/0/.*", None), ("embeddings/.*", None), (".*", 1.0))
   labels = ["neg", "pos"]
-  run = train.open_run(config, str(tmp_path), config.model.path, labels, quiet=True)
+  run = run_lib.open_run(config, str(tmp_path), config.model.path, labels, quiet=True)
   run.checkpointer.close()
   frozen_before = jax.tree.map(np.asarray, run.state["frozen"])
-  trainable = footprint.tree_size(run.state["params"])
+  trainable = inspect.tree_size(run.state["params"])
   # AdamW keeps two moments per trainable parameter and nothing for frozen ones,
   # plus two step counters in each of the groups (decayed, not decayed).
-  assert footprint.tree_size(run.state["opt_state"]) == 2 * trainable + 2 * 2
+  assert inspect.tree_size(run.state["opt_state"]) == 2 * trainable + 2 * 2
   paths = {p for p in run.split.assignment.of if p.startswith(("embeddings/", "encoder/layer/0/"))}
   assert paths and not paths & run.split.assignment.trainable()
   train.train(config, str(tmp_path))
-  run = train.open_run(config, str(tmp_path), config.model.path, labels, quiet=True)
+  run = run_lib.open_run(config, str(tmp_path), config.model.path, labels, quiet=True)
   run.checkpointer.close()
   assert run.step == 3
   jax.tree.map(np.testing.assert_array_equal, frozen_before,
@@ -66,7 +70,7 @@ def test_frozen_params_can_be_stored_in_bfloat16(tiny_setup, tmp_path):
   config.optim.rules = (("encoder/.*", None), (".*", 1.0))
   config.model.frozen_dtype = "bfloat16"
   result = train.train(config, str(tmp_path))
-  run = train.open_run(config, str(tmp_path), config.model.path, ["neg", "pos"], quiet=True)
+  run = run_lib.open_run(config, str(tmp_path), config.model.path, ["neg", "pos"], quiet=True)
   run.checkpointer.close()
   assert {x.dtype for x in jax.tree.leaves(run.state["frozen"])} == {jnp.dtype(jnp.bfloat16)}
   assert {x.dtype for x in jax.tree.leaves(run.state["params"])} == {jnp.dtype(jnp.float32)}
@@ -81,7 +85,7 @@ def test_inspect_shows_freezing_and_lora_shrink_flops_and_optimizer_state(minilm
     c.model.path = minilm_path
     c.data.max_length = 128
     c.update_from_flattened_dict(overrides)
-    return footprint.inspect(c)
+    return inspect.inspect(c)
   full = figures()
   frozen = figures(**{"optim.rules": FREEZE_BOTTOM})
   lora = figures(**{"lora.rank": 8, "lora.targets": r".*/attention/self/(query|value)"})
@@ -99,17 +103,18 @@ def test_training_only_the_head_costs_one_forward_pass_and_no_backward(minilm_pa
   # at all: its FLOPs are the forward pass's plus dropout's (~2%), where a
   # backward pass through the encoder would add about twice the forward.
   import functools
-  from jaxft import hf, steps, trainable
+  from jaxft.tuning import trainable
   from tests.test_train import _recipe
   c = _recipe()
   c.model.path = minilm_path
   c.optim.rules = (("classifier/.*", 1.0), (".*", None))
-  hf_config = hf.load_hf_config(minilm_path, num_labels=2)
-  split = trainable.split(trainable.abstract_model(hf_config, c), c, "bert")
-  compiled, state, _ = footprint.compile_step(c, split, with_token_types=True)
-  step_flops, _ = footprint.compiled_costs(compiled)
-  batch = footprint.abstract_batch(c, with_token_types=True)
-  forward = jax.jit(functools.partial(steps.eval_step, graphdef=split.graphdef, rest=split.rest))
-  forward_flops, _ = footprint.compiled_costs(
+  task = tasks.of(c)
+  hf_config = task.hf_config(minilm_path, ["neg", "pos"])
+  split = trainable.split(trainable.abstract_model(hf_config, c, task.name), c)
+  batch = task.abstract_batch(minilm_path)
+  compiled, state, _ = inspect.compile_step(c, split, batch, task)
+  step_flops, _ = inspect.compiled_costs(compiled)
+  forward = jax.jit(functools.partial(classify.eval_step, graphdef=split.graphdef, rest=split.rest))
+  forward_flops, _ = inspect.compiled_costs(
       forward.lower(state["params"], state["frozen"], batch).compile())
   assert forward_flops <= step_flops <= 1.05 * forward_flops

@@ -8,14 +8,14 @@ import textwrap
 import pytest
 
 from jaxft import config as config_lib
-from jaxft import host_memory
+from jaxft.runtime import host_memory
 from jaxft.errors import UserError
 
 # A jitted function whose temporary (sin(x), 128 MB: above glibc's largest
 # mmap threshold) is allocated and freed on every call, as a train step's are.
 _FAULTS = textwrap.dedent("""
     import resource, statistics, sys
-    from jaxft import host_memory
+    from jaxft.runtime import host_memory
     print(host_memory.apply(sys.argv[1]))
     import jax, jax.numpy as jnp
     f = jax.jit(lambda x: jnp.sin(x) @ x[:8].T)

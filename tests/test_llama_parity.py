@@ -5,7 +5,7 @@ import pytest
 import torch
 import transformers
 
-from jaxft import hf
+from jaxft.formats import hf
 
 TOL = 1e-4
 SIZES = dict(vocab_size=100, hidden_size=32, intermediate_size=37, num_hidden_layers=2,
@@ -66,7 +66,7 @@ def _torch_logits(model, ids, mask):
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_logits_match_transformers(case, tmp_path):
   ref = _checkpoint(case, tmp_path)
-  loaded = hf.load_causal_lm(str(tmp_path))
+  loaded = hf.load(str(tmp_path), "causal_lm")
   assert not loaded.report.missing and not loaded.report.unexpected
   ids, mask = _batch()
   ours = np.asarray(loaded.model(ids, mask))
@@ -77,8 +77,8 @@ def test_logits_match_transformers(case, tmp_path):
 @pytest.mark.parametrize("case", ["llama-gqa-llama3-rope", "qwen3-head-dim", "gpt2"])
 def test_export_loads_in_transformers_with_the_same_logits(case, tmp_path):
   _checkpoint(case, tmp_path / "in")
-  loaded = hf.load_causal_lm(str(tmp_path / "in"))
-  hf.export_causal_lm(loaded.model, loaded.hf_config, str(tmp_path / "out"), tokenizer_path=None)
+  loaded = hf.load(str(tmp_path / "in"), "causal_lm")
+  hf.export(loaded.model, loaded.hf_config, "causal_lm", str(tmp_path / "out"), tokenizer_path=None)
   back, info = transformers.AutoModelForCausalLM.from_pretrained(
       tmp_path / "out", output_loading_info=True)
   assert not info["missing_keys"] and not info["unexpected_keys"]
@@ -92,7 +92,7 @@ def test_packed_documents_never_attend_across_segments(tmp_path):
   # Two documents packed in one row, each with its own positions, give the
   # logits each gives alone; so no attention crosses the segment boundary.
   _checkpoint("llama-gqa-llama3-rope", tmp_path)
-  model = hf.load_causal_lm(str(tmp_path)).model
+  model = hf.load(str(tmp_path), "causal_lm").model
   ids, _ = _batch()
   a, b = ids[0, :7], ids[1, :5]
   packed = np.concatenate([a, b])[None]
@@ -174,7 +174,7 @@ def test_greedy_generation_equals_transformers_generate(case, tmp_path):
   # position 37, so the NTK base keeps growing step by step.
   from jaxft import generate
   ref = _checkpoint(case, tmp_path)
-  model = hf.load_causal_lm(str(tmp_path)).model
+  model = hf.load(str(tmp_path), "causal_lm").model
   rng = np.random.default_rng(1)
   ids = rng.integers(1, 100, (2, 6)).astype(np.int32)
   mask = np.ones_like(ids)
@@ -191,7 +191,7 @@ def test_greedy_generation_equals_transformers_generate(case, tmp_path):
 def test_sampling_top_k_1_and_tiny_top_p_are_greedy_and_eos_stops_a_row(tmp_path):
   from jaxft import generate
   _checkpoint("qwen2", tmp_path)
-  model = hf.load_causal_lm(str(tmp_path)).model
+  model = hf.load(str(tmp_path), "causal_lm").model
   ids = np.random.default_rng(2).integers(1, 100, (2, 5)).astype(np.int32)
   mask = np.ones_like(ids)
   greedy = generate.generate(model, ids, mask, max_new_tokens=8, eos_ids=[])
@@ -216,7 +216,7 @@ def test_smollm2_gguf_matches_transformers_and_generates_the_same_reply(smollm2_
   # The real 30-layer model, dequantized from Q4_1 / Q8_0 by both sides.
   from jaxft import generate
   import os
-  loaded = hf.load_causal_lm(smollm2_path)
+  loaded = hf.load(smollm2_path, "causal_lm")
   assert not loaded.report.missing and loaded.hf_config.num_hidden_layers == 30
   tok = smollm2_tokenizer
   text = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
@@ -240,7 +240,7 @@ def test_a_corrupt_gguf_file_is_a_clear_error(tmp_path):
   bad = tmp_path / "model.gguf"
   bad.write_bytes(b"GGUF not really")
   with pytest.raises(UserError, match="cannot read GGUF file"):
-    hf.load_causal_lm(str(bad))
+    hf.load(str(bad), "causal_lm")
 
 
 def test_stop_strings_cut_after_the_replys_leading_whitespace():

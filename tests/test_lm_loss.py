@@ -8,11 +8,10 @@ import pytest
 import transformers
 from flax import nnx
 
-from jaxft import hf
-from jaxft import lm_loss
-from jaxft import lm_steps
+from jaxft.formats import hf
+from jaxft.tasks import lm_loss
+from jaxft.tasks import causal_lm
 from jaxft.models import layers
-from jaxft.models import registry
 
 BATCH, LENGTH, FEATURES, VOCAB = 3, 40, 16, 97
 
@@ -74,15 +73,15 @@ def test_the_lm_objective_gives_the_same_loss_and_grads_through_either_output_pa
   config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2,
                                     num_attention_heads=4, num_key_value_heads=2,
                                     intermediate_size=48, tie_word_embeddings=tied)
-  graphdef, params = nnx.split(hf.build_model(config, registry.CAUSAL_LM, seed=0))
+  graphdef, params = nnx.split(hf.build_model(config, "causal_lm", seed=0))
   ids = jax.random.randint(jax.random.key(1), (2, 12), 0, 64)
   batch = {"input_ids": ids, "positions": jnp.tile(jnp.arange(12) % 7, (2, 1)),
            "segment_ids": jnp.array([[1] * 7 + [2] * 5, [1] * 9 + [0] * 3]),
            "loss_mask": jnp.ones((2, 12), bool).at[0, :3].set(False)}
 
   def loss(p):
-    outputs = lm_steps.CAUSAL_LM.forward(nnx.merge(graphdef, p), batch, True, None)
-    return lm_steps.CAUSAL_LM.loss_sums(outputs, batch)[0]
+    outputs = causal_lm.OBJECTIVE.forward(nnx.merge(graphdef, p), batch, True, None)
+    return causal_lm.OBJECTIVE.loss_sums(outputs, batch)[0]
 
   fused, fused_grads = jax.value_and_grad(loss)(params)
   monkeypatch.setattr(type(nnx.merge(graphdef, params)), "output_layer", lambda self: None)

@@ -5,7 +5,7 @@ import pathlib
 
 import pytest
 
-from jaxft import lm_metrics
+from jaxft.tasks import lm_metrics
 
 DATA = pathlib.Path(__file__).resolve().parents[1] / "data"
 

@@ -12,13 +12,19 @@ from flax import nnx
 from safetensors.numpy import load_file
 
 from jaxft import config as config_lib
-from jaxft import hf
-from jaxft import lora
+from jaxft.formats import hf
+from jaxft.formats import peft as peft_export
+from jaxft import tasks
+from jaxft.tuning import lora
 from jaxft import train
-from jaxft import trainable
+from jaxft.tuning import trainable
 from jaxft.errors import UserError
 from jaxft.models import layers
 from tests.test_train import tiny_config
+from jaxft.formats import weights
+from jaxft import run as run_lib
+from jaxft.formats import hub
+from jaxft import commands
 
 TOL = 1e-4
 TARGETS = r".*/(query|value|q_lin|v_lin)"
@@ -65,7 +71,7 @@ def _adapted(model):
 # --- attach ------------------------------------------------------------------
 
 def test_attach_adds_zero_effect_adapters_only_to_the_targets(tiny_bert):
-  model = hf.load_classifier(tiny_bert.path, num_labels=2).model
+  model = hf.load(tiny_bert.path, "classify", num_labels=2).model
   batch = tiny_bert.batch()
   before = _logits(model, batch)
   chosen = lora.attach(model, _lora_config(), seed=0)
@@ -91,7 +97,7 @@ def test_attach_adds_zero_effect_adapters_only_to_the_targets(tiny_bert):
                                   "encoder/layer/1/output/dense"]),
 ])
 def test_attach_targets_fullmatch_module_paths(targets, expected, tiny_bert):
-  model = hf.load_classifier(tiny_bert.path, num_labels=2).model
+  model = hf.load(tiny_bert.path, "classify", num_labels=2).model
   assert lora.attach(model, _lora_config(targets=targets), seed=0) == expected
   assert _adapted(model) == expected
 
@@ -102,7 +108,7 @@ def test_attach_targets_fullmatch_module_paths(targets, expected, tiny_bert):
     r".*/attention/self",  # A module, but not a Linear.
 ])
 def test_targets_that_match_no_linear_are_an_error(targets, tiny_bert):
-  model = hf.load_classifier(tiny_bert.path, num_labels=2).model
+  model = hf.load(tiny_bert.path, "classify", num_labels=2).model
   with pytest.raises(UserError, match="matches no Linear layer"):
     lora.attach(model, _lora_config(targets=targets), seed=0)
   assert _adapted(model) == []
@@ -111,7 +117,7 @@ def test_targets_that_match_no_linear_are_an_error(targets, tiny_bert):
 def test_lora_dropout_acts_only_in_training(tiny_bert):
   c = _lora_config()
   c.lora.dropout = 0.5
-  model = hf.load_classifier(tiny_bert.path, num_labels=2).model
+  model = hf.load(tiny_bert.path, "classify", num_labels=2).model
   lora.attach(model, c, seed=0)
   _perturb(model, lambda p: p.endswith("lora_b"))
   batch = tiny_bert.batch()
@@ -128,9 +134,10 @@ def test_lora_dropout_acts_only_in_training(tiny_bert):
 def _trained_lora_model(tiny, rules=()):
   """A LoRA model whose trainable params (adapters, head, ...) all hold perturbed values."""
   c = _lora_config(rules=rules)
-  model = hf.load_classifier(tiny.path, num_labels=2).model
+  model = hf.load(tiny.path, "classify", num_labels=2).model
   trainable.with_adapters(model, c)
-  trained = trainable.split(model, c, tiny.config.model_type).assignment.trainable()
+  heads = tasks.of(c).fresh_heads(tiny.config)
+  trained = trainable.split(model, c, heads).assignment.trainable()
   _perturb(model, trained.__contains__)
   return c, model, trained
 
@@ -141,10 +148,10 @@ def test_merged_export_loads_in_transformers_with_the_same_logits(family, reques
   _, model, _ = _trained_lora_model(tiny)
   batch = tiny.batch()
   expected = _logits(model, batch)
-  hf_config = hf.load_hf_config(tiny.path, num_labels=2)
-  hf.export_classifier(lora.merge(model), hf_config, str(tmp_path), tokenizer_path=None)
+  hf_config = hub.load_hf_config(tiny.path, num_labels=2)
+  hf.export(lora.merge(model), hf_config, "classify", str(tmp_path), tokenizer_path=None)
   assert _adapted(model) == []
-  assert not any("lora" in k for k in load_file(str(tmp_path / hf.SAFETENSORS)))
+  assert not any("lora" in k for k in load_file(str(tmp_path / weights.SAFETENSORS)))
   loaded, info = transformers.AutoModelForSequenceClassification.from_pretrained(
       tmp_path, output_loading_info=True)
   assert not info["missing_keys"] and not info["unexpected_keys"]
@@ -181,10 +188,13 @@ def test_peft_adapter_export_loads_with_peft_and_gives_the_same_logits(
   c, model, trained = _trained_lora_model(tiny, rules=user_rules)
   batch = tiny.batch()
   expected = _logits(model, batch)
-  hf_config = hf.load_hf_config(tiny.path, num_labels=2)
-  lora.export_peft(model, hf_config, c, trained, str(tmp_path), base_model=tiny.path)
-  assert (tmp_path / lora.PEFT_WEIGHTS).exists()
-  config = json.loads((tmp_path / lora.PEFT_CONFIG).read_text())
+  hf_config = hub.load_hf_config(tiny.path, num_labels=2)
+  task = tasks.of(c)
+  peft_export.export_peft(model, hf_config, task.name, str(tmp_path), lora_config=c.lora,
+                   trainable=trained, heads=task.fresh_heads(hf_config),
+                   task_type=task.peft_task_type, base_model=tiny.path)
+  assert (tmp_path / peft_export.PEFT_WEIGHTS).exists()
+  config = json.loads((tmp_path / peft_export.PEFT_CONFIG).read_text())
   assert config["peft_type"] == "LORA" and config["r"] == 4 and config["lora_alpha"] == 8.0
   assert config["modules_to_save"] == saved
   assert len(config["target_modules"]) == 4
@@ -209,7 +219,7 @@ def test_lora_run_exports_merged_and_peft_equal_to_the_restored_model(tiny_setup
   config.lora.rank = 4
   workdir = str(tmp_path / "w")
   train.train(config, workdir)
-  run = train.open_run(config, workdir, config.model.path, train.read_labels(workdir), quiet=True)
+  run = run_lib.open_run(config, workdir, config.model.path, run_lib.read_labels(workdir), quiet=True)
   run.checkpointer.close()
   model = run.model()
   modules = dict(lora.linear_modules(model))
@@ -221,13 +231,13 @@ def test_lora_run_exports_merged_and_peft_equal_to_the_restored_model(tiny_setup
   assert batch["attention_mask"].min() == 0  # Some rows are padded.
   expected = _logits(model, batch)
 
-  train.export_command(workdir, str(tmp_path / "hf"), "hf")
-  train.export_command(workdir, str(tmp_path / "peft"), "peft")
+  commands.export_command(workdir, str(tmp_path / "hf"), "hf")
+  commands.export_command(workdir, str(tmp_path / "peft"), "peft")
   merged, info = transformers.AutoModelForSequenceClassification.from_pretrained(
       tmp_path / "hf", output_loading_info=True)
   assert not info["missing_keys"] and not info["unexpected_keys"]
   np.testing.assert_allclose(_torch_logits(merged.eval(), batch), expected, atol=TOL, rtol=0)
-  saved = json.loads((tmp_path / "peft" / lora.PEFT_CONFIG).read_text())
+  saved = json.loads((tmp_path / "peft" / peft_export.PEFT_CONFIG).read_text())
   assert saved["modules_to_save"] == ["classifier"]
   assert saved["base_model_name_or_path"] == config.model.path
   base = transformers.AutoModelForSequenceClassification.from_pretrained(
@@ -237,8 +247,8 @@ def test_lora_run_exports_merged_and_peft_equal_to_the_restored_model(tiny_setup
 
   # The merged export is the pretrained model, bit for bit, except the adapted
   # kernels, which are the pretrained ones plus scale * (a @ b).
-  pretrained = load_file(str(tiny_setup / "model" / hf.SAFETENSORS))
-  exported = load_file(str(tmp_path / "hf" / hf.SAFETENSORS))
+  pretrained = load_file(str(tiny_setup / "model" / weights.SAFETENSORS))
+  exported = load_file(str(tmp_path / "hf" / weights.SAFETENSORS))
   scale = config.lora.alpha / config.lora.rank
   deltas = {f"{p.replace('/', '.')}.weight": scale * (
       np.asarray(modules[p].lora_a[...], np.float64)
@@ -259,5 +269,5 @@ def test_lora_run_exports_merged_and_peft_equal_to_the_restored_model(tiny_setup
 def test_peft_export_of_a_run_without_lora_is_an_error(tiny_setup, tmp_path):
   train.train(tiny_config(tiny_setup, num_steps=1), str(tmp_path / "w"))
   with pytest.raises(UserError, match="--format=peft needs a LoRA run"):
-    train.export_command(str(tmp_path / "w"), str(tmp_path / "out"), "peft")
+    commands.export_command(str(tmp_path / "w"), str(tmp_path / "out"), "peft")
   assert not (tmp_path / "out").exists()

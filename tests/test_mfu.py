@@ -4,10 +4,10 @@ import json
 
 import pytest
 
-from jaxft import footprint
-from jaxft import hf
+from jaxft import inspect
 from jaxft import mfu
-from jaxft import trainable
+from jaxft import tasks
+from jaxft.tuning import trainable
 from tests.test_train import tiny_config
 
 
@@ -16,12 +16,11 @@ def test_analytic_train_flops_match_xlas_cost_analysis_for_minilm(tiny_setup, mi
   config.model.path = minilm_path
   config.data.max_length = 64
   config.train.batch_size = 8
-  xla = footprint.inspect(config)["step_flops"]
-  hf_config = hf.load_hf_config(minilm_path, num_labels=2)
-  model = trainable.abstract_model(hf_config, config)
-  sizes = trainable.split(model, config, "bert").sizes
-  layers, attn = mfu.model_shape(hf_config)
-  ours = 8 * 64 * mfu.train_flops_per_token(mfu.matmul_params(sizes, False), layers, 64, attn)
+  xla = inspect.inspect(config)["step_flops"]
+  task = tasks.of(config)
+  hf_config = task.hf_config(minilm_path, ["neg", "pos"])
+  sizes = trainable.split(trainable.abstract_model(hf_config, config, task.name), config).sizes
+  ours = 8 * 64 * task.flops_per_token(sizes, hf_config)
   assert ours == pytest.approx(xla, rel=0.15)
 
 

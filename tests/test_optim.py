@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 
 from jaxft import config as config_lib
-from jaxft import optim
-from jaxft import params as params_lib
-from jaxft import rules
+from jaxft.tuning import optimizer
+from jaxft.tuning import param_paths
+from jaxft.tuning import rules
+from jaxft.tasks import classify
 
 
 def _config(**optim_overrides):
@@ -21,7 +22,7 @@ def _config(**optim_overrides):
 
 @pytest.mark.parametrize("kind", ["linear", "cosine"])
 def test_schedule_warms_up_then_decays_to_zero(kind):
-  s = optim.schedule(_config(schedule=kind, warmup_frac=0.1))
+  s = optimizer.schedule(_config(schedule=kind, warmup_frac=0.1))
   assert float(s(0)) == 0.0
   assert float(s(5)) == pytest.approx(0.5)
   assert float(s(10)) == pytest.approx(1.0)
@@ -44,7 +45,7 @@ def test_weight_decay_shrinks_only_masked_params():
   c = _config(schedule="constant", warmup_frac=0.0, weight_decay=0.5, clip_norm=0.0)
   c.optim.lr = 0.1
   params = {"dense": {"kernel": jnp.ones(3), "bias": jnp.ones(3)}}
-  tx = optim.build(c, params)
+  tx = optimizer.build(c, params)
   zeros = jax.tree.map(jnp.zeros_like, params)
   updates, _ = tx.update(zeros, tx.init(params), params)
   np.testing.assert_allclose(updates["dense"]["kernel"], -0.05 * np.ones(3), rtol=1e-6)
@@ -55,7 +56,7 @@ def test_clipping_bounds_the_global_norm():
   c = _config(schedule="constant", warmup_frac=0.0, weight_decay=0.0, clip_norm=1.0)
   c.optim.update(b1=0.0, b2=0.0, eps=0.0)
   params = {"w": jnp.zeros(4)}
-  tx = optim.build(c, params)
+  tx = optimizer.build(c, params)
   big = {"w": jnp.full(4, 100.0)}
   updates, _ = tx.update(big, tx.init(params), params)
   # With b1=b2=0 Adam's step is sign(g) * lr whatever the scale; clipping must not flip it.
@@ -66,20 +67,22 @@ def test_optimizer_paths_equal_checkpoint_paths(tiny_bert):
   # The optimizer rules must name parameters exactly as
   # the checkpoint tables do.
   from flax import nnx
-  from jaxft import hf, params
-  model = hf.load_classifier(tiny_bert.path, num_labels=2).model
+  from jaxft.formats import hf
+  from jaxft.tuning import param_paths
+  model = hf.load(tiny_bert.path, "classify", num_labels=2).model
   state = nnx.state(model, nnx.Param)
-  names = [p for p, _ in params.named_variables(state)]
-  assert sorted(jax.tree.leaves(params.tree_paths(state))) == sorted(names)
+  names = [p for p, _ in param_paths.named_variables(state)]
+  assert sorted(jax.tree.leaves(param_paths.tree_paths(state))) == sorted(names)
   assert "encoder/layer/1/attention/self/query/kernel" in names
 
 
 def _tiny_split(tiny, rule_list, **optim_overrides):
-  from jaxft import hf, trainable
+  from jaxft.formats import hf
+  from jaxft.tuning import trainable
   c = _config(schedule="constant", warmup_frac=0.0, clip_norm=0.0, **optim_overrides)
   c.optim.rules = tuple(rule_list)
-  model = hf.load_classifier(tiny.path, num_labels=2).model
-  return c, trainable.split(model, c, "bert")
+  model = hf.load(tiny.path, "classify", num_labels=2).model
+  return c, trainable.split(model, c)
 
 
 def test_lr_multiplier_half_gives_exactly_half_the_sgd_update(tiny_bert):
@@ -88,13 +91,13 @@ def test_lr_multiplier_half_gives_exactly_half_the_sgd_update(tiny_bert):
   updates = {}
   for name, rule_list in (("full", []), ("half", [("encoder/layer/1/.*", 0.5), (".*", 1.0)])):
     c, split = _tiny_split(tiny_bert, rule_list, optimizer="sgd", weight_decay=0.0, lr=0.125)
-    tx = optim.build(c, split.params, split.assignment)
-    _, _, grads = steps.loss_and_grads(steps.CLASSIFY, split.graphdef, split.rest,
+    tx = optimizer.build(c, split.params, split.assignment)
+    _, _, grads = steps.loss_and_grads(classify.OBJECTIVE, split.graphdef, split.rest,
                                        split.params, split.frozen, batch, None, 3.0)
     u, _ = tx.update(grads, tx.init(split.params), split.params)
-    updates[name] = dict(params_lib.named_variables(u))
+    updates[name] = dict(param_paths.named_variables(u))
     if name == "full":
-      sgd = {p: -0.125 * np.asarray(v.get_value()) for p, v in params_lib.named_variables(grads)}
+      sgd = {p: -0.125 * np.asarray(v.get_value()) for p, v in param_paths.named_variables(grads)}
   assert updates["full"].keys() == updates["half"].keys()
   for path, full in updates["full"].items():
     full, half = np.asarray(full.get_value()), np.asarray(updates["half"][path].get_value())
@@ -106,7 +109,7 @@ def test_lr_multiplier_half_gives_exactly_half_the_sgd_update(tiny_bert):
 
 def test_start_step_holds_the_rate_at_zero_then_warms_up():
   c = _config(schedule="linear", warmup_steps=10)
-  s = optim.schedule(c, rules.Rule(".*", True, lr_mult=2.0, start_step=20))
+  s = optimizer.schedule(c, rules.Rule(".*", True, lr_mult=2.0, start_step=20))
   assert [float(s(i)) for i in (0, 19, 20, 25, 30)] == pytest.approx([0, 0, 0, 1.0, 2.0])
   assert float(s(100)) == pytest.approx(0.0, abs=1e-6)
 
@@ -114,10 +117,10 @@ def test_start_step_holds_the_rate_at_zero_then_warms_up():
 def test_a_rule_can_set_its_own_weight_decay(tiny_bert):
   c, split = _tiny_split(tiny_bert, [("classifier/.*", dict(weight_decay=0.5)), (".*", 1.0)],
                          lr=0.1, weight_decay=0.0)
-  tx = optim.build(c, split.params, split.assignment)
+  tx = optimizer.build(c, split.params, split.assignment)
   zeros = jax.tree.map(jnp.zeros_like, split.params)
-  u = dict(params_lib.named_variables(tx.update(zeros, tx.init(split.params), split.params)[0]))
-  p = dict(params_lib.named_variables(split.params))
+  u = dict(param_paths.named_variables(tx.update(zeros, tx.init(split.params), split.params)[0]))
+  p = dict(param_paths.named_variables(split.params))
   np.testing.assert_allclose(u["classifier/kernel"].get_value(),
                              -0.05 * p["classifier/kernel"].get_value(), rtol=1e-6)
   assert not np.any(u["classifier/bias"].get_value())  # Biases never decay.

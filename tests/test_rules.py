@@ -3,7 +3,7 @@
 import pytest
 
 from jaxft import config as config_lib
-from jaxft import rules
+from jaxft.tuning import rules
 from jaxft.errors import UserError
 
 PATHS = [

@@ -12,11 +12,14 @@ import torch
 import transformers
 
 from jaxft import cli
-from jaxft import hf
-from jaxft import lm_steps
+from jaxft.formats import hf
+from jaxft.tasks import causal_lm
 from jaxft import steps
 from jaxft import train
 from jaxft.errors import UserError
+from jaxft import run as run_lib
+from jaxft.formats import hub
+from jaxft import commands
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -45,7 +48,7 @@ def tiny_sft_config(root, **train_overrides):
 def test_sft_lowers_the_assistant_loss_writes_samples_and_resumes_the_eval(tiny_chat_lm,
                                                                            tmp_path):
   config = tiny_sft_config(tiny_chat_lm)
-  before = train.eval_command(config, str(tmp_path / "fresh"))
+  before = commands.eval_command(config, str(tmp_path / "fresh"))
   result = train.train(config, str(tmp_path / "run"))
   assert set(result) == {"tokens", "loss", "perplexity"}
   assert result["tokens"] == before["tokens"] > 100
@@ -55,7 +58,7 @@ def test_sft_lowers_the_assistant_loss_writes_samples_and_resumes_the_eval(tiny_
   assert len(samples) == 2
   assert samples[0]["prompt"].endswith("<|im_start|>assistant\n")
   assert samples[0]["reference"] and isinstance(samples[0]["generated"], str)
-  again = train.eval_command(config, str(tmp_path / "run"))
+  again = commands.eval_command(config, str(tmp_path / "run"))
   assert again["step"] == 8 and again["loss"] == pytest.approx(result["loss"], rel=1e-6)
 
 
@@ -64,30 +67,31 @@ def test_packing_on_and_off_give_the_same_eval_loss(tiny_chat_lm, tmp_path):
   for packing in (True, False):
     config = tiny_sft_config(tiny_chat_lm)
     config.data.packing = packing
-    losses[packing] = train.eval_command(config, str(tmp_path / str(packing)))
+    losses[packing] = commands.eval_command(config, str(tmp_path / str(packing)))
   assert losses[True]["tokens"] == losses[False]["tokens"]
   assert losses[True]["loss"] == pytest.approx(losses[False]["loss"], rel=1e-5)
 
 
 def test_grad_accumulation_gives_the_per_token_mean_of_the_whole_batch(tiny_chat_lm):
-  from jaxft import optim, trainable
+  from jaxft.tuning import optimizer
+  from jaxft.tuning import trainable
   from jaxft.data import sft
   config = tiny_sft_config(tiny_chat_lm)
   config.optim.update(optimizer="sgd", clip_norm=0.0, weight_decay=0.0)
-  tokenizer = hf.load_tokenizer(config.model.path)
+  tokenizer = hub.load_tokenizer(config.model.path)
   rows = sft.prepare(config, tokenizer)[0].rows
   batch = {k: v[:4] for k, v in rows.items()}
-  model = hf.load_causal_lm(config.model.path).model
-  split = trainable.split(model, config, "llama")
-  tx = optim.build(config, split.params, split.assignment)
+  model = hf.load(config.model.path, "causal_lm").model
+  split = trainable.split(model, config)
+  tx = optimizer.build(config, split.params, split.assignment)
   out = {}
   for accum in (1, 2, 4):
     state = steps.init_state(split.params, split.frozen, tx)
-    out[accum] = steps.train_step(state, batch, objective=lm_steps.CAUSAL_LM,
+    out[accum] = steps.train_step(state, batch, objective=causal_lm.OBJECTIVE,
                                   graphdef=split.graphdef, rest=split.rest, tx=tx,
                                   grad_accum=accum, dropout_key=jax.random.key(0))[1]
   # Rows hold different numbers of loss tokens: a mean of per-micro-batch means would differ.
-  per_row = lm_steps.loss_targets(batch).sum(1)
+  per_row = causal_lm.loss_targets(batch).sum(1)
   assert len(set(per_row.tolist())) > 1
   for accum in (2, 4):
     np.testing.assert_allclose(out[accum]["loss"], out[1]["loss"], rtol=1e-5)
@@ -98,15 +102,15 @@ def test_train_loss_and_gradient_equal_transformers_on_the_same_rows(tiny_chat_l
   # The loss comes from hidden states chunk by chunk (jaxft.lm_loss), never
   # from full logits: pin it, and the gradient of the tied embedding (input
   # and output layer), to transformers' loss on logits with -100 labels.
-  from jaxft import trainable
+  from jaxft.tuning import trainable
   from jaxft.data import sft
   config = tiny_sft_config(tiny_chat_lm)
   config.data.packing = False  # One document per row: what transformers' loss sees.
-  rows = sft.prepare(config, hf.load_tokenizer(config.model.path))[0].rows
+  rows = sft.prepare(config, hub.load_tokenizer(config.model.path))[0].rows
   batch = {k: v[:4] for k, v in rows.items()}
-  split = trainable.split(hf.load_causal_lm(config.model.path).model, config, "llama")
-  units = lm_steps.CAUSAL_LM.units(batch)
-  loss, _, grads = steps.loss_and_grads(lm_steps.CAUSAL_LM, split.graphdef, split.rest,
+  split = trainable.split(hf.load(config.model.path, "causal_lm").model, config)
+  units = causal_lm.OBJECTIVE.units(batch)
+  loss, _, grads = steps.loss_and_grads(causal_lm.OBJECTIVE, split.graphdef, split.rest,
                                         split.params, split.frozen, batch, None, units)
   theirs = transformers.LlamaForCausalLM.from_pretrained(config.model.path).eval()
   ids = torch.from_numpy(batch["input_ids"].astype(np.int64))
@@ -140,9 +144,9 @@ def test_export_loads_in_transformers_and_replies_as_jaxft_generate(tiny_chat_lm
   config = tiny_sft_config(tiny_chat_lm, num_steps=2)
   config.optim.lr = 1e-3
   train.train(config, str(tmp_path / "run"))
-  train.export_command(str(tmp_path / "run"), str(tmp_path / "hf"))
+  commands.export_command(str(tmp_path / "run"), str(tmp_path / "hf"))
   exported = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
-  assert exported.chat_template == hf.load_tokenizer(config.model.path).chat_template
+  assert exported.chat_template == hub.load_tokenizer(config.model.path).chat_template
   prompt = "hey! what did you do this weekend? i"  # Raw text, as `jaxft generate` takes it.
   theirs = _greedy_torch(tmp_path / "hf", prompt, 12)
   assert theirs.strip()
@@ -173,14 +177,14 @@ def test_lora_sft_exports_merged_and_peft_with_the_restored_models_logits(tiny_c
   config.lora.update(rank=4, alpha=8.0)
   workdir = str(tmp_path / "run")
   train.train(config, workdir)
-  _, run, _ = train.restore(workdir)
+  _, run, _ = run_lib.restore(workdir)
   trained = run.split.assignment.trainable()
   # Adapters on q/v only: the (tied) embeddings and lm_head of a language model stay frozen.
   assert trained and all(p.rsplit("/", 1)[1] in ("lora_a", "lora_b") for p in trained)
   ids = np.random.default_rng(0).integers(0, 1000, (2, 9)).astype(np.int32)
   ours = np.asarray(run.model()(ids))
-  train.export_command(workdir, str(tmp_path / "merged"))
-  train.export_command(workdir, str(tmp_path / "peft"), "peft")
+  commands.export_command(workdir, str(tmp_path / "merged"))
+  commands.export_command(workdir, str(tmp_path / "peft"), "peft")
   saved = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
   assert saved["task_type"] == "CAUSAL_LM" and saved["modules_to_save"] == []
   base = transformers.AutoModelForCausalLM.from_pretrained(config.model.path)
@@ -193,10 +197,10 @@ def test_lora_sft_exports_merged_and_peft_with_the_restored_models_logits(tiny_c
 
 
 def test_inspect_reports_the_lm_step_without_loading_weights(tiny_chat_lm):
-  from jaxft import footprint
+  from jaxft import inspect
   config = tiny_sft_config(tiny_chat_lm)
-  out = footprint.inspect(config)
-  model = hf.load_causal_lm(config.model.path).model
+  out = inspect.inspect(config)
+  model = hf.load(config.model.path, "causal_lm").model
   from flax import nnx
   total = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
   assert out["params_total"] == out["params_trainable"] == total

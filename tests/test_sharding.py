@@ -22,6 +22,7 @@ from jaxft import train
 from jaxft.errors import UserError
 from tests.test_train import ROOT
 from tests.test_train import tiny_config
+from jaxft import run as run_lib
 
 MESHES = [(8, 1, 1), (1, 8, 1), (2, 2, 2)]
 
@@ -50,7 +51,7 @@ def _one_device(root, workdir, steps):
   config.checkpoint.update(every=5, keep=5)
   train.train(config, str(workdir))
   events = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()]
-  run = train.open_run(config, str(workdir), config.model.path, train.read_labels(str(workdir)),
+  run = run_lib.open_run(config, str(workdir), config.model.path, run_lib.read_labels(str(workdir)),
                        quiet=True)
   run.checkpointer.close()
   leaves = jax.tree_util.tree_flatten_with_path(run.state)[0]

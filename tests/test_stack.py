@@ -10,9 +10,8 @@ import pytest
 import transformers
 from flax import nnx
 
-from jaxft import hf
+from jaxft.formats import hf
 from jaxft.models import layers
-from jaxft.models import registry
 from jaxft.models import stack
 
 VARIANTS = [stack.Options(scan=True), stack.Options(remat="full"), stack.Options(remat="dots"),
@@ -23,14 +22,14 @@ def _bert(layers_: int = 3) -> nnx.Module:
   config = transformers.BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=layers_,
                                    num_attention_heads=4, intermediate_size=64,
                                    max_position_embeddings=32, num_labels=3)
-  return hf.build_model(config, registry.CLASSIFY, seed=0)
+  return hf.build_model(config, "classify", seed=0)
 
 
 def _llama(layers_: int = 3) -> nnx.Module:
   config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, num_hidden_layers=layers_,
                                     num_attention_heads=4, num_key_value_heads=2,
                                     intermediate_size=64, max_position_embeddings=32)
-  return hf.build_model(config, registry.CAUSAL_LM, seed=0)
+  return hf.build_model(config, "causal_lm", seed=0)
 
 
 def _ids(shape=(2, 12)) -> jax.Array:

@@ -14,6 +14,8 @@ import transformers
 from jaxft import train
 from jaxft.errors import UserError
 from jaxft.models import stack
+from jaxft import run as run_lib
+from jaxft import commands
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -39,8 +41,8 @@ def tiny_config(root, **train_overrides):
 
 
 def _params(workdir, config):
-  labels = train.read_labels(str(workdir))
-  run = train.open_run(config, str(workdir), config.model.path, labels)
+  labels = run_lib.read_labels(str(workdir))
+  run = run_lib.open_run(config, str(workdir), config.model.path, labels)
   run.checkpointer.close()
   return run.step, jax.tree.map(np.asarray, run.state)
 
@@ -130,7 +132,7 @@ def test_corrupt_checkpoint_is_a_clear_error(tiny_setup, tmp_path):
     if path.is_file() and path.stat().st_size > 0:
       path.write_bytes(b"garbage")
   with pytest.raises(UserError, match="cannot restore checkpoint 3"):
-    train.eval_command(config, str(tmp_path))
+    commands.eval_command(config, str(tmp_path))
 
 
 def test_resuming_with_other_rules_is_a_clear_error(tiny_setup, tmp_path):

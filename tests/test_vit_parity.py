@@ -16,9 +16,10 @@ import transformers
 from flax import nnx
 from safetensors import safe_open
 
-from jaxft import hf
+from jaxft.formats import hf
 from jaxft.errors import UserError
 from jaxft.models import vit
+from jaxft.formats import weights
 
 TOL = 1e-4
 TINY_VIT = dict(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2,
@@ -99,7 +100,7 @@ def _logits(model, nchw, **kwargs) -> np.ndarray:
     ids=["rgb", "grey", "no-qkv-bias", "non-square", "gelu-new"])
 def test_tiny_random_logits_match_torch(overrides, make_tiny_vit, tiny_vit):
   ckpt = make_tiny_vit(**overrides) if overrides else tiny_vit
-  loaded = hf.load_image_classifier(ckpt.path, num_labels=3)
+  loaded = hf.load(ckpt.path, "image_classify", num_labels=3)
   assert loaded.report.missing == [] and loaded.report.unexpected == []
   pixels = ckpt.pixels()
   ours = _logits(loaded.model, pixels)
@@ -111,7 +112,7 @@ def test_tiny_random_logits_match_torch(overrides, make_tiny_vit, tiny_vit):
 
 @pytest.mark.parametrize("size", [(48, 48), (24, 24), (40, 56), (16, 32)])
 def test_interpolated_position_embeddings_match_torch(size, tiny_vit):
-  model = hf.load_image_classifier(tiny_vit.path, num_labels=3).model
+  model = hf.load(tiny_vit.path, "image_classify", num_labels=3).model
   pixels = tiny_vit.pixels(*size, seed=1)
   want = tiny_vit.torch_out(pixels, interpolate_pos_encoding=True).logits.numpy()
   ours = _logits(model, pixels, interpolate_pos_encoding=True)
@@ -119,20 +120,20 @@ def test_interpolated_position_embeddings_match_torch(size, tiny_vit):
 
 
 def test_interpolation_is_a_no_op_at_the_config_size(tiny_vit):
-  model = hf.load_image_classifier(tiny_vit.path, num_labels=3).model
+  model = hf.load(tiny_vit.path, "image_classify", num_labels=3).model
   pixels = tiny_vit.pixels()
   np.testing.assert_array_equal(_logits(model, pixels),
                                 _logits(model, pixels, interpolate_pos_encoding=True))
 
 
 def test_other_size_without_interpolation_is_a_user_error(tiny_vit):
-  model = hf.load_image_classifier(tiny_vit.path, num_labels=3).model
+  model = hf.load(tiny_vit.path, "image_classify", num_labels=3).model
   with pytest.raises(UserError, match="interpolate_pos_encoding"):
     model(_nhwc(tiny_vit.pixels(48, 48)))
 
 
 def test_nchw_input_is_a_user_error_with_a_hint(tiny_vit):
-  model = hf.load_image_classifier(tiny_vit.path, num_labels=3).model
+  model = hf.load(tiny_vit.path, "image_classify", num_labels=3).model
   with pytest.raises(UserError, match="channels-last"):
     model(jnp.asarray(tiny_vit.pixels()))
 
@@ -154,16 +155,16 @@ def test_bicubic_resize_matches_torch_interpolate(sizes):
 
 
 def test_export_loads_in_transformers_with_same_logits(tiny_vit, tmp_path):
-  loaded = hf.load_image_classifier(tiny_vit.path, num_labels=3)
+  loaded = hf.load(tiny_vit.path, "image_classify", num_labels=3)
   processor = {"image_processor_type": "ViTImageProcessor",
                "size": {"height": 32, "width": 32}}
   (tmp_path / hf.PREPROCESSOR_CONFIG).write_text(json.dumps(processor))
   out = tmp_path / "export"
-  hf.export_image_classifier(loaded.model, loaded.hf_config, str(out),
+  hf.export(loaded.model, loaded.hf_config, "image_classify", str(out),
                              processor_path=str(tmp_path))
   assert json.loads((out / hf.PREPROCESSOR_CONFIG).read_text()) == processor
-  with safe_open(str(out / hf.SAFETENSORS), "np") as ours, \
-       safe_open(os.path.join(tiny_vit.path, hf.SAFETENSORS), "np") as theirs:
+  with safe_open(str(out / weights.SAFETENSORS), "np") as ours, \
+       safe_open(os.path.join(tiny_vit.path, weights.SAFETENSORS), "np") as theirs:
     assert set(ours.keys()) == set(theirs.keys())
     for key in theirs.keys():  # names, layouts (OIHW conv) and values round-trip
       np.testing.assert_array_equal(ours.get_tensor(key), theirs.get_tensor(key))
@@ -182,7 +183,7 @@ def test_export_loads_in_transformers_with_same_logits(tiny_vit, tmp_path):
 @pytest.mark.parametrize("pooler", [True, False])
 def test_base_model_checkpoint_loads_with_fresh_head(pooler, make_tiny_vit):
   ckpt = make_tiny_vit(base=True, add_pooling_layer=pooler)
-  loaded = hf.load_image_classifier(ckpt.path, num_labels=5)
+  loaded = hf.load(ckpt.path, "image_classify", num_labels=5)
   assert sorted(loaded.report.missing) == ["classifier/bias", "classifier/kernel"]
   assert loaded.report.unexpected == (
       ["pooler.dense.bias", "pooler.dense.weight"] if pooler else [])
@@ -194,7 +195,7 @@ def test_base_model_checkpoint_loads_with_fresh_head(pooler, make_tiny_vit):
 
 
 def test_param_paths_mirror_hf_module_names(tiny_vit):
-  model = hf.load_image_classifier(tiny_vit.path, num_labels=3).model
+  model = hf.load(tiny_vit.path, "image_classify", num_labels=3).model
   state = nnx.state(model, nnx.Param)
   shapes = {"/".join(map(str, p)): v.get_value().shape
             for p, v in nnx.to_flat_state(state)}
@@ -222,7 +223,7 @@ def test_param_paths_mirror_hf_module_names(tiny_vit):
 
 def test_dropout_uses_call_rngs_and_model_holds_no_rng_state(make_tiny_vit):
   ckpt = make_tiny_vit(hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1)
-  model = hf.load_image_classifier(ckpt.path, num_labels=3).model
+  model = hf.load(ckpt.path, "image_classify", num_labels=3).model
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
   assert jax.tree_util.tree_leaves(rest) == []
   pixels = _nhwc(ckpt.pixels())
@@ -241,7 +242,7 @@ def test_dropout_uses_call_rngs_and_model_holds_no_rng_state(make_tiny_vit):
 
 
 def test_bf16_compute_keeps_fp32_params_and_logits(tiny_vit):
-  loaded = hf.load_image_classifier(tiny_vit.path, num_labels=3,
+  loaded = hf.load(tiny_vit.path, "image_classify", num_labels=3,
                                     dtype=jnp.bfloat16, param_dtype=jnp.float32)
   leaves = jax.tree_util.tree_leaves(nnx.state(loaded.model, nnx.Param))
   assert {leaf.dtype for leaf in leaves} == {jnp.dtype(jnp.float32)}

@@ -14,6 +14,8 @@ from safetensors.numpy import load_file
 
 from jaxft import train
 from jaxft.errors import UserError
+from jaxft import run as run_lib
+from jaxft import commands
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -57,10 +59,10 @@ def test_vit_training_reports_metrics_writes_the_confusion_png_and_exports(tiny_
   assert list(result["recall"]) == [str(i) for i in range(10)]
   png = Image.open(tmp_path / "run" / "confusion" / "step_6.png")
   assert png.format == "PNG" and png.size[0] > 400
-  train.export_command(str(tmp_path / "run"), str(tmp_path / "hf"))
+  commands.export_command(str(tmp_path / "run"), str(tmp_path / "hf"))
   theirs = transformers.AutoModelForImageClassification.from_pretrained(tmp_path / "hf").eval()
   assert theirs.config.id2label[3] == "3"
-  _, run, _ = train.restore(str(tmp_path / "run"))
+  _, run, _ = run_lib.restore(str(tmp_path / "run"))
   x = np.random.default_rng(0).normal(size=(4, 16, 16, 1)).astype(np.float32)
   ours = np.asarray(run.model()(x))
   with torch.no_grad():
@@ -71,7 +73,7 @@ def test_vit_training_reports_metrics_writes_the_confusion_png_and_exports(tiny_
 def test_linear_probe_changes_only_the_classifier(tiny_vit, tmp_path):
   config = _config(tiny_vit, "probe")
   train.train(config, str(tmp_path / "run"))
-  train.export_command(str(tmp_path / "run"), str(tmp_path / "hf"))
+  commands.export_command(str(tmp_path / "run"), str(tmp_path / "hf"))
   before = load_file(str(tiny_vit / "model.safetensors"))
   after = load_file(str(tmp_path / "hf" / "model.safetensors"))
   assert before.keys() == after.keys()
@@ -124,8 +126,8 @@ def test_a_corrupt_image_is_named_or_skipped_with_skip_bad(tiny_vit, tmp_path):
 
 
 def test_inspect_compiles_the_image_step_and_counts_the_probe(tiny_vit):
-  from jaxft import footprint
-  out = footprint.inspect(_config(tiny_vit, "probe"))
+  from jaxft import inspect
+  out = inspect.inspect(_config(tiny_vit, "probe"))
   assert out["params_trainable"] == 32 * 10 + 10  # The classifier alone.
   assert out["params_total"] > 20 * out["params_trainable"]
   assert out["step_flops"] > 0 and out["optimizer_state_bytes"] < 4 * 4 * 400

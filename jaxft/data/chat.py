@@ -16,9 +16,9 @@ from typing import Sequence
 
 import numpy as np
 
+from jaxft.config import LOSS_ON
 from jaxft.errors import UserError
 
-LOSS_ON = ("assistant", "last", "all")
 
 
 def _ids(tokenizer, messages: Sequence[dict], generation_prompt: bool) -> list[int]:

@@ -24,6 +24,7 @@ from flax import nnx
 from jaxft import sharding
 from jaxft.errors import UserError
 from jaxft.models import layers
+from jaxft.models import naming
 from jaxft.models import stack
 
 Array = jax.Array
@@ -335,7 +336,7 @@ class RobertaForSequenceClassification(RobertaModel):
 
 
 # Checkpoint names. HF module names are our paths with `.` for `/`, so the
-# shared leaf rules of `layers.TORCH_RULES` cover every param, e.g.
+# shared leaf rules of `naming.TORCH_RULES` cover every param, e.g.
 #   encoder/layer/0/attention/self/query/kernel
 #       <-> bert.encoder.layer.0.attention.self.query.weight  (transposed)
 #   embeddings/LayerNorm/scale <-> bert.embeddings.LayerNorm.weight  (or .gamma)
@@ -343,9 +344,9 @@ class RobertaForSequenceClassification(RobertaModel):
 #       <-> bert.embeddings.word_embeddings.weight
 #   classifier/bias <-> classifier.bias  (head: never prefixed)
 # Only the base-model prefix and the head modules differ per class.
-BERT_CHECKPOINT = layers.CheckpointLayout(prefix="bert",
+BERT_CHECKPOINT = naming.CheckpointLayout(prefix="bert",
                                           head_modules=("classifier",))
-ROBERTA_CHECKPOINT = layers.CheckpointLayout(prefix="roberta",
+ROBERTA_CHECKPOINT = naming.CheckpointLayout(prefix="roberta",
                                              head_modules=("classifier",))
 
 
@@ -507,5 +508,5 @@ class DistilBertForSequenceClassification(nnx.Module):
     return self.classifier(pooled, **kw).astype(jnp.float32)
 
 
-DISTILBERT_CHECKPOINT = layers.CheckpointLayout(
+DISTILBERT_CHECKPOINT = naming.CheckpointLayout(
     prefix="distilbert", head_modules=("pre_classifier", "classifier"))

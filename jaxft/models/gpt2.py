@@ -17,6 +17,7 @@ from flax import nnx
 
 from jaxft import sharding
 from jaxft.models import layers
+from jaxft.models import naming
 from jaxft.models import llama
 from jaxft.models import stack
 
@@ -160,9 +161,9 @@ class GPT2LMHeadModel(nnx.Module):
 
 
 # Conv1D weights are stored (in, out), like our kernels: no transpose.
-GPT2_CHECKPOINT = layers.CheckpointLayout(prefix="", head_modules=("lm_head",), rules={
-    "torch": (layers.NameRule(r"(.*)/scale", r"\1/weight"),
-              layers.NameRule(r"(.*)/kernel", r"\1/weight"),
-              layers.NameRule(r"(.*)/embedding", r"\1/weight"),
-              layers.NameRule(r"(.*)/bias", r"\1/bias")),
-    "flax": layers.FLAX_RULES})
+GPT2_CHECKPOINT = naming.CheckpointLayout(prefix="", head_modules=("lm_head",), rules={
+    "torch": (naming.NameRule(r"(.*)/scale", r"\1/weight"),
+              naming.NameRule(r"(.*)/kernel", r"\1/weight"),
+              naming.NameRule(r"(.*)/embedding", r"\1/weight"),
+              naming.NameRule(r"(.*)/bias", r"\1/bias")),
+    "flax": naming.FLAX_RULES})

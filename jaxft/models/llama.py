@@ -25,6 +25,7 @@ from flax import nnx
 from jaxft import sharding
 from jaxft.errors import UserError
 from jaxft.models import layers
+from jaxft.models import naming
 from jaxft.models import rope
 from jaxft.models import stack
 
@@ -301,4 +302,4 @@ class Qwen3ForCausalLM(CausalLM):
 
 # transformers' causal LM checkpoints name params exactly as our paths (no
 # base-model prefix to add or strip: `model.` is part of the path).
-CAUSAL_LM_CHECKPOINT = layers.CheckpointLayout(prefix="", head_modules=("lm_head",))
+CAUSAL_LM_CHECKPOINT = naming.CheckpointLayout(prefix="", head_modules=("lm_head",))

@@ -1,4 +1,8 @@
-"""HF `model_type` -> jaxft model class and how its checkpoints are named, per task."""
+"""HF `model_type` -> jaxft model class and how its checkpoints are named, per task kind.
+
+Keyed first by the task kind, as `config.task` spells it (the tasks package
+picks the kind; this table only knows which model classes serve it).
+"""
 
 from __future__ import annotations
 
@@ -9,13 +13,10 @@ from flax import nnx
 from jaxft.errors import UserError
 from jaxft.models import bert
 from jaxft.models import gpt2
-from jaxft.models import layers
+from jaxft.models import naming
 from jaxft.models import llama
 from jaxft.models import vit
 
-CLASSIFY = "sequence-classification"
-CAUSAL_LM = "causal-lm"
-IMAGE_CLASSIFY = "image-classification"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -26,18 +27,23 @@ class ModelSpec:
     module: the model class, built as `module(hf_config, dtype=..., param_dtype=..., rngs=...)`.
     layout: checkpoint names, prefix and head of the model.
     architecture: the transformers class name written to config.json on export.
+    output_embedding: the token embedding's param path where it doubles as the
+      output layer when config.json ties them (no head module then); "" if never.
   """
   module: type[nnx.Module]
-  layout: layers.CheckpointLayout
+  layout: naming.CheckpointLayout
   architecture: str
+  output_embedding: str = ""
 
   @property
   def prefix(self) -> str:
     return self.layout.prefix
 
 
+_TIED_LLAMA = "model/embed_tokens/embedding"
+
 MODELS: dict[str, dict[str, ModelSpec]] = {
-    CLASSIFY: {
+    "classify": {
         "bert": ModelSpec(bert.BertForSequenceClassification, bert.BERT_CHECKPOINT,
                           "BertForSequenceClassification"),
         "roberta": ModelSpec(bert.RobertaForSequenceClassification, bert.ROBERTA_CHECKPOINT,
@@ -46,26 +52,27 @@ MODELS: dict[str, dict[str, ModelSpec]] = {
                                 bert.DISTILBERT_CHECKPOINT,
                                 "DistilBertForSequenceClassification"),
     },
-    CAUSAL_LM: {
+    "causal_lm": {
         "llama": ModelSpec(llama.LlamaForCausalLM, llama.CAUSAL_LM_CHECKPOINT,
-                           "LlamaForCausalLM"),
+                           "LlamaForCausalLM", _TIED_LLAMA),
         "mistral": ModelSpec(llama.MistralForCausalLM, llama.CAUSAL_LM_CHECKPOINT,
-                             "MistralForCausalLM"),
+                             "MistralForCausalLM", _TIED_LLAMA),
         "qwen2": ModelSpec(llama.Qwen2ForCausalLM, llama.CAUSAL_LM_CHECKPOINT,
-                           "Qwen2ForCausalLM"),
+                           "Qwen2ForCausalLM", _TIED_LLAMA),
         "qwen3": ModelSpec(llama.Qwen3ForCausalLM, llama.CAUSAL_LM_CHECKPOINT,
-                           "Qwen3ForCausalLM"),
-        "gpt2": ModelSpec(gpt2.GPT2LMHeadModel, gpt2.GPT2_CHECKPOINT, "GPT2LMHeadModel"),
+                           "Qwen3ForCausalLM", _TIED_LLAMA),
+        "gpt2": ModelSpec(gpt2.GPT2LMHeadModel, gpt2.GPT2_CHECKPOINT, "GPT2LMHeadModel",
+                         "transformer/wte/embedding"),
     },
-    IMAGE_CLASSIFY: {
+    "image_classify": {
         "vit": ModelSpec(vit.ViTForImageClassification, vit.VIT_CHECKPOINT,
                          "ViTForImageClassification"),
     },
 }
 
 
-def lookup(model_type: str, task: str = CLASSIFY) -> ModelSpec:
-  """The spec for an HF `model_type` and task; UserError if jaxft does not support it."""
+def lookup(model_type: str, task: str) -> ModelSpec:
+  """The spec for an HF `model_type` and a task kind; UserError if jaxft does not support it."""
   try:
     return MODELS[task][model_type]
   except KeyError:

@@ -40,6 +40,7 @@ from flax import nnx
 
 Array = jax.Array
 
+# Keyed by config.REMAT.
 REMAT_POLICIES = {
     "none": None,
     "full": jax.checkpoint_policies.nothing_saveable,

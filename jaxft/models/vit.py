@@ -27,7 +27,7 @@ same function PyTorch computes.
 from __future__ import annotations
 
 import functools
-from typing import Any, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -38,16 +38,11 @@ from jaxft import sharding
 from jaxft.errors import UserError
 from jaxft.models import bert
 from jaxft.models import layers
+from jaxft.models import naming
 from jaxft.models import stack
 
 Array = jax.Array
 Dtype = Any
-
-
-def _pair(x: int | Sequence[int]) -> tuple[int, int]:
-  if isinstance(x, (list, tuple)):
-    return int(x[0]), int(x[1])
-  return int(x), int(x)
 
 
 def _layer_norm(config: Any, *, dtype: Dtype,
@@ -131,7 +126,7 @@ class ViTPatchEmbeddings(nnx.Module):
 
   def __init__(self, config: Any, *, dtype: Dtype, param_dtype: Dtype,
                rngs: nnx.Rngs):
-    self.patch_size = _pair(config.patch_size)
+    self.patch_size = layers.pair(config.patch_size)
     self.num_channels = config.num_channels
     self.dtype = dtype
     self.projection = PatchProjection(
@@ -175,7 +170,7 @@ class ViTEmbeddings(nnx.Module):
   def __init__(self, config: Any, *, dtype: Dtype, param_dtype: Dtype,
                rngs: nnx.Rngs):
     self.dtype = dtype
-    self.image_size = _pair(config.image_size)
+    self.image_size = layers.pair(config.image_size)
     self.patch_embeddings = ViTPatchEmbeddings(
         config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     ph, pw = self.patch_embeddings.patch_size
@@ -412,16 +407,16 @@ class ViTForImageClassification(ViTModel):
 # and so on, but reads and writes the names above.) Two rules come first:
 # the patch conv kernel (PyTorch OIHW <-> our HWIO, where the generic
 # reversal would swap height and width), and the bare-tensor params.
-_CONV = layers.Transform(to_ours=lambda a: np.transpose(a, (2, 3, 1, 0)),
+_CONV = naming.Transform(to_ours=lambda a: np.transpose(a, (2, 3, 1, 0)),
                          to_theirs=lambda a: np.transpose(a, (3, 2, 0, 1)))
-VIT_TORCH_RULES: tuple[layers.NameRule, ...] = (
-    layers.NameRule(r"(.*/patch_embeddings/projection)/kernel", r"\1/weight",
+VIT_TORCH_RULES: tuple[naming.NameRule, ...] = (
+    naming.NameRule(r"(.*/patch_embeddings/projection)/kernel", r"\1/weight",
                     _CONV),
-    layers.NameRule(r"(.*)/(cls_token|position_embeddings)", r"\1/\2"),
-) + layers.TORCH_RULES
+    naming.NameRule(r"(.*)/(cls_token|position_embeddings)", r"\1/\2"),
+) + naming.TORCH_RULES
 # transformers' old FlaxViT (flax_model.msgpack) used our exact names and the
 # HWIO conv kernel.
-VIT_CHECKPOINT = layers.CheckpointLayout(
+VIT_CHECKPOINT = naming.CheckpointLayout(
     prefix="vit", head_modules=("classifier",),
-    rules={"torch": VIT_TORCH_RULES, "flax": layers.FLAX_RULES})
+    rules={"torch": VIT_TORCH_RULES, "flax": naming.FLAX_RULES})
 

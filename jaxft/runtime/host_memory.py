@@ -30,9 +30,9 @@ import importlib.util
 import os
 import platform
 
+from jaxft import config as config_lib
 from jaxft.errors import UserError
 
-POLICIES = ("auto", "reuse", "release")
 
 # mallopt(3) parameters (glibc's malloc.h).
 _M_TRIM_THRESHOLD = -1
@@ -52,13 +52,13 @@ def cpu_only() -> bool:
 
 
 def apply(policy: str) -> bool:
-  """Applies `policy` (one of POLICIES); True if freed host memory is now reused.
+  """Applies `policy` (one of config.HOST_MEMORY); True if freed host memory is now reused.
 
   `release` leaves the allocator as it is. `reuse` (and `auto` when JAX runs
   on the CPU) needs glibc; elsewhere it changes nothing and returns False.
   """
-  if policy not in POLICIES:
-    raise UserError(f"train.host_memory must be one of {POLICIES}, got {policy!r}")
+  if policy not in config_lib.HOST_MEMORY:
+    raise UserError(f"train.host_memory must be one of {config_lib.HOST_MEMORY}, got {policy!r}")
   libc = _glibc()
   if policy == "release" or (policy == "auto" and not cpu_only()) or libc is None:
     return False

@@ -1,4 +1,4 @@
-"""Which parameters train: LoRA adapters, the rules, and the trainable/frozen split.
+"""The trainable/frozen split of a model, after LoRA adapters and the rules.
 
 The split is what makes frozen parameters free: `nnx.split` puts the
 trainable ones in `params` (differentiated, with optimizer state) and the
@@ -8,30 +8,21 @@ rest in `frozen` (constants of the step, optionally stored in bfloat16).
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
-from jaxft import hf
-from jaxft import lora
-from jaxft import params as params_lib
-from jaxft import rules as rules_lib
-from jaxft.models import registry
+from jaxft.formats import hf
+from jaxft import config as config_lib
+from jaxft.tuning import lora
+from jaxft.tuning import param_paths
+from jaxft.tuning import rules as rules_lib
 from jaxft.models import stack
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-
-
-_TASKS = {"classify": registry.CLASSIFY, "causal_lm": registry.CAUSAL_LM,
-          "image_classify": registry.IMAGE_CLASSIFY}
-
-
-def task(config: ml_collections.ConfigDict) -> str:
-  """The registry task of a config (workdirs older than `config.task` are classifiers)."""
-  return _TASKS[config.get("task", "classify")]
 
 
 def compute_dtype(config: ml_collections.ConfigDict) -> Any:
@@ -41,7 +32,7 @@ def compute_dtype(config: ml_collections.ConfigDict) -> Any:
 def with_adapters(model: nnx.Module, config: ml_collections.ConfigDict) -> nnx.Module:
   """`model` with LoRA adapters attached if the config asks for them, and the
   layer stack run as config.model.scan_layers / remat say (in place)."""
-  if lora.enabled(config):
+  if config_lib.lora_enabled(config):
     lora.attach(model, config, seed=config.train.seed)
   return stack.configure(model, stack_options(config))
 
@@ -52,10 +43,10 @@ def stack_options(config: ml_collections.ConfigDict) -> stack.Options:
                        remat=config.model.get("remat", "none"))
 
 
-def abstract_model(hf_config: Any, config: ml_collections.ConfigDict) -> nnx.Module:
-  """The model (with adapters) as shapes only: no weights read or initialised."""
+def abstract_model(hf_config: Any, config: ml_collections.ConfigDict, task: str) -> nnx.Module:
+  """The model of a task kind (with adapters) as shapes only: no weights read or initialised."""
   return nnx.eval_shape(lambda: with_adapters(
-      hf.build_model(hf_config, task(config), dtype=compute_dtype(config),
+      hf.build_model(hf_config, task, dtype=compute_dtype(config),
                      seed=config.train.seed),
       config))
 
@@ -90,18 +81,19 @@ def _cast(x: Any, dtype: Any) -> Any:
   return x.astype(dtype)
 
 
-def split(model: nnx.Module, config: ml_collections.ConfigDict, model_type: str) -> Split:
+def split(model: nnx.Module, config: ml_collections.ConfigDict,
+          heads: Sequence[str] = ()) -> Split:
   """Resolves the rules over `model`'s params and splits trainable from frozen.
+
+  `heads`: modules the task adds to the pretrained model (Task.fresh_heads),
+  which LoRA trains by default.
 
   Raises:
     UserError: the rules do not fit the model (see `rules.assign`).
   """
-  named = params_lib.named_variables(nnx.state(model, nnx.Param))
+  named = param_paths.named_variables(nnx.state(model, nnx.Param))
   paths = [p for p, _ in named]
-  # LoRA trains a classifier's fresh head by default, never a language model's.
-  head = (() if task(config) == registry.CAUSAL_LM
-          else registry.lookup(model_type, task(config)).layout.head_modules)
-  assignment = rules_lib.assign(rules_lib.all_rules(config, paths, head), paths)
+  assignment = rules_lib.assign(rules_lib.all_rules(config, paths, heads), paths)
   trainable = assignment.trainable()
 
   def is_trainable(path: tuple, x: Any) -> bool:

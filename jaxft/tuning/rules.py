@@ -25,17 +25,13 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Any, Sequence
+from typing import Sequence
 
 import ml_collections
 
 from jaxft import config as config_lib
-from jaxft import lora
+from jaxft.tuning import lora
 from jaxft.errors import UserError
-
-# Keys a dict value may hold, and the types they take.
-_DICT_KEYS = {"lr_mult": (int, float), "weight_decay": (int, float), "schedule": (str,),
-              "warmup_steps": (int,), "start_step": (int,)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,43 +63,10 @@ class Rule:
     return re.fullmatch(self.pattern, path) is not None
 
 
-def _parse_value(value: Any, where: str) -> dict[str, Any]:
-  """Rule fields from a rule's value: None, a multiplier, or a dict."""
-  if value is None:
-    return {"trainable": False}
-  if isinstance(value, (int, float)) and not isinstance(value, bool):
-    value = {"lr_mult": value}
-  if not isinstance(value, (dict, ml_collections.ConfigDict)):
-    raise UserError(f"config.{where}: value must be None (frozen), a float "
-                    f"(lr multiplier) or a dict, got {value!r}")
-  value = dict(value)
-  for key, v in value.items():
-    if key not in _DICT_KEYS:
-      raise UserError(f"config.{where}: unknown key {key!r}; allowed: {', '.join(_DICT_KEYS)}")
-    if isinstance(v, bool) or not isinstance(v, _DICT_KEYS[key]):
-      kind = {int: "an integer", float: "a number", str: "a string"}[_DICT_KEYS[key][-1]]
-      raise UserError(f"config.{where}: {key} must be {kind}, got {v!r}")
-    if key != "schedule" and v < 0:
-      raise UserError(f"config.{where}: {key} must be >= 0, got {v!r}")
-  if value.get("schedule", "linear") not in config_lib.SCHEDULES:
-    raise UserError(f"config.{where}: schedule must be one of "
-                    f"{config_lib.SCHEDULES}, got {value['schedule']!r}")
-  return {"trainable": True, **value}
-
-
 def user_rules(config: ml_collections.ConfigDict) -> list[Rule]:
-  """`config.optim.rules`, checked; UserError names the bad entry."""
-  out = []
-  for i, entry in enumerate(config.optim.rules):
-    where = f"optim.rules[{i}]"
-    if not isinstance(entry, (tuple, list)) or len(entry) != 2 or not isinstance(entry[0], str):
-      raise UserError(f"config.{where} must be a (regex, value) pair, got {entry!r}")
-    try:
-      re.compile(entry[0])
-    except re.error as e:
-      raise UserError(f"config.{where}: {entry[0]!r} is not a regex ({e})") from e
-    out.append(Rule(entry[0], origin=where, required=True, **_parse_value(entry[1], where)))
-  return out
+  """`config.optim.rules`, checked (config.rule_entries); UserError names the bad entry."""
+  return [Rule(pattern, origin=where, required=True, **fields)
+          for pattern, fields, where in config_lib.rule_entries(config.optim.rules)]
 
 
 def _layer_index(path: str) -> tuple[str, int] | None:
@@ -139,18 +102,18 @@ def all_rules(config: ml_collections.ConfigDict, paths: Sequence[str],
               head_modules: Sequence[str]) -> list[Rule]:
   """The full ordered rule list for a model with these param paths."""
   rules = []
-  if lora.enabled(config):
+  if config_lib.lora_enabled(config):
     rules += [Rule(lora.ADAPTER_PATH, True, origin="lora"),
               Rule(lora.target_pattern(config), False, origin="lora")]
   given = user_rules(config)
   rules += given
   if config.optim.layer_decay:
-    if lora.enabled(config):
+    if config_lib.lora_enabled(config):
       raise UserError("config.optim.layer_decay and config.lora cannot be combined; "
                       "give LoRA runs per-layer rates with config.optim.rules")
     rules += layer_decay_rules(paths, config.optim.layer_decay)
   if not given:
-    if lora.enabled(config):
+    if config_lib.lora_enabled(config):
       if head_modules:  # A fresh head must learn; a language model's head stays as it was.
         heads = "|".join(map(re.escape, head_modules))
         rules.append(Rule(rf"(?:{heads})/.*", True, origin="default (lora: head)"))

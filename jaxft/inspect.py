@@ -17,18 +17,15 @@ import ml_collections
 import numpy as np
 
 from jaxft import config as config_lib
-from jaxft import hf
-from jaxft import optim
-from jaxft import params as params_lib
-from jaxft import rules
+from jaxft import run
 from jaxft import sharding
 from jaxft import steps
 from jaxft import tasks
-from jaxft import train
-from jaxft import trainable
-from jaxft.data import sources
-from jaxft.data import text
-from jaxft.models import registry
+from jaxft.formats import hub
+from jaxft.tuning import optimizer
+from jaxft.tuning import param_paths
+from jaxft.tuning import rules
+from jaxft.tuning import trainable
 
 
 def tree_bytes(tree: Any) -> int:
@@ -38,38 +35,6 @@ def tree_bytes(tree: Any) -> int:
 
 def tree_size(tree: Any) -> int:
   return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
-
-
-def _labels(config: ml_collections.ConfigDict, task: Any) -> list[str] | None:
-  """Class names from the training data (no tokenizing); None for a language model."""
-  if task.name == registry.CAUSAL_LM:
-    return None
-  if task.name == registry.IMAGE_CLASSIFY:  # The class names are the data's: read it.
-    return task.read(config.data.train, config.data.train_split, None).label_names
-  ds = sources.load_split(config.data.train, config.data.train_split)
-  text.check_columns(ds, [config.data.label_key], "train")
-  return text.label_names(ds, config.data.label_key)
-
-
-def abstract_batch(config: ml_collections.ConfigDict, with_token_types: bool,
-                   task: Any = None) -> dict:
-  """Shapes of one global train batch (`task`: the config's, when the caller has it)."""
-  shape = (config.train.batch_size, config.data.max_length)
-  task = task or tasks.of(config)
-  if task.name == registry.IMAGE_CLASSIFY:
-    size, channels = task.input.size, task.input.channels
-    return {"pixels": jax.ShapeDtypeStruct((shape[0], *size, channels), jnp.uint8),
-            "label": jax.ShapeDtypeStruct(shape[:1], jnp.int32)}
-  if task.name == registry.CAUSAL_LM:
-    batch = {k: jax.ShapeDtypeStruct(shape, jnp.int32)
-             for k in ("input_ids", "positions", "segment_ids")}
-    batch["loss_mask"] = jax.ShapeDtypeStruct(shape, jnp.bool_)
-    return batch
-  batch = {k: jax.ShapeDtypeStruct(shape, jnp.int32) for k in ("input_ids", "attention_mask")}
-  if with_token_types:
-    batch["token_type_ids"] = jax.ShapeDtypeStruct(shape, jnp.int32)
-  batch["label"] = jax.ShapeDtypeStruct(shape[:1], jnp.int32)
-  return batch
 
 
 def compiled_costs(compiled: Any) -> tuple[float, int]:
@@ -90,17 +55,19 @@ def compiled_costs(compiled: Any) -> tuple[float, int]:
 
 
 def compile_step(config: ml_collections.ConfigDict, split: trainable.Split,
-                 with_token_types: bool, task: Any = None) -> tuple[Any, Any, jax.sharding.Mesh]:
-  """(compiled train step, its abstract sharded state, the mesh): nothing runs."""
-  task = task or tasks.of(config)
+                 batch: dict[str, jax.ShapeDtypeStruct], task: tasks.Task
+                 ) -> tuple[Any, Any, jax.sharding.Mesh]:
+  """(compiled train step for `batch`'s shapes, its abstract sharded state, the mesh).
+
+  Nothing runs: the step is lowered and compiled from shapes alone.
+  """
   mesh = sharding.make_mesh(config)
-  tx = optim.build(config, split.params, split.assignment)
+  tx = optimizer.build(config, split.params, split.assignment)
   state = jax.eval_shape(functools.partial(steps.init_state, tx=tx), split.params, split.frozen)
-  where = train.placement(config, mesh, state)
+  where = sharding.placement(mesh, sharding.logical_rules(config), state)
   state = sharding.with_shardings(state, where.state)
-  batch = abstract_batch(config, with_token_types, task)
   batch = sharding.with_shardings(batch, jax.tree.map(lambda _: where.batch, batch))
-  step_fn = train.make_step_fn(config, split, tx, where, task.objective)
+  step_fn = run.make_step_fn(config, split, tx, where, task.objective)
   compiled = step_fn.lower(state, batch).compile()
   return compiled, state, mesh
 
@@ -108,24 +75,21 @@ def compile_step(config: ml_collections.ConfigDict, split: trainable.Split,
 def inspect(config: ml_collections.ConfigDict, show_params: bool = False) -> dict[str, Any]:
   """Prints the rules table (and with `show_params` every parameter); returns the figures."""
   config_lib.validate(config)
-  model_path = hf.resolve_model(config.model.path, weights=False)
+  model_path = hub.resolve_model(config.model.path, weights=False)
   task = tasks.of(config)
-  labels = _labels(config, task)
-  hf_config = task.hf_config(model_path, labels)
-  tokenizer = hf.load_tokenizer(model_path) if task.uses_tokenizer else None
+  hf_config = task.hf_config(model_path, task.class_names())
   sharding.check_fits(config, sharding.make_mesh(config), hf_config.num_attention_heads)
-  split = trainable.split(trainable.abstract_model(hf_config, config), config,
-                          hf_config.model_type)
+  split = trainable.split(trainable.abstract_model(hf_config, config, task.name), config,
+                          task.fresh_heads(hf_config))
   decay = config.optim.weight_decay
   if show_params:
     shapes = {p: tuple(v.get_value().shape)
-              for p, v in params_lib.named_variables(split.params)
-              + params_lib.named_variables(split.frozen)}
+              for p, v in param_paths.named_variables(split.params)
+              + param_paths.named_variables(split.frozen)}
     print(rules.listing(split.assignment, dict(sorted(shapes.items())), decay))
     print()
   print(rules.table(split.assignment, split.sizes, decay))
-  token_types = tokenizer is not None and "token_type_ids" in tokenizer.model_input_names
-  compiled, state, mesh = compile_step(config, split, token_types, task)
+  compiled, state, mesh = compile_step(config, split, task.abstract_batch(model_path), task)
   flops, peak = compiled_costs(compiled)
   return {
       "params_total": tree_size(state["params"]) + tree_size(state["frozen"]),

@@ -8,8 +8,8 @@ import jax
 import ml_collections
 import optax
 
-from jaxft import params as params_lib
-from jaxft import rules as rules_lib
+from jaxft.tuning import param_paths
+from jaxft.tuning import rules as rules_lib
 from jaxft.models import stack
 
 
@@ -61,7 +61,7 @@ def labels(params: Any, assignment: rules_lib.Assignment) -> Any:
   """Each param's optimizer group: its rule's index, split by whether it decays."""
   def label(path: str) -> str:
     return f"{assignment.of[stack.layer_path(path)]}" + ("" if rules_lib.decays(path) else "/nodecay")
-  return jax.tree.map(label, params_lib.tree_paths(params))
+  return jax.tree.map(label, param_paths.tree_paths(params))
 
 
 def build(config: ml_collections.ConfigDict, params: Any,
@@ -75,7 +75,7 @@ def build(config: ml_collections.ConfigDict, params: Any,
   """
   o = config.optim
   if assignment is None:
-    paths = jax.tree.leaves(params_lib.tree_paths(params))
+    paths = jax.tree.leaves(param_paths.tree_paths(params))
     assignment = rules_lib.Assignment([rules_lib.Rule(".*", True)], dict.fromkeys(paths, 0))
   # Sorted: set order follows the per-process string hash, and a program that
   # changed with it would miss the compilation cache on every other run.

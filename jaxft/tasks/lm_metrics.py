@@ -14,8 +14,6 @@ import sys
 import tempfile
 from typing import Sequence
 
-METRICS = ("", "pass@1", "rouge_l")
-
 # Where a function-level completion ends (the HumanEval convention).
 CODE_STOPS = ("\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#", "\nassert ")
 

@@ -1,0 +1,53 @@
+"""`jaxft eval` and `jaxft export`: commands that reopen a run's workdir."""
+
+from __future__ import annotations
+
+import jax
+import ml_collections
+
+from jaxft import config as config_lib
+from jaxft import metrics
+from jaxft import run as run_lib
+from jaxft.errors import UserError
+from jaxft.formats import hub
+from jaxft.formats import peft
+
+
+def eval_command(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+  """Evaluates the latest checkpoint in `workdir`, or the pretrained model if none."""
+  model_path, task, data = run_lib.prepare(config, workdir, need_train=False)
+  if data.eval is None:
+    raise UserError("config.data.eval is empty: nothing to evaluate")
+  run = run_lib.open_run(config, workdir, model_path, data.labels, task=task)
+  try:
+    result = task.evaluate(run, data)
+  finally:
+    run.checkpointer.close()
+  return {"step": run.step, **result}
+
+
+def export_command(workdir: str, out_dir: str, fmt: str = "hf") -> None:
+  """Writes the latest checkpoint of `workdir` as a Hugging Face folder.
+
+  `fmt` "hf": a full checkpoint (LoRA adapters merged into the kernels) that
+  transformers loads as is (a language model with its tokenizer and chat
+  template); "peft": only the LoRA adapters and the trained modules, as a
+  PEFT adapter over the run's base model.
+  """
+  if fmt not in config_lib.EXPORT_FORMATS:
+    raise UserError(f"--format must be one of {config_lib.EXPORT_FORMATS}, got {fmt!r}")
+  config, run, model_path = run_lib.restore(workdir)
+  if fmt == "peft":
+    if not config_lib.lora_enabled(config):
+      raise UserError(f"--format=peft needs a LoRA run; {workdir} trained without "
+                      "config.lora.rank (use --format=hf)")
+    task = run.task
+    peft.export_peft(run.model(), run.hf_config, task.name, out_dir, lora_config=config.lora,
+                     trainable=run.split.assignment.trainable(),
+                     heads=task.fresh_heads(run.hf_config), task_type=task.peft_task_type,
+                     base_model=config.model.path)
+    if jax.process_index() == 0:
+      hub.load_tokenizer(model_path).save_pretrained(out_dir)
+  else:
+    run.task.export(run, model_path, out_dir)
+  metrics.log(f"exported step {run.step} to {out_dir} ({fmt})")

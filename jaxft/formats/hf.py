@@ -1,0 +1,249 @@
+"""A jaxft model from and to a Hugging Face checkpoint: build, load, initialise, export.
+
+In: any checkpoint `formats.hub` locates and `formats.weights` reads
+(safetensors, msgpack, opt-in pickles, GGUF). Out: `config.json`,
+`model.safetensors` (float32, PyTorch layout and names) and the tokenizer or
+image processor files, which transformers' Auto classes load as is.
+
+Which model class serves a checkpoint, and how its parameters are named,
+comes from `models.registry` (keyed by the task kind, `config.task`'s names)
+and `models.naming`; this module only walks parameters.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import os
+import re
+import shutil
+from typing import Any, Callable, Iterator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import transformers
+from flax import nnx
+
+from jaxft import sharding
+from jaxft.errors import UserError
+from jaxft.formats import hub
+from jaxft.formats import weights
+from jaxft.models import naming
+from jaxft.models import registry
+from jaxft.tuning import param_paths
+
+PREPROCESSOR_CONFIG = "preprocessor_config.json"
+
+# Non-persistent buffers that older transformers versions still saved.
+_IGNORED_KEYS = re.compile(r"(^|\.)(position_ids|embeddings\.token_type_ids)$")
+
+
+@dataclasses.dataclass
+class LoadReport:
+  """What a load did not match.
+
+  Attributes:
+    missing: our param paths that were initialised fresh (e.g. the head).
+    unexpected: checkpoint keys that were not used.
+  """
+  missing: list[str]
+  unexpected: list[str]
+
+
+@dataclasses.dataclass
+class Loaded:
+  """A model loaded from an HF checkpoint, with its config and report."""
+  model: nnx.Module
+  hf_config: transformers.PretrainedConfig
+  report: LoadReport
+  path: str
+
+
+def build_model(hf_config: transformers.PretrainedConfig, task: str, *,
+                dtype: Any = jnp.float32, param_dtype: Any = jnp.float32,
+                seed: int = 0) -> nnx.Module:
+  """A randomly initialised model for `hf_config` and a task kind (`config.task`'s names).
+
+  Works under `nnx.eval_shape` for abstract builds.
+  """
+  spec = registry.lookup(hf_config.model_type, task)
+  return spec.module(hf_config, dtype=dtype, param_dtype=param_dtype,
+                     rngs=nnx.Rngs(params=seed))
+
+
+def _read_params(abstract: nnx.State, layout: naming.CheckpointLayout, ckpt: weights.Weights,
+                 param_dtype: Any, places: dict[str, Any]
+                 ) -> tuple[dict[str, jax.Array], LoadReport]:
+  """The checkpoint tensors of `abstract`'s params, placed; the report of the rest."""
+  flat = param_paths.named_variables(nnx.state(abstract, nnx.Param))
+  values, used, missing = {}, set(), []
+  for path, var in flat:
+    found = [(k, t) for k, t in layout.candidates(path, ckpt.fmt)
+             if k in ckpt.readers]
+    if not found:
+      missing.append(path)
+      continue
+    key, transform = found[0]
+    raw = ckpt.readers[key]()
+    value = transform.to_ours(raw)
+    if value.shape != var.shape:
+      raise UserError(
+          f"Checkpoint tensor {key!r} has shape {raw.shape} (as our param "
+          f"{path!r}: {value.shape}) but the model built from config.json "
+          f"expects {var.shape}. Is num_labels or the config right?")
+    values[path] = _place(value.astype(param_dtype), places[path])
+    used.add(key)
+  if not used:
+    raise UserError(
+        f"No tensor in {ckpt.source} matches a parameter of the model "
+        f"(e.g. {layout.candidates(flat[0][0], ckpt.fmt)[0][0]!r}); "
+        "does config.json's model_type match the weights?")
+  unexpected = sorted(k for k in ckpt.readers
+                      if k not in used and not _IGNORED_KEYS.search(k))
+  return values, LoadReport(missing=missing, unexpected=unexpected)
+
+
+def _place(value: np.ndarray, sharding: jax.sharding.Sharding) -> jax.Array:
+  """`value` laid out by `sharding`: each device gets only its own slice."""
+  return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
+
+
+def _placements(abstract: nnx.State, shardings: Callable[[Any], Any] | None
+                ) -> dict[str, jax.sharding.Sharding]:
+  """Where each variable of the model goes, by path: `shardings`, else the default device."""
+  if shardings is None:
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    return {path: device for path, _ in param_paths.named_variables(abstract)}
+  leaves = jax.tree_util.tree_flatten_with_path(shardings(abstract))[0]
+  return {param_paths.path_str(kp): s for kp, s in leaves}
+
+
+def _abstract(build: Callable[[], nnx.Module], shardings: Callable[[Any], Any] | None
+              ) -> tuple[nnx.GraphDef, nnx.State, dict[str, jax.sharding.Sharding]]:
+  """(graph, abstract state, placements) of the model `build` makes, nothing computed."""
+  graphdef, abstract = nnx.split(nnx.eval_shape(build))
+  return graphdef, abstract, _placements(abstract, shardings)
+
+
+def _materialise(build: Callable[[], nnx.Module], values: dict[str, jax.Array],
+                 graphdef: nnx.GraphDef, abstract: nnx.State,
+                 places: dict[str, jax.sharding.Sharding]) -> nnx.Module:
+  """The model `build` makes, with `values` for those paths and its own init elsewhere.
+
+  Only the variables without a value are initialised, directly into their
+  shards, in one jitted program: XLA drops the random draws of everything
+  else, which for a loaded checkpoint is nearly the whole model (a 1B model's
+  init would cost tens of seconds on a CPU, to be overwritten).
+  """
+  named = param_paths.named_variables(abstract)
+  rest = [path for path, _ in named if path not in values]
+  if rest:
+    def init() -> list[jax.Array]:
+      built = dict(param_paths.named_variables(nnx.split(build())[1]))
+      return [built[path].get_value() for path in rest]
+    values = {**values, **dict(zip(rest, jax.jit(
+        init, out_shardings=[places[path] for path in rest])()))}
+  treedef = jax.tree_util.tree_structure(abstract, is_leaf=lambda x: isinstance(x, nnx.Variable))
+  state = jax.tree_util.tree_unflatten(treedef, [var.replace(values[path]) for path, var in named])
+  return nnx.merge(graphdef, state)
+
+
+def load(path: str, task: str, *, num_labels: int | None = None,
+         id2label: dict[int, str] | None = None, hf_config: Any = None,
+         dtype: Any = jnp.float32, param_dtype: Any = jnp.float32, seed: int = 0,
+         allow_pickle: bool = False,
+         shardings: Callable[[Any], Any] | None = None) -> Loaded:
+  """Loads a checkpoint as the model of a task kind.
+
+  Params the checkpoint lacks (typically a classification head) are
+  initialised from `seed` and listed in `report.missing`; a base-model
+  checkpoint (e.g. `ViTModel`) loads with its unused pooler listed in
+  `report.unexpected`.
+
+  Args:
+    path: checkpoint folder, hub id, or (causal LMs) a llama.cpp `.gguf`
+      file, whose tensors are dequantized.
+    task: "classify", "causal_lm" or "image_classify" (models.registry).
+    num_labels: number of classes of a classifier's head.
+    id2label: optional class names.
+    hf_config: the transformers config to build from; default: the
+      checkpoint's, with the label space above.
+    dtype: compute dtype.
+    param_dtype: dtype the params are stored in.
+    seed: init seed for fresh params.
+    allow_pickle: permit reading `pytorch_model.bin` (unpickling).
+    shardings: maps the model's abstract state to shardings; the model is then
+      initialised sharded and each checkpoint tensor is copied straight into
+      its shards. None: everything on the default device.
+
+  Raises:
+    UserError: missing folder or weights, unsupported model_type, or a
+      tensor whose shape does not fit the config.
+  """
+  source = hub.resolve_model(path, allow_pickle=allow_pickle)
+  if hf_config is None:
+    hf_config = hub.load_hf_config(source, num_labels=num_labels, id2label=id2label)
+  spec = registry.lookup(hf_config.model_type, task)
+  build = lambda: build_model(hf_config, task, dtype=dtype, param_dtype=param_dtype, seed=seed)
+  graphdef, abstract, places = _abstract(build, shardings)
+  with weights.open_weights(source, allow_pickle) as ckpt:
+    values, report = _read_params(abstract, spec.layout, ckpt, param_dtype, places)
+  return Loaded(model=_materialise(build, values, graphdef, abstract, places),
+                hf_config=hf_config, report=report, path=source)
+
+
+def init_model(hf_config: transformers.PretrainedConfig, task: str, *, dtype: Any = jnp.float32,
+               param_dtype: Any = jnp.float32, seed: int = 0,
+               shardings: Callable[[Any], Any] | None = None) -> Loaded:
+  """A randomly initialised model of `hf_config` (training from scratch): no weights read."""
+  build = lambda: build_model(hf_config, task, dtype=dtype, param_dtype=param_dtype, seed=seed)
+  return Loaded(model=_materialise(build, {}, *_abstract(build, shardings)), hf_config=hf_config,
+                report=LoadReport([], []), path="")
+
+
+def export_tensors(model: nnx.Module, layout: naming.CheckpointLayout,
+                   keep: Callable[[str], bool] = lambda path: True
+                   ) -> Iterator[tuple[str, str, np.ndarray]]:
+  """(our path, checkpoint key, float32 array in the checkpoint's layout) per param.
+
+  Only params whose path `keep` accepts; sharded params are gathered, so
+  every process must iterate.
+  """
+  for path, var in param_paths.named_variables(nnx.state(model, nnx.Param)):
+    if not keep(path):
+      continue
+    key, transform = layout.export_name(path)
+    value = transform.to_theirs(sharding.to_host(var.get_value()).astype(np.float32))
+    yield path, key, np.ascontiguousarray(value)
+
+
+def export(model: nnx.Module, hf_config: transformers.PretrainedConfig, task: str,
+           out_dir: str, *, tokenizer_path: str | None = None,
+           processor_path: str | None = None) -> None:
+  """Writes `model` as an HF folder that transformers' Auto class for the task loads.
+
+  Writes config.json (architectures, labels, dtype float32), model.safetensors
+  (float32, PyTorch names and layout, with the base-model prefix) and, if
+  given, the tokenizer of `tokenizer_path` and the `preprocessor_config.json`
+  of the folder `processor_path`. Every process must call this (sharded
+  params are gathered); only process 0 writes.
+  """
+  from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
+  spec = registry.lookup(hf_config.model_type, task)
+  tensors = {key: value for _, key, value in export_tensors(model, spec.layout)}
+  if jax.process_index() != 0:
+    return
+  os.makedirs(out_dir, exist_ok=True)
+  # transformers refuses safetensors files without a "format" entry.
+  save_file(tensors, os.path.join(out_dir, weights.SAFETENSORS), metadata={"format": "pt"})
+  config = copy.deepcopy(hf_config)
+  config.label2id = {name: i for i, name in config.id2label.items()}
+  config.architectures = [spec.architecture]
+  config.dtype = "float32"
+  config.save_pretrained(out_dir)
+  if tokenizer_path is not None:
+    hub.load_tokenizer(tokenizer_path).save_pretrained(out_dir)
+  source = processor_path and os.path.join(processor_path, PREPROCESSOR_CONFIG)
+  if source and os.path.exists(source):
+    shutil.copy(source, os.path.join(out_dir, PREPROCESSOR_CONFIG))

@@ -1,0 +1,141 @@
+"""A checkpoint's files: its local folder (or a hub download), config.json and tokenizer.
+
+A checkpoint is a folder with `config.json`, weights and tokenizer files, a
+hub id that names one (downloaded into the hub cache when online), or, for a
+causal LM, a llama.cpp `.gguf` file. Remote code is never executed.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+
+import transformers
+
+from jaxft.errors import UserError
+from jaxft.formats import gguf
+from jaxft.formats import weights
+
+# What a hub download fetches: config, weights we can read safely, tokenizer.
+_HUB_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "tokenizer*",
+                 weights.FLAX_MSGPACK]
+_HUB_PICKLE_PATTERNS = ["*.bin"]
+_WEIGHT_PATTERNS = ("*.safetensors", "*.bin", weights.FLAX_MSGPACK)
+# Top-level files only: repos keep ONNX/OpenVINO exports and sentence-
+# transformers modules in subfolders, which would otherwise match too.
+_HUB_IGNORE = ["*/*"]
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
+
+def resolve_path(path_or_hub_id: str, *, allow_pickle: bool = False,
+                 weights: bool = True) -> str:
+  """A local checkpoint folder for a folder path or a hub id.
+
+  Args:
+    path_or_hub_id: an existing folder (returned as is, made absolute), or a
+      Hugging Face hub id such as `org/name`, which is downloaded (config,
+      safetensors, msgpack and tokenizer files; `*.bin` only with
+      `allow_pickle`) into the hub cache.
+    allow_pickle: also download pickled PyTorch weights.
+    weights: False fetches only config and tokenizer files (for `inspect`).
+
+  Returns:
+    The local folder.
+
+  Raises:
+    UserError: the folder does not exist and the name is not a downloadable
+      hub id.
+  """
+  path = os.path.expanduser(path_or_hub_id)
+  if os.path.isdir(path):
+    return os.path.abspath(path)
+  if os.path.exists(path):
+    raise UserError(f"Checkpoint path {path!r} is a file; expected a folder "
+                    "with config.json and weights.")
+  if path_or_hub_id.startswith((".", "/", "~")) or not _HUB_ID.fullmatch(
+      path_or_hub_id):
+    raise UserError(f"Checkpoint folder {path!r} does not exist.")
+  return _download(path_or_hub_id, allow_pickle, weights)
+
+
+def resolve_model(path_or_hub_id: str, *, allow_pickle: bool = False,
+                  weights: bool = True) -> str:
+  """As `resolve_path`, but a `.gguf` file is a model too (returned absolute)."""
+  if gguf.is_gguf(path_or_hub_id):
+    path = os.path.abspath(os.path.expanduser(path_or_hub_id))
+    if not os.path.isfile(path):
+      raise UserError(f"GGUF file not found: {path}")
+    return path
+  return resolve_path(path_or_hub_id, allow_pickle=allow_pickle, weights=weights)
+
+
+def _download(repo_id: str, allow_pickle: bool, weights: bool) -> str:
+  import huggingface_hub  # pylint: disable=g-import-not-at-top
+  patterns = _HUB_PATTERNS + (_HUB_PICKLE_PATTERNS if allow_pickle else [])
+  if not weights:
+    patterns = [p for p in patterns if p not in _WEIGHT_PATTERNS]
+  try:
+    return huggingface_hub.snapshot_download(
+        repo_id, allow_patterns=patterns, ignore_patterns=_HUB_IGNORE)
+  except Exception as e:  # every failure means the same to the user
+    raise UserError(
+        f"{repo_id!r} is not a local folder, and downloading it from the "
+        f"Hugging Face hub failed ({type(e).__name__}: {e}). Check the path, "
+        "the hub id, your network, and HF_TOKEN for gated models.") from e
+
+
+def load_hf_config(path: str, *, num_labels: int | None = None,
+                   id2label: dict[int, str] | None = None
+                   ) -> transformers.PretrainedConfig:
+  """Reads `config.json` (or a `.gguf` file's metadata) and sets the label space.
+
+  Args:
+    path: checkpoint folder, hub id or `.gguf` file.
+    num_labels: number of classes; keeps the checkpoint's label names when it
+      already has that many.
+    id2label: class index -> name; implies num_labels and sets label2id.
+
+  Raises:
+    UserError: unreadable config, or num_labels and id2label disagree.
+  """
+  if gguf.is_gguf(path):
+    config = gguf.read_config(path)
+  else:
+    folder = resolve_path(path)
+    try:
+      config = transformers.AutoConfig.from_pretrained(folder, trust_remote_code=False)
+    except (OSError, ValueError, KeyError) as e:
+      raise UserError(f"Cannot read a model config from {folder!r}: {e}") from e
+  if id2label is not None:
+    _set_labels(config, id2label, num_labels)
+  elif num_labels is not None:
+    config.num_labels = num_labels
+  # transformers 5 does not derive label2id when id2label changes.
+  config.label2id = {name: i for i, name in config.id2label.items()}
+  return config
+
+
+def _set_labels(config: transformers.PretrainedConfig,
+                id2label: dict[int, str], num_labels: int | None) -> None:
+  labels = {int(i): str(name) for i, name in id2label.items()}
+  if sorted(labels) != list(range(len(labels))):
+    raise UserError(f"id2label keys must be 0..n-1, got {sorted(labels)}.")
+  if num_labels is not None and num_labels != len(labels):
+    raise UserError(f"num_labels={num_labels} but id2label has "
+                    f"{len(labels)} entries.")
+  config.id2label = labels
+
+
+def load_tokenizer(path: str) -> transformers.PreTrainedTokenizerBase:
+  """The fast tokenizer of a checkpoint folder, hub id or GGUF file; no remote code."""
+  if gguf.is_gguf(path):
+    return gguf.load_tokenizer(path)
+  folder = resolve_path(path)
+  try:
+    tokenizer = transformers.AutoTokenizer.from_pretrained(
+        folder, use_fast=True, trust_remote_code=False)
+  except (OSError, ValueError, KeyError) as e:
+    raise UserError(f"Cannot load a tokenizer from {folder!r}: {e}") from e
+  if not tokenizer.is_fast:
+    raise UserError(f"The tokenizer in {folder!r} has no fast (Rust) version; "
+                    "jaxft needs one (add a tokenizer.json).")
+  return tokenizer

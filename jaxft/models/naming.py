@@ -1,0 +1,104 @@
+"""How a model family's parameters are named in Hugging Face checkpoints.
+
+Our parameter paths mirror the transformers module names with `/` for `.`;
+our layouts differ from PyTorch's in known ways (Linear kernels are stored
+(in, out), so transposed; LayerNorm says `scale`). A `CheckpointLayout` holds
+the rules that translate between the two, per checkpoint format, plus the
+family's base-model prefix and head modules: the one table loading and export
+both read.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Callable
+
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class Transform:
+  """A pair of inverse array maps between checkpoint and jaxft layouts."""
+  to_ours: Callable[[np.ndarray], np.ndarray]
+  to_theirs: Callable[[np.ndarray], np.ndarray]
+
+
+IDENTITY = Transform(to_ours=lambda a: a, to_theirs=lambda a: a)
+TRANSPOSE = Transform(to_ours=lambda a: np.transpose(a),
+                      to_theirs=lambda a: np.transpose(a))
+
+
+@dataclasses.dataclass(frozen=True)
+class NameRule:
+  """Our param path regex -> checkpoint key template (re.expand syntax).
+
+  Expanded templates have `/` replaced by `.`, so a group captured from our
+  path becomes a dotted module name.
+  """
+  ours: str
+  theirs: str
+  transform: Transform = IDENTITY
+
+  def key_for(self, path: str) -> str | None:
+    match = re.fullmatch(self.ours, path)
+    return match.expand(self.theirs).replace("/", ".") if match else None
+
+
+# PyTorch module names == our paths, modulo leaf names and kernel orientation.
+# Only LayerNorm has a `scale`, so leaf names alone decide. Order matters: the
+# first matching rule is the canonical (export) name; later ones are
+# alternatives accepted on import.
+TORCH_RULES: tuple[NameRule, ...] = (
+    NameRule(r"(.*)/scale", r"\1/weight"),
+    NameRule(r"(.*)/kernel", r"\1/weight", TRANSPOSE),
+    NameRule(r"(.*)/embedding", r"\1/weight"),
+    NameRule(r"(.*)/bias", r"\1/bias"),
+    # LayerNorm names of TF-era checkpoints.
+    NameRule(r"(.*)/scale", r"\1/gamma"),
+    NameRule(r"(.*)/bias", r"\1/beta"),
+)
+
+# transformers' old Flax checkpoints (flax_model.msgpack) used our exact layout.
+FLAX_RULES: tuple[NameRule, ...] = (NameRule(r"(.*)", r"\1"),)
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointLayout:
+  """How one model family's params are named in HF checkpoints.
+
+  Attributes:
+    prefix: base-model prefix in HF task checkpoints (`bert`); params outside
+      `head_modules` are written as `prefix.<name>` and read with or without it.
+    head_modules: top-level modules of the task head, never prefixed.
+    rules: per checkpoint format ("torch" for safetensors / .bin, "flax" for
+      msgpack), candidate names for each param, canonical first.
+  """
+  prefix: str
+  head_modules: tuple[str, ...]
+  rules: dict[str, tuple[NameRule, ...]] = dataclasses.field(
+      default_factory=lambda: {"torch": TORCH_RULES, "flax": FLAX_RULES})
+
+  def _prefixed(self, path: str) -> bool:
+    return bool(self.prefix) and path.split("/", 1)[0] not in self.head_modules
+
+  def candidates(self, path: str, fmt: str) -> list[tuple[str, Transform]]:
+    """Checkpoint keys that may hold our param `path`, most preferred first."""
+    out = []
+    for rule in self.rules[fmt]:
+      key = rule.key_for(path)
+      if key is None:
+        continue
+      names = [f"{self.prefix}.{key}", key] if self._prefixed(path) else [key]
+      out.extend((name, rule.transform) for name in names
+                 if name not in {n for n, _ in out})
+    return out
+
+  def export_name(self, path: str) -> tuple[str, Transform]:
+    """The PyTorch key (with prefix) and transform that export writes."""
+    for rule in self.rules["torch"]:
+      key = rule.key_for(path)
+      if key is not None:
+        return (f"{self.prefix}.{key}" if self._prefixed(path) else key,
+                rule.transform)
+    raise KeyError(f"No checkpoint name rule matches param {path!r}.")

@@ -1,0 +1,219 @@
+"""A run: its workdir, its model and train state, and how it is opened or resumed.
+
+`open_run` restores the latest checkpoint of a workdir, or loads the
+pretrained model for a new one; `restore` reopens a finished run for `eval`,
+`export` and `generate --workdir`. A workdir keeps the resolved config
+(`config.json`), a classifier's class names (`labels.json`), `metrics.jsonl`
+and `checkpoints/`; a resumed run must split its parameters as the saved one
+did.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+from typing import Any
+
+import jax
+import ml_collections
+import optax
+from flax import nnx
+
+from jaxft import checkpoint
+from jaxft import config as config_lib
+from jaxft import metrics
+from jaxft import sharding
+from jaxft import steps
+from jaxft import tasks
+from jaxft.errors import UserError
+from jaxft.formats import hf
+from jaxft.formats import hub
+from jaxft.models import layers
+from jaxft.tuning import optimizer
+from jaxft.tuning import rules
+from jaxft.tuning import trainable
+
+log = metrics.log
+
+
+@dataclasses.dataclass
+class Run:
+  """A model with its train state, restored from DIR/checkpoints or freshly loaded."""
+  split: trainable.Split
+  state: steps.State
+  tx: optax.GradientTransformation
+  hf_config: Any
+  checkpointer: checkpoint.Checkpointer
+  placement: sharding.Placement
+  task: tasks.Task
+
+  @property
+  def step(self) -> int:
+    return int(self.state["step"])
+
+  def model(self) -> nnx.Module:
+    """The current model, frozen and trained parameters together."""
+    return self.split.merge(self.state["params"], self.state["frozen"])
+
+  @functools.cached_property
+  def eval_fn(self):
+    """The jitted eval step, compiled once per run."""
+    p = self.placement
+    fn = traced(functools.partial(self.task.eval_step, graphdef=self.split.graphdef,
+                                  rest=self.split.rest),
+                p, self.task.config.model.get("attention", "jaxft"))
+    # Per-example outputs stay split like the batch; sums are replicated.
+    out = p.batch if self.task.per_example_eval else p.replicated
+    return jax.jit(fn, in_shardings=(p.state["params"], p.state["frozen"], p.batch),
+                   out_shardings=out)
+
+
+def traced(fn, where: sharding.Placement, attention: str):
+  """`fn` with the activation constraints and the attention choice active while jit traces it."""
+  fn = where.traced_under_rules(fn)
+
+  def wrapped(*args, **kwargs):
+    with layers.attention_implementation(attention):
+      return fn(*args, **kwargs)
+  return wrapped
+
+
+def make_step_fn(config: ml_collections.ConfigDict, split: trainable.Split,
+                 tx: optax.GradientTransformation, where: sharding.Placement,
+                 objective: steps.Objective):
+  """The jitted, sharded train step (state donated), as `train` runs and `inspect` compiles it."""
+  t = config.train
+  fn = traced(functools.partial(
+      steps.train_step, objective=objective, graphdef=split.graphdef,
+      rest=split.rest, tx=tx, grad_accum=t.grad_accum, dropout_key=jax.random.key(t.seed)),
+      where, config.model.get("attention", "jaxft"))
+  return jax.jit(fn, in_shardings=(where.state, where.batch),
+                 out_shardings=(where.state, where.replicated), donate_argnums=0)
+
+
+def labels_file(workdir: str) -> str:
+  return os.path.join(workdir, "labels.json")
+
+
+def read_labels(workdir: str) -> list[str] | None:
+  """The label names a run in `workdir` trained with, or None for a new workdir."""
+  path = labels_file(workdir)
+  if not os.path.exists(path):
+    return None
+  with open(path, encoding="utf-8") as f:
+    return json.load(f)
+
+
+def open_run(config: ml_collections.ConfigDict, workdir: str, model_path: str,
+             labels: list[str] | None, *, quiet: bool = False,
+             task: tasks.Task | None = None) -> Run:
+  """Restores the latest checkpoint in `workdir`, or loads the pretrained model.
+
+  `labels` are the class names of a classifier (None for a language model).
+  Prints the rules table (which parameters train, how fast) unless `quiet`.
+  `task` is the config's task when the caller already has it.
+  """
+  task = task or tasks.of(config)
+  mesh = sharding.make_mesh(config)
+  rules_ = sharding.logical_rules(config)
+  hf_config = task.hf_config(model_path, labels)
+  sharding.check_fits(config, mesh, hf_config.num_attention_heads)
+  ckpt = checkpoint.Checkpointer(workdir, keep=config.checkpoint.keep,
+                                 every=config.checkpoint.every)
+  latest = ckpt.latest_step()
+  if latest is None:
+    loaded = task.load(model_path, labels,
+                       shardings=lambda s: sharding.tree_shardings(s, mesh, rules_))
+    _report_load(loaded.report)
+    model = trainable.with_adapters(loaded.model, config)
+  else:
+    _check_same_partition(config, workdir)
+    # The checkpoint holds every parameter: build the model's shapes only.
+    model = trainable.abstract_model(hf_config, config, task.name)
+  split = trainable.split(model, config, task.fresh_heads(hf_config))
+  if not quiet:
+    log(rules.table(split.assignment, split.sizes, config.optim.weight_decay))
+  tx = optimizer.build(config, split.params, split.assignment)
+  abstract = jax.eval_shape(functools.partial(steps.init_state, tx=tx), split.params, split.frozen)
+  where = sharding.placement(mesh, rules_, abstract)
+  if latest is None:
+    state = jax.device_put(steps.init_state(split.params, split.frozen, tx), where.state)
+  else:
+    state, _ = ckpt.restore(sharding.with_shardings(abstract, where.state), latest)
+    log(f"restored checkpoint at step {latest} from {ckpt.directory}")
+  return Run(split, state, tx, hf_config, ckpt, where, task)
+
+
+# Keys that decide the checkpoint's structure (what is trainable, its dtype).
+_PARTITION_KEYS = ("optim.rules", "optim.layer_decay", "optim.optimizer", "lora",
+                   "model.frozen_dtype", "model.scan_layers")
+
+
+def _check_same_partition(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """Raises UserError if the run in `workdir` split its parameters differently."""
+  path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path):
+    return
+  with open(path, encoding="utf-8") as f:
+    saved = json.load(f)
+  now = json.loads(config_lib.to_json(config))
+
+  def get(tree: dict, key: str) -> Any:
+    for part in key.split("."):
+      tree = tree.get(part, {})
+    return tree
+
+  defaults = json.loads(config_lib.to_json(config_lib.base()))
+  for key in _PARTITION_KEYS:
+    # A key newer than the workdir's config had its default then.
+    was = get(saved, key) if get(saved, key) != {} else get(defaults, key)
+    if was != get(now, key):
+      raise UserError(f"{workdir} was trained with config.{key}={was!r}, not "
+                      f"{get(now, key)!r}; its checkpoints cannot resume with other "
+                      "trainable parameters. Use a new --workdir.")
+
+
+def _report_load(report: hf.LoadReport) -> None:
+  if report.missing:
+    log(f"initialised (not in checkpoint): {', '.join(report.missing)}")
+  if report.unexpected:
+    log(f"unused checkpoint weights: {', '.join(report.unexpected)}")
+
+
+def prepare(config: ml_collections.ConfigDict, workdir: str, *,
+            need_train: bool) -> tuple[str, tasks.Task, tasks.Data]:
+  """(local model path, the task, its data); UserError on any bad config or input."""
+  config_lib.validate(config)
+  model_path = hub.resolve_model(config.model.path, allow_pickle=config.model.allow_pickle)
+  task = tasks.of(config)
+  data = task.prepare(model_path, read_labels(workdir), need_train=need_train)
+  return model_path, task, data
+
+
+def restore(workdir: str) -> tuple[ml_collections.ConfigDict, Run, str]:
+  """(the run's config, its latest checkpoint opened, the local model path) for a workdir.
+
+  Raises:
+    UserError: not a jaxft workdir, or no checkpoint in it yet.
+  """
+  path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path):
+    raise UserError(f"{workdir} is not a jaxft workdir (no config.json)")
+  with open(path, encoding="utf-8") as f:
+    config = config_lib.from_json(f.read())
+  labels = read_labels(workdir)
+  task = tasks.of(config)
+  if labels is None and task.has_labels:
+    raise UserError(f"{workdir} is not a jaxft workdir (no labels.json)")
+  checkpointer = checkpoint.Checkpointer(workdir)
+  if checkpointer.latest_step() is None:
+    raise UserError(f"no checkpoint in {checkpointer.directory}: train first")
+  checkpointer.close()
+  model_path = hub.resolve_model(config.model.path, allow_pickle=config.model.allow_pickle)
+  run = open_run(config, workdir, model_path, labels, quiet=True, task=task)
+  run.checkpointer.close()  # Callers only read the restored state.
+  return config, run, model_path
+
+

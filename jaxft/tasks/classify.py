@@ -1,0 +1,126 @@
+"""Text classification: a BERT-family encoder with a fresh head, on labelled text.
+
+Reads csv / json / parquet / hub data with text (and text-pair) and label
+columns, trains softmax cross-entropy on the head's logits and scores
+accuracy and macro-F1 over every eval example.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from jaxft import sharding
+from jaxft import steps
+from jaxft.data import batches as batches_lib
+from jaxft.data import sources
+from jaxft.data import text
+from jaxft.formats import hf
+from jaxft.formats import hub
+from jaxft.models import registry
+from jaxft.tasks import base
+from jaxft.tasks import class_metrics
+from jaxft.tuning import lora
+
+
+def _forward(model, batch, deterministic, rngs):
+  return model(batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"),
+               deterministic=deterministic, rngs=rngs)
+
+
+def _loss_sums(logits, batch):
+  losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
+  correct = jnp.sum(jnp.argmax(logits, -1) == batch["label"])
+  return jnp.sum(losses), {"accuracy": correct.astype(jnp.float32)}
+
+
+OBJECTIVE = steps.Objective(forward=_forward, loss_sums=_loss_sums,
+                            units=lambda batch: jnp.float32(batch["label"].shape[0]))
+
+
+def eval_step(params: nnx.State, frozen: nnx.State, batch: dict, *, graphdef: nnx.GraphDef,
+              rest: nnx.State, objective: steps.Objective = OBJECTIVE
+              ) -> tuple[jax.Array, jax.Array]:
+  """Per-example loss and predicted class, dropout off."""
+  out = steps.model_outputs(objective, graphdef, params, frozen, rest, batch, None)
+  losses = optax.softmax_cross_entropy_with_integer_labels(out, batch["label"])
+  return losses, jnp.argmax(out, -1)
+
+
+class Classifier(base.Task):
+  """What every classifier shares: labels, the head, per-example eval, accuracy and F1."""
+  has_labels = True
+  peft_task_type = "SEQ_CLS"
+
+  def hf_config(self, model_path: str, labels: list[str] | None) -> Any:
+    return hub.load_hf_config(model_path, num_labels=len(labels),
+                              id2label=dict(enumerate(labels)))
+
+  def fresh_heads(self, hf_config: Any) -> tuple[str, ...]:
+    return registry.lookup(hf_config.model_type, self.name).layout.head_modules
+
+  def describe(self, data: base.Data) -> str:
+    return (f"{batches_lib.num_examples(data.train)} train examples, "
+            f"{len(data.labels)} classes")
+
+  def predict(self, run: Any, data: base.Data) -> tuple[np.ndarray, np.ndarray]:
+    """(loss, predicted class) of every eval example, in order."""
+    losses, preds, weights = [], [], []
+    for batch in batches_lib.eval_batches(data.eval, self.config.train.eval_batch_size):
+      weight = batch.pop("weight")
+      batch = sharding.global_batch(batch, run.placement.batch)
+      loss, pred = run.eval_fn(run.state["params"], run.state["frozen"], batch)
+      losses.append(sharding.to_host(loss))
+      preds.append(sharding.to_host(pred))
+      weights.append(weight)
+    keep = np.concatenate(weights) > 0
+    return np.concatenate(losses)[keep], np.concatenate(preds)[keep]
+
+  def evaluate(self, run: Any, data: base.Data, workdir: str | None = None) -> dict[str, Any]:
+    """Loss, accuracy and macro-F1 over every eval example (no example dropped)."""
+    del workdir
+    loss, preds = self.predict(run, data)
+    scores = class_metrics.classification(data.eval["label"], preds, len(data.labels))
+    return {"loss": float(loss.mean()), **scores}
+
+
+class Classify(Classifier):
+  """Sequence classification (BERT, RoBERTa, DistilBERT encoders with a fresh head)."""
+  name = "classify"
+
+  @property
+  def objective(self) -> steps.Objective:
+    return OBJECTIVE
+
+  @property
+  def eval_step(self):
+    return eval_step
+
+  def prepare(self, model_path: str, labels: list[str] | None, *, need_train: bool) -> base.Data:
+    train, evaluation, names = text.prepare(self.config, hub.load_tokenizer(model_path), labels,
+                                            need_train=need_train)
+    return base.Data(train, evaluation, names)
+
+  def class_names(self) -> list[str]:
+    d = self.config.data
+    ds = sources.load_split(d.train, d.train_split)
+    text.check_columns(ds, [d.label_key], "train")
+    return text.label_names(ds, d.label_key)
+
+  def abstract_batch(self, model_path: str) -> dict[str, jax.ShapeDtypeStruct]:
+    shape = (self.config.train.batch_size, self.config.data.max_length)
+    keys = ["input_ids", "attention_mask"]
+    if "token_type_ids" in hub.load_tokenizer(model_path).model_input_names:
+      keys.append("token_type_ids")
+    batch = {k: jax.ShapeDtypeStruct(shape, jnp.int32) for k in keys}
+    batch["label"] = jax.ShapeDtypeStruct(shape[:1], jnp.int32)
+    return batch
+
+  def export(self, run: Any, model_path: str, out_dir: str) -> None:
+    hf.export(lora.merge(run.model()), run.hf_config, self.name, out_dir,
+              tokenizer_path=model_path)

@@ -1,0 +1,91 @@
+"""LoRA: low-rank adapters on the Linear layers a regex selects.
+
+`attach` gives each matching `layers.Linear` two `LoRAParam`s, `lora_a`
+(in, rank) and `lora_b` (rank, out), and the scale `alpha / rank`, as PEFT's
+LoRA does (`lora_b` starts at zero, so the model is unchanged until trained).
+The base kernel keeps its path and layout, so checkpoints load as before; the
+optimizer rules freeze it (see `tuning/rules.py`). `merge` folds the adapters
+into the kernels for a plain HF export; `formats/peft.py` writes them as a
+PEFT adapter.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax import nnx
+
+from jaxft.errors import UserError
+from jaxft.models import layers
+
+ADAPTER_PATH = r".*/lora_[ab]"  # Param paths of every adapter matrix.
+
+
+def linear_modules(model: nnx.Module) -> list[tuple[str, layers.Linear]]:
+  """[(module path, Linear)] of every Linear in `model`."""
+  return [("/".join(map(str, path)), m) for path, m in nnx.iter_modules(model)
+          if isinstance(m, layers.Linear)]
+
+
+def targets(model: nnx.Module, pattern: str) -> list[str]:
+  """Paths of the Linear modules whose path `pattern` fully matches."""
+  return [p for p, _ in linear_modules(model) if re.fullmatch(pattern, p)]
+
+
+def target_pattern(config: ml_collections.ConfigDict) -> str:
+  """Param paths of the base kernels and biases LoRA freezes."""
+  return rf"(?:{config.lora.targets})/(?:kernel|bias)"
+
+
+def attach(model: nnx.Module, config: ml_collections.ConfigDict,
+           seed: int) -> list[str]:
+  """Adds adapters to the Linears `config.lora.targets` selects, in place.
+
+  `lora_a` is Kaiming-uniform as in PEFT (bound 1/sqrt(in)), `lora_b` zero.
+  Works on abstract models under `nnx.eval_shape`. Returns the module paths.
+
+  Raises:
+    UserError: the targets regex matches no Linear layer.
+  """
+  c = config.lora
+  chosen = targets(model, c.targets)
+  if not chosen:
+    names = ", ".join(p for p, _ in linear_modules(model)[:6])
+    raise UserError(f"config.lora.targets={c.targets!r} matches no Linear layer "
+                    f"(module paths look like: {names}, ...)")
+  key = jax.random.fold_in(jax.random.key(seed), 0x10A)  # Apart from the head init's stream.
+  modules = dict(linear_modules(model))
+  for i, path in enumerate(chosen):
+    m = modules[path]
+    k = jax.random.fold_in(key, i)
+    bound = 1.0 / math.sqrt(m.in_features)
+    dtype = m.kernel[...].dtype
+    a = jax.random.uniform(k, (m.in_features, c.rank), dtype, -bound, bound)
+    m.lora_a = layers.LoRAParam(a, logical_axes=(m.axes[0], None))
+    m.lora_b = layers.LoRAParam(jnp.zeros((c.rank, m.out_features), dtype),
+                                logical_axes=(None, m.axes[1]))
+    m.lora_scale = c.alpha / c.rank
+    m.lora_dropout = layers.dropout(c.dropout)
+  return chosen
+
+
+def _delta(m: layers.Linear) -> jax.Array:
+  a = jnp.asarray(m.lora_a[...], jnp.float32)
+  b = jnp.asarray(m.lora_b[...], jnp.float32)
+  return m.lora_scale * (a @ b)
+
+
+def merge(model: nnx.Module) -> nnx.Module:
+  """Folds every adapter into its kernel (float32) and removes it, in place."""
+  for _, m in linear_modules(model):
+    if m.lora_a is None:
+      continue
+    kernel = jnp.asarray(m.kernel[...], jnp.float32) + _delta(m)
+    m.kernel.set_value(kernel)
+    m.lora_a = m.lora_b = None
+    m.lora_scale = 0.0
+  return model
