@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import ast
 import dataclasses
-import importlib.util
 import os
 from typing import Any, Sequence
 
@@ -113,15 +112,6 @@ def suite(name: str, only: Sequence[str] = ()) -> list[Row]:
 
 # --- jaxft config ------------------------------------------------------------
 
-def _recipe(name: str) -> ml_collections.ConfigDict:
-  """get_config() of configs/<name>.py (a file, not a module on sys.path)."""
-  path = os.path.join(ROOT, "configs", f"{name}.py")
-  spec = importlib.util.spec_from_file_location(f"_bench_recipe_{name}", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
-
-
 def parse_set(item: str) -> tuple[str, Any]:
   """`KEY=VALUE` of --set: VALUE as a Python literal, else as a string."""
   key, sep, text = item.partition("=")
@@ -159,7 +149,7 @@ def jaxft_config(row: Row, model_path: str,
   `sets` (from --set) come last and win; the result is validated (which
   imports no JAX).
   """
-  config = _recipe(row.recipe)
+  config = defaults.recipe(row.recipe)
   config.model.path = model_path
   config.train.batch_size = row.batch_size
   config.data.max_length = row.seq_len

@@ -78,7 +78,10 @@ def inspect(config: ml_collections.ConfigDict, show_params: bool = False) -> dic
   model_path = hub.resolve_model(config.model.path, weights=False)
   task = tasks.of(config)
   hf_config = task.hf_config(model_path, task.class_names())
-  sharding.check_fits(config, sharding.make_mesh(config), hf_config.num_attention_heads)
+  t = config.train
+  sharding.check_fits(sharding.make_mesh(config), batch_size=t.batch_size,
+                      grad_accum=t.grad_accum, eval_batch_size=t.eval_batch_size,
+                      num_heads=hf_config.num_attention_heads)
   split = trainable.split(trainable.abstract_model(hf_config, config, task.name), config,
                           task.fresh_heads(hf_config))
   decay = config.optim.weight_decay

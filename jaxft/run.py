@@ -30,7 +30,7 @@ from jaxft import tasks
 from jaxft.errors import UserError
 from jaxft.formats import hf
 from jaxft.formats import hub
-from jaxft.models import layers
+from jaxft.models import attention as attention_lib
 from jaxft.tuning import optimizer
 from jaxft.tuning import rules
 from jaxft.tuning import trainable
@@ -75,7 +75,7 @@ def traced(fn, where: sharding.Placement, attention: str):
   fn = where.traced_under_rules(fn)
 
   def wrapped(*args, **kwargs):
-    with layers.attention_implementation(attention):
+    with attention_lib.attention_implementation(attention):
       return fn(*args, **kwargs)
   return wrapped
 
@@ -119,7 +119,9 @@ def open_run(config: ml_collections.ConfigDict, workdir: str, model_path: str,
   mesh = sharding.make_mesh(config)
   rules_ = sharding.logical_rules(config)
   hf_config = task.hf_config(model_path, labels)
-  sharding.check_fits(config, mesh, hf_config.num_attention_heads)
+  t = config.train
+  sharding.check_fits(mesh, batch_size=t.batch_size, grad_accum=t.grad_accum,
+                      eval_batch_size=t.eval_batch_size, num_heads=hf_config.num_attention_heads)
   ckpt = checkpoint.Checkpointer(workdir, keep=config.checkpoint.keep,
                                  every=config.checkpoint.every)
   latest = ckpt.latest_step()

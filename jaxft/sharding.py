@@ -119,17 +119,17 @@ def placement(mesh: Mesh, rules: Rules, abstract_state: Any) -> Placement:
                    batch_sharding(mesh, rules))
 
 
-def check_fits(config: ml_collections.ConfigDict, mesh: Mesh, num_heads: int) -> None:
-  """Raises UserError when batches or heads do not split over the mesh."""
-  t = config.train
+def check_fits(mesh: Mesh, *, batch_size: int, grad_accum: int, eval_batch_size: int,
+               num_heads: int) -> None:
+  """Raises UserError when batches (config.train's sizes) or heads do not split over the mesh."""
   split = mesh.shape["data"] * mesh.shape["fsdp"]
-  micro = t.batch_size // t.grad_accum
+  micro = batch_size // grad_accum
   if micro % split:
-    raise UserError(f"config.train.batch_size={t.batch_size} / grad_accum={t.grad_accum} = "
+    raise UserError(f"config.train.batch_size={batch_size} / grad_accum={grad_accum} = "
                     f"{micro} rows per micro-batch do not split over data x fsdp = {split} "
                     "devices")
-  if t.eval_batch_size % split:
-    raise UserError(f"config.train.eval_batch_size={t.eval_batch_size} does not split over "
+  if eval_batch_size % split:
+    raise UserError(f"config.train.eval_batch_size={eval_batch_size} does not split over "
                     f"data x fsdp = {split} devices")
   if num_heads % mesh.shape["tensor"]:
     raise UserError(f"the model's {num_heads} attention heads do not split over "

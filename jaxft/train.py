@@ -68,7 +68,7 @@ def _loop(config: ml_collections.ConfigDict, workdir: str, run: run_lib.Run, dat
   step_fn = run_lib.make_step_fn(config, run.split, run.tx, run.placement, run.task.objective)
   batches = batches_lib.TrainBatches(data.train, t.batch_size, t.seed)
   writer = metrics_lib.JsonlWriter(workdir)
-  lr = optimizer.schedule(config)
+  lr = optimizer.schedule(optimizer.Schedule.of(config))
   progress = metrics_lib.Progress(run.step, t.num_steps, t.batch_size, t.log_every)
   trace = profiling.StepTrace(workdir, run.step, profile_steps)
   tokens = run.task.tokens_per_example(run.hf_config)

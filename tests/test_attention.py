@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jaxft.models import layers
+from jaxft.models import attention
+from jaxft.models import dropout
 
 
 def _inputs(q_len: int = 5, kv_len: int = 7):
@@ -15,32 +16,32 @@ def _inputs(q_len: int = 5, kv_len: int = 7):
   k = jax.random.normal(k2, (3, kv_len, 4, 8))
   v = jax.random.normal(k3, (3, kv_len, 4, 8))
   valid = jnp.array([[1] * kv_len, [1] * 4 + [0] * (kv_len - 4), [0] * kv_len])  # Row 2: all pad.
-  return q, k, v, layers.padding_mask(valid)
+  return q, k, v, attention.padding_mask(valid)
 
 
 @pytest.mark.parametrize("q_len", [7, 1], ids=["self", "first-only"])
 def test_fused_attention_matches_jaxft_attention_also_on_fully_padded_rows(q_len):
   q, k, v, mask = _inputs(q_len)
-  run = lambda: layers.dot_product_attention(q, k, v, mask, dropout_layer=layers.dropout(0.1),
-                                             deterministic=True, rngs=None)
+  run = lambda: attention.dot_product_attention(q, k, v, mask, dropout_layer=dropout.dropout(0.1),
+                                                deterministic=True, rngs=None)
   want = run()
-  with layers.attention_implementation("fused"):
+  with attention.attention_implementation("fused"):
     got = run()
   np.testing.assert_allclose(got, want, atol=1e-5)
 
 
 def test_fused_attention_leaves_training_with_attention_dropout_to_jaxft():
   q, k, v, mask = _inputs()
-  drop = layers.dropout(0.5)
-  run = lambda: layers.dot_product_attention(q, k, v, mask, dropout_layer=drop,
-                                             deterministic=False, rngs=nnx.Rngs(dropout=1))
+  drop = dropout.dropout(0.5)
+  run = lambda: attention.dot_product_attention(q, k, v, mask, dropout_layer=drop,
+                                                deterministic=False, rngs=nnx.Rngs(dropout=1))
   want = run()
-  with layers.attention_implementation("fused"):
+  with attention.attention_implementation("fused"):
     got = run()
   np.testing.assert_array_equal(got, want)  # Same masks drawn: the same (dropout) path ran.
 
 
 def test_unknown_attention_implementation_is_refused():
   with pytest.raises(ValueError, match="attention"):
-    with layers.attention_implementation("flash"):
+    with attention.attention_implementation("flash"):
       pass

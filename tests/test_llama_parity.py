@@ -164,7 +164,7 @@ def test_unsupported_rope_type_is_a_clear_error(tmp_path):
                                                            "short_factor": [1.0] * 4,
                                                            "long_factor": [1.0] * 4})
   with pytest.raises(UserError, match="rope_type 'longrope' is not supported"):
-    hf.build_model(config, "causal-lm")
+    hf.build_model(config, "causal_lm")
 
 
 @pytest.mark.parametrize("case", ["llama-gqa-llama3-rope", "llama-yarn", "qwen2",

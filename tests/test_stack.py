@@ -11,7 +11,7 @@ import transformers
 from flax import nnx
 
 from jaxft.formats import hf
-from jaxft.models import layers
+from jaxft.models import dropout
 from jaxft.models import stack
 
 VARIANTS = [stack.Options(scan=True), stack.Options(remat="full"), stack.Options(remat="dots"),
@@ -129,7 +129,7 @@ def test_unknown_remat_policy_is_refused():
 
 def test_hashed_dropout_keeps_one_minus_rate_and_the_mean():
   x = jnp.ones((256, 1024))
-  drop = layers.dropout(0.1)
+  drop = dropout.dropout(0.1)
   a = drop(x, deterministic=False, rngs=nnx.Rngs(dropout=0))
   b = drop(x, deterministic=False, rngs=nnx.Rngs(dropout=1))
   assert abs(float(jnp.mean(a != 0)) - 0.9) < 0.003
@@ -144,5 +144,5 @@ def test_hashed_dropout_keeps_one_minus_rate_and_the_mean():
 def test_hashed_dropout_with_a_rate_just_below_one_drops_nearly_everything():
   # rate * 2**32 rounds to 2**32 here, which does not fit the uint32 threshold.
   x = jnp.ones((64, 64))
-  out = layers.dropout(1 - 1e-12)(x, deterministic=False, rngs=nnx.Rngs(dropout=0))
+  out = dropout.dropout(1 - 1e-12)(x, deterministic=False, rngs=nnx.Rngs(dropout=0))
   assert int(jnp.sum(out != 0)) <= 1

@@ -18,6 +18,7 @@ from safetensors import safe_open
 
 from jaxft.formats import hf
 from jaxft.errors import UserError
+from jaxft.models import layers
 from jaxft.models import vit
 from jaxft.formats import weights
 
@@ -37,7 +38,7 @@ class TinyViT:
   def pixels(self, height: int | None = None, width: int | None = None,
              batch: int = 2, seed: int = 0) -> np.ndarray:
     """Random NCHW float32 pixels (transformers' layout)."""
-    h, w = vit._pair(self.config.image_size)  # pylint: disable=protected-access
+    h, w = layers.pair(self.config.image_size)
     rng = np.random.default_rng(seed)
     return rng.standard_normal(
         (batch, self.config.num_channels, height or h, width or w)).astype(np.float32)

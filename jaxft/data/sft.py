@@ -91,16 +91,16 @@ def documents(ds: datasets.Dataset, tokenizer, *, length: int, loss_on: str, nam
   return docs, samples
 
 
-def load(spec: str, split: str, tokenizer, config: ml_collections.ConfigDict, name: str) -> Split:
-  """Reads, renders and packs one split of an SFT config."""
-  d = config.data
+def load(spec: str, split: str, tokenizer, *, max_length: int, loss_on: str, packing: bool,
+         name: str) -> Split:
+  """Reads, renders and packs one split: rows of `max_length` tokens (`name`: for messages)."""
   ds = load_split(spec, split)
-  docs, samples = documents(ds, tokenizer, length=d.max_length, loss_on=d.loss_on, name=name)
+  docs, samples = documents(ds, tokenizer, length=max_length, loss_on=loss_on, name=name)
   pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-  rows = chat.pack(docs, d.max_length, pad, packing=d.packing)
+  rows = chat.pack(docs, max_length, pad, packing=packing)
   if not rows["loss_mask"][:, 1:].any():
-    raise UserError(f"{name} data has no token to learn within max_length={d.max_length}")
-  truncated = sum(len(ids) > d.max_length for ids, _ in docs)
+    raise UserError(f"{name} data has no token to learn within max_length={max_length}")
+  truncated = sum(len(ids) > max_length for ids, _ in docs)
   records = ds.to_list() if samples else []  # Aligned with samples, one per row.
   return Split(rows, len(docs), truncated, samples, records)
 
@@ -109,6 +109,7 @@ def prepare(config: ml_collections.ConfigDict, tokenizer, *, need_train: bool = 
             ) -> tuple[Split | None, Split | None]:
   """(train, eval) splits of an SFT config; None where not needed or not configured."""
   d = config.data
-  train = load(d.train, d.train_split, tokenizer, config, "train") if need_train else None
-  evaluation = load(d.eval, d.eval_split, tokenizer, config, "eval") if d.eval else None
+  kw = dict(max_length=d.max_length, loss_on=d.loss_on, packing=d.packing)
+  train = load(d.train, d.train_split, tokenizer, name="train", **kw) if need_train else None
+  evaluation = load(d.eval, d.eval_split, tokenizer, name="eval", **kw) if d.eval else None
   return train, evaluation

@@ -23,6 +23,8 @@ from flax import nnx
 
 from jaxft import sharding
 from jaxft.errors import UserError
+from jaxft.models import attention
+from jaxft.models import dropout
 from jaxft.models import layers
 from jaxft.models import naming
 from jaxft.models import stack
@@ -60,7 +62,7 @@ class BertEmbeddings(nnx.Module):
     self.LayerNorm = layers.LayerNorm(
         config.hidden_size, epsilon=config.layer_norm_eps, dtype=dtype,
         param_dtype=param_dtype, axes=("embed",))
-    self.dropout = layers.dropout(config.hidden_dropout_prob)
+    self.dropout = dropout.dropout(config.hidden_dropout_prob)
 
   def position_ids(self, input_ids: Array) -> Array:
     """Absolute positions 0..length-1, as BERT numbers them."""
@@ -112,7 +114,7 @@ class BertSelfOutput(nnx.Module):
     self.LayerNorm = layers.LayerNorm(
         config.hidden_size, epsilon=config.layer_norm_eps, dtype=dtype,
         param_dtype=param_dtype, axes=("embed",))
-    self.dropout = layers.dropout(config.hidden_dropout_prob)
+    self.dropout = dropout.dropout(config.hidden_dropout_prob)
 
   def __call__(self, hidden: Array, residual: Array, *, deterministic: bool,
                rngs: nnx.Rngs | None) -> Array:
@@ -131,7 +133,7 @@ class BertAttention(nnx.Module):
   def __init__(self, config: Any, *, dtype: Dtype, param_dtype: Dtype,
                rngs: nnx.Rngs):
     # The attribute really is called `self`: that is HF's module name.
-    self.self = layers.SelfAttention(
+    self.self = attention.SelfAttention(
         config.hidden_size, config.num_attention_heads,
         attention_dropout=config.attention_probs_dropout_prob, dtype=dtype,
         param_dtype=param_dtype,
@@ -250,7 +252,7 @@ class BertModel(nnx.Module):
     """
     x = self.embeddings(input_ids, token_type_ids, deterministic=deterministic,
                         rngs=rngs)
-    return self.encoder(x, layers.padding_mask(attention_mask),
+    return self.encoder(x, attention.padding_mask(attention_mask),
                         deterministic=deterministic, rngs=rngs, first_only=first_only)
 
   def __call__(self, input_ids: Array, attention_mask: Array | None,
@@ -271,7 +273,7 @@ class BertForSequenceClassification(BertModel):
   def __init__(self, config: Any, *, dtype: Dtype = jnp.float32,
                param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs):
     super().__init__(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-    self.dropout = layers.dropout(_classifier_dropout(config))
+    self.dropout = dropout.dropout(_classifier_dropout(config))
     self.classifier = layers.hf_linear(config, config.hidden_size, config.num_labels,
                               ("embed", None), dtype=dtype,
                               param_dtype=param_dtype, rngs=rngs)
@@ -302,7 +304,7 @@ class RobertaClassificationHead(nnx.Module):
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.dense = layers.hf_linear(config, config.hidden_size, config.hidden_size,
                          ("embed", "embed"), **kw)
-    self.dropout = layers.dropout(_classifier_dropout(config))
+    self.dropout = dropout.dropout(_classifier_dropout(config))
     self.out_proj = layers.hf_linear(config, config.hidden_size, config.num_labels,
                             ("embed", None), **kw)
 
@@ -377,7 +379,7 @@ class DistilBertEmbeddings(nnx.Module):
         rngs=rngs)
     self.LayerNorm = _distil_layer_norm(config, dtype=dtype,
                                         param_dtype=param_dtype)
-    self.dropout = layers.dropout(config.dropout)
+    self.dropout = dropout.dropout(config.dropout)
 
   def __call__(self, input_ids: Array, *, deterministic: bool,
                rngs: nnx.Rngs | None) -> Array:
@@ -407,14 +409,14 @@ class DistilBertSelfAttention(nnx.Module):
     self.k_lin = layers.hf_linear(config, d, d, ("embed", "heads"), **kw)
     self.v_lin = layers.hf_linear(config, d, d, ("embed", "heads"), **kw)
     self.out_lin = layers.hf_linear(config, d, d, ("heads", "embed"), **kw)
-    self.dropout = layers.dropout(config.attention_dropout)
+    self.dropout = dropout.dropout(config.attention_dropout)
 
   def __call__(self, x: Array, mask: Array | None, *, deterministic: bool,
                rngs: nnx.Rngs | None) -> Array:
     batch, length, dim = x.shape
     split = lambda y: y.reshape(batch, length, self.num_heads, -1)
     kw = dict(deterministic=deterministic, rngs=rngs)
-    context = layers.dot_product_attention(
+    context = attention.dot_product_attention(
         split(self.q_lin(x, **kw)), split(self.k_lin(x, **kw)),
         split(self.v_lin(x, **kw)), mask,
         dropout_layer=self.dropout, deterministic=deterministic, rngs=rngs)
@@ -432,7 +434,7 @@ class DistilBertFFN(nnx.Module):
     self.lin2 = layers.hf_linear(config, config.hidden_dim, config.dim,
                                ("mlp", "embed"), **kw)
     self.act = layers.activation(config.activation)
-    self.dropout = layers.dropout(config.dropout)
+    self.dropout = dropout.dropout(config.dropout)
 
   def __call__(self, x: Array, *, deterministic: bool,
                rngs: nnx.Rngs | None) -> Array:
@@ -489,7 +491,7 @@ class DistilBertForSequenceClassification(nnx.Module):
     self.transformer = DistilBertTransformer(config, **kw)
     self.pre_classifier = layers.hf_linear(config, config.dim, config.dim,
                                          ("embed", "embed"), **kw)
-    self.dropout = layers.dropout(config.seq_classif_dropout)
+    self.dropout = dropout.dropout(config.seq_classif_dropout)
     self.classifier = layers.hf_linear(config, config.dim, config.num_labels,
                                      ("embed", None), **kw)
 
@@ -500,7 +502,7 @@ class DistilBertForSequenceClassification(nnx.Module):
     """Returns float32 logits [batch, num_labels]; token_type_ids is ignored."""
     del token_type_ids  # DistilBERT has no segment embeddings
     x = self.embeddings(input_ids, deterministic=deterministic, rngs=rngs)
-    x = self.transformer(x, layers.padding_mask(attention_mask),
+    x = self.transformer(x, attention.padding_mask(attention_mask),
                          deterministic=deterministic, rngs=rngs)
     kw = dict(deterministic=deterministic, rngs=rngs)
     pooled = jax.nn.relu(self.pre_classifier(x[:, 0], **kw))

@@ -16,9 +16,10 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxft import sharding
+from jaxft.models import attention
+from jaxft.models import dropout
 from jaxft.models import layers
 from jaxft.models import naming
-from jaxft.models import llama
 from jaxft.models import stack
 
 Array = jax.Array
@@ -30,26 +31,25 @@ class Attention(nnx.Module):
   def __init__(self, config: Any, *, dtype: Any, param_dtype: Any, rngs: nnx.Rngs):
     self.num_heads = config.n_head
     self.head_dim = config.n_embd // config.n_head
-    self.num_kv_heads = self.num_heads  # For KVCache shapes, as llama.Attention.
     linear = functools.partial(layers.Linear, dtype=dtype, param_dtype=param_dtype,
                                kernel_init=layers.normal_init(config.initializer_range),
                                rngs=rngs)
     self.c_attn = linear(config.n_embd, 3 * config.n_embd, axes=("embed", "heads"))
     self.c_proj = linear(config.n_embd, config.n_embd, axes=("heads", "embed"))
-    self.dropout = layers.dropout(config.attn_pdrop)
-    self.resid_dropout = layers.dropout(config.resid_pdrop)
+    self.dropout = dropout.dropout(config.attn_pdrop)
+    self.resid_dropout = dropout.dropout(config.resid_pdrop)
 
   def __call__(self, x: Array, mask: Array, *, deterministic: bool, rngs: nnx.Rngs | None,
-               cache: llama.KVCache | None = None, cache_index: Array | None = None):
+               cache: attention.KVCache | None = None, cache_index: Array | None = None):
     batch, length, dim = x.shape
     kw = dict(deterministic=deterministic, rngs=rngs)
     q, k, v = jnp.split(self.c_attn(x, **kw), 3, axis=-1)
     split = lambda y: y.reshape(batch, length, self.num_heads, self.head_dim)
     q, k, v = split(q), split(k), split(v)
     if cache is not None:
-      cache = llama.write_cache(cache, k, v, cache_index)
+      cache = attention.write_cache(cache, k, v, cache_index)
       k, v = cache
-    context = layers.dot_product_attention(q, k, v, mask, dropout_layer=self.dropout, **kw)
+    context = attention.dot_product_attention(q, k, v, mask, dropout_layer=self.dropout, **kw)
     context = sharding.constrain(context.reshape(batch, length, dim),
                                  ("batch", "length", "heads"))
     return self.resid_dropout(self.c_proj(context, **kw), **kw), cache
@@ -66,7 +66,7 @@ class MLP(nnx.Module):
     self.c_fc = linear(config.n_embd, inner, axes=("embed", "mlp"))
     self.c_proj = linear(inner, config.n_embd, axes=("mlp", "embed"))
     self.act = layers.activation(config.activation_function)
-    self.dropout = layers.dropout(config.resid_pdrop)
+    self.dropout = dropout.dropout(config.resid_pdrop)
 
   def __call__(self, x: Array, *, deterministic: bool, rngs: nnx.Rngs | None) -> Array:
     kw = dict(deterministic=deterministic, rngs=rngs)
@@ -86,7 +86,9 @@ class Block(nnx.Module):
     self.ln_2 = norm()
     self.mlp = MLP(config, rngs=rngs, **kw)
 
-  def __call__(self, x, mask, *, deterministic, rngs, cache=None, cache_index=None):
+  def __call__(self, x, positions, mask, *, deterministic, rngs, cache=None, cache_index=None):
+    """`positions` are unused: they were added at the embedding (`wpe`)."""
+    del positions
     attn, cache = self.attn(self.ln_1(x), mask, deterministic=deterministic, rngs=rngs,
                             cache=cache, cache_index=cache_index)
     x = x + attn
@@ -104,7 +106,7 @@ class Transformer(nnx.Module):
                             **kw)
     self.wpe = layers.Embed(config.n_positions, config.n_embd, embedding_init=init,
                             axes=(None, "embed"), rngs=rngs, **kw)
-    self.drop = layers.dropout(config.embd_pdrop)
+    self.drop = dropout.dropout(config.embd_pdrop)
     self.h = nnx.List([Block(config, rngs=rngs, **kw) for _ in range(config.n_layer)])
     self.stack_options = stack.Options()
     self.ln_f = layers.LayerNorm(config.n_embd, epsilon=config.layer_norm_epsilon,
@@ -121,43 +123,32 @@ class GPT2LMHeadModel(nnx.Module):
   def __call__(self, input_ids: Array, attention_mask: Array | None = None,
                positions: Array | None = None, segment_ids: Array | None = None, *,
                deterministic: bool = True, rngs: nnx.Rngs | None = None,
-               cache: list[llama.KVCache] | None = None, cache_index: Array | None = None,
+               cache: list[attention.KVCache] | None = None, cache_index: Array | None = None,
                hidden_only: bool = False):
     """As `llama.CausalLM.__call__`."""
     t = self.transformer
-    batch, length = input_ids.shape
-    if positions is None:
-      positions = jnp.broadcast_to(jnp.arange(length), (batch, length))
-    if cache is None:
-      mask = llama.attention_mask_4d(length, attention_mask, segment_ids)
-    else:
-      mask = llama.cached_attention_mask(length, cache[0][0].shape[1], cache_index,
-                                         attention_mask)
-    x = t.drop(t.wte(input_ids) + t.wpe(positions), deterministic=deterministic, rngs=rngs)
-    new_cache = []
-    if cache is None:
-      call = lambda block, h, block_rngs: block(h, mask, deterministic=deterministic,
-                                                rngs=block_rngs)[0]
-      x = stack.run(list(t.h), x, call, options=t.stack_options, rngs=rngs)
-    else:
-      for i, block in enumerate(t.h):
-        x, layer_cache = block(x, mask, deterministic=deterministic, rngs=rngs,
-                               cache=cache[i], cache_index=cache_index)
-        new_cache.append(layer_cache)
+    embed = lambda ids, positions: t.drop(t.wte(ids) + t.wpe(positions),
+                                          deterministic=deterministic, rngs=rngs)
+    x, cache = attention.run_decoder(
+        t.h, input_ids, embed, attention_mask=attention_mask, positions=positions,
+        segment_ids=segment_ids, deterministic=deterministic, rngs=rngs,
+        options=t.stack_options, cache=cache, cache_index=cache_index)
     hidden = t.ln_f(x)
     if hidden_only:
       return hidden
     logits = t.wte.attend(hidden).astype(jnp.float32)
-    return logits if cache is None else (logits, new_cache)
+    return logits if cache is None else (logits, cache)
 
   def output_layer(self) -> layers.OutputLayer:
     """The tied output weight for jaxft.lm_loss."""
     return layers.output_layer(None, self.transformer.wte)
 
-  def init_cache(self, batch: int, max_length: int, dtype: Any = jnp.float32):
+  def init_cache(self, batch: int, max_length: int,
+                 dtype: Any = jnp.float32) -> list[attention.KVCache]:
+    """Zeroed keys and values for every block."""
     attn = self.transformer.h[0].attn
-    shape = (batch, max_length, attn.num_heads, attn.head_dim)
-    return [(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in self.transformer.h]
+    return attention.init_cache(len(self.transformer.h), batch, max_length, attn.num_heads,
+                                attn.head_dim, dtype)
 
 
 # Conv1D weights are stored (in, out), like our kernels: no transpose.

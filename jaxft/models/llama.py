@@ -24,6 +24,8 @@ from flax import nnx
 
 from jaxft import sharding
 from jaxft.errors import UserError
+from jaxft.models import attention
+from jaxft.models import dropout
 from jaxft.models import layers
 from jaxft.models import naming
 from jaxft.models import rope
@@ -31,7 +33,6 @@ from jaxft.models import stack
 
 Array = jax.Array
 Dtype = Any
-KVCache = tuple[Array, Array]  # keys, values: [batch, max_length, kv_heads, head_dim]
 
 
 def rope_parameters(config: Any) -> dict[str, Any]:
@@ -45,35 +46,6 @@ def rope_parameters(config: Any) -> dict[str, Any]:
 
 def head_dim(config: Any) -> int:
   return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-
-
-def attention_mask_4d(length: int, attention_mask: Array | None,
-                      segment_ids: Array | None) -> Array:
-  """Boolean [batch | 1, 1, length, length]: causal, not padding, same segment."""
-  pos = jnp.arange(length)
-  mask = (pos[:, None] >= pos[None, :])[None, None]
-  if attention_mask is not None:
-    mask = mask & (attention_mask != 0)[:, None, None, :]
-  if segment_ids is not None:
-    mask = mask & (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]
-  return mask
-
-
-def write_cache(cache: KVCache, k: Array, v: Array, cache_index: Array) -> KVCache:
-  """The cache with this call's keys and values written from slot `cache_index` on."""
-  start = (0, cache_index, 0, 0)
-  return (jax.lax.dynamic_update_slice(cache[0], k.astype(cache[0].dtype), start),
-          jax.lax.dynamic_update_slice(cache[1], v.astype(cache[1].dtype), start))
-
-
-def cached_attention_mask(length: int, max_length: int, cache_index: Array,
-                          slot_mask: Array | None) -> Array:
-  """Boolean [batch | 1, 1, length, max_length] for queries at slots cache_index + i."""
-  query_slot = cache_index + jnp.arange(length)
-  mask = (jnp.arange(max_length)[None, :] <= query_slot[:, None])[None, None]
-  if slot_mask is not None:
-    mask = mask & (slot_mask != 0)[:, None, None, :]
-  return mask
 
 
 class Attention(nnx.Module):
@@ -108,7 +80,7 @@ class Attention(nnx.Module):
                              dtype=dtype, param_dtype=param_dtype)
     self.q_norm = norm() if qk_norm else None
     self.k_norm = norm() if qk_norm else None
-    self.dropout = layers.dropout(getattr(config, "attention_dropout", 0.0))
+    self.dropout = dropout.dropout(getattr(config, "attention_dropout", 0.0))
 
   @property
   def inv_freq(self) -> np.ndarray:
@@ -122,8 +94,8 @@ class Attention(nnx.Module):
     return rope.dynamic_rope_inverse_frequencies(positions, self.inv_freq, self.rope_dynamic)
 
   def __call__(self, x: Array, positions: Array, mask: Array, *, deterministic: bool,
-               rngs: nnx.Rngs | None, cache: KVCache | None = None,
-               cache_index: Array | None = None) -> tuple[Array, KVCache | None]:
+               rngs: nnx.Rngs | None, cache: attention.KVCache | None = None,
+               cache_index: Array | None = None) -> tuple[Array, attention.KVCache | None]:
     """With a cache, writes this call's keys/values at `cache_index` and attends
     over the whole cache (`mask` then covers cache slots)."""
     batch, length, _ = x.shape
@@ -137,9 +109,9 @@ class Attention(nnx.Module):
     q = rope.apply_rope(q, positions, inv_freq, self.rope_attention_scaling)
     k = rope.apply_rope(k, positions, inv_freq, self.rope_attention_scaling)
     if cache is not None:
-      cache = write_cache(cache, k, v, cache_index)
+      cache = attention.write_cache(cache, k, v, cache_index)
       k, v = cache
-    context = layers.dot_product_attention(q, k, v, mask, dropout_layer=self.dropout, **kw)
+    context = attention.dot_product_attention(q, k, v, mask, dropout_layer=self.dropout, **kw)
     context = context.reshape(batch, length, self.num_heads * self.head_dim)
     context = sharding.constrain(context, ("batch", "length", "heads"))
     return self.o_proj(context, **kw), cache
@@ -180,8 +152,8 @@ class DecoderLayer(nnx.Module):
     self.post_attention_layernorm = norm()
 
   def __call__(self, x: Array, positions: Array, mask: Array, *, deterministic: bool,
-               rngs: nnx.Rngs | None, cache: KVCache | None = None,
-               cache_index: Array | None = None) -> tuple[Array, KVCache | None]:
+               rngs: nnx.Rngs | None, cache: attention.KVCache | None = None,
+               cache_index: Array | None = None) -> tuple[Array, attention.KVCache | None]:
     kw = dict(deterministic=deterministic, rngs=rngs)
     attn, cache = self.self_attn(self.input_layernorm(x), positions, mask, cache=cache,
                                  cache_index=cache_index, **kw)
@@ -207,27 +179,14 @@ class DecoderModel(nnx.Module):
 
   def __call__(self, input_ids: Array, attention_mask: Array | None, positions: Array | None,
                segment_ids: Array | None, *, deterministic: bool,
-               rngs: nnx.Rngs | None, cache: list[KVCache] | None = None,
-               cache_index: Array | None = None) -> tuple[Array, list[KVCache] | None]:
-    batch, length = input_ids.shape
-    if positions is None:
-      positions = jnp.broadcast_to(jnp.arange(length), (batch, length))
-    if cache is None:
-      mask = attention_mask_4d(length, attention_mask, segment_ids)
-    else:
-      mask = cached_attention_mask(length, cache[0][0].shape[1], cache_index, attention_mask)
-    x = self.embed_tokens(input_ids)
-    if cache is None:
-      call = lambda layer, h, layer_rngs: layer(h, positions, mask, deterministic=deterministic,
-                                                rngs=layer_rngs)[0]
-      x = stack.run(list(self.layers), x, call, options=self.stack_options, rngs=rngs)
-      return self.norm(x), None
-    new_cache = []
-    for i, layer in enumerate(self.layers):
-      x, layer_cache = layer(x, positions, mask, deterministic=deterministic, rngs=rngs,
-                             cache=cache[i], cache_index=cache_index)
-      new_cache.append(layer_cache)
-    return self.norm(x), new_cache
+               rngs: nnx.Rngs | None, cache: list[attention.KVCache] | None = None,
+               cache_index: Array | None = None) -> tuple[Array, list[attention.KVCache] | None]:
+    x, cache = attention.run_decoder(
+        self.layers, input_ids, lambda ids, _: self.embed_tokens(ids),
+        attention_mask=attention_mask, positions=positions, segment_ids=segment_ids,
+        deterministic=deterministic, rngs=rngs, options=self.stack_options, cache=cache,
+        cache_index=cache_index)
+    return self.norm(x), cache
 
 
 class CausalLM(nnx.Module):
@@ -249,7 +208,7 @@ class CausalLM(nnx.Module):
   def __call__(self, input_ids: Array, attention_mask: Array | None = None,
                positions: Array | None = None, segment_ids: Array | None = None, *,
                deterministic: bool = True, rngs: nnx.Rngs | None = None,
-               cache: list[KVCache] | None = None, cache_index: Array | None = None,
+               cache: list[attention.KVCache] | None = None, cache_index: Array | None = None,
                hidden_only: bool = False):
     """float32 logits [batch, length, vocab]; with `cache`, (logits, new cache).
 
@@ -273,11 +232,12 @@ class CausalLM(nnx.Module):
     """The output weight for jaxft.lm_loss (None with a LoRA adapter on lm_head)."""
     return layers.output_layer(self.lm_head, self.model.embed_tokens)
 
-  def init_cache(self, batch: int, max_length: int, dtype: Any = jnp.float32) -> list[KVCache]:
+  def init_cache(self, batch: int, max_length: int,
+                 dtype: Any = jnp.float32) -> list[attention.KVCache]:
     """Zeroed keys and values for every layer."""
     attn = self.model.layers[0].self_attn
-    shape = (batch, max_length, attn.num_kv_heads, attn.head_dim)
-    return [(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in self.model.layers]
+    return attention.init_cache(len(self.model.layers), batch, max_length, attn.num_kv_heads,
+                                attn.head_dim, dtype)
 
 
 class LlamaForCausalLM(CausalLM):

@@ -36,7 +36,9 @@ from flax import nnx
 
 from jaxft import sharding
 from jaxft.errors import UserError
+from jaxft.models import attention
 from jaxft.models import bert
+from jaxft.models import dropout
 from jaxft.models import layers
 from jaxft.models import naming
 from jaxft.models import stack
@@ -184,7 +186,7 @@ class ViTEmbeddings(nnx.Module):
     self.position_embeddings = layers.param(
         init, rngs, (1, 1 + self.grid[0] * self.grid[1], hidden), param_dtype,
         (None, None, "embed"))
-    self.dropout = layers.dropout(config.hidden_dropout_prob)
+    self.dropout = dropout.dropout(config.hidden_dropout_prob)
 
   def interpolate_pos_encoding(self, height: int, width: int) -> Array:
     """Position embeddings [1, 1 + patches, hidden] for a height x width image.
@@ -234,7 +236,7 @@ class ViTSelfOutput(nnx.Module):
     self.dense = layers.hf_linear(config, in_features, config.hidden_size,
                          ("heads", "embed"), dtype=dtype,
                          param_dtype=param_dtype, rngs=rngs)
-    self.dropout = layers.dropout(config.hidden_dropout_prob)
+    self.dropout = dropout.dropout(config.hidden_dropout_prob)
 
   def __call__(self, x: Array, *, deterministic: bool,
                rngs: nnx.Rngs | None) -> Array:
@@ -248,7 +250,7 @@ class ViTAttention(nnx.Module):
   def __init__(self, config: Any, *, dtype: Dtype, param_dtype: Dtype,
                rngs: nnx.Rngs):
     # transformers' ViTSelfAttention: BERT's projections, biases per qkv_bias.
-    self.attention = layers.SelfAttention(
+    self.attention = attention.SelfAttention(
         config.hidden_size, config.num_attention_heads,
         head_dim=getattr(config, "head_dim", None),
         use_bias=getattr(config, "qkv_bias", True),
@@ -273,7 +275,7 @@ class ViTOutput(nnx.Module):
     self.dense = layers.hf_linear(config, config.intermediate_size, config.hidden_size,
                          ("mlp", "embed"), dtype=dtype, param_dtype=param_dtype,
                          rngs=rngs)
-    self.dropout = layers.dropout(config.hidden_dropout_prob)
+    self.dropout = dropout.dropout(config.hidden_dropout_prob)
 
   def __call__(self, hidden: Array, residual: Array, *, deterministic: bool,
                rngs: nnx.Rngs | None) -> Array:

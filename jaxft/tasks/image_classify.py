@@ -18,8 +18,10 @@ import jax.numpy as jnp
 
 from jaxft import metrics
 from jaxft import steps
+from jaxft.data import augment
 from jaxft.data import batches as batches_lib
-from jaxft.data import images
+from jaxft.data import image_files
+from jaxft.data import image_prep
 from jaxft.formats import hf
 from jaxft.formats import hub
 from jaxft.models import layers
@@ -44,11 +46,10 @@ class ImageInput:
 
 
 def _image_forward(model, batch, deterministic, rngs, *, input_: ImageInput):
-  x = batch["pixels"].astype(jnp.float32) / 255.0
-  x = (x - jnp.asarray(input_.mean, jnp.float32)) / jnp.asarray(input_.std, jnp.float32)
+  x = image_prep.normalize(batch["pixels"], input_.mean, input_.std)
   if not deterministic and (input_.random_resized_crop or input_.flip):
-    x = images.augment(rngs.dropout(), x, random_resized_crop=input_.random_resized_crop,
-                       flip=input_.flip, scale=input_.crop_scale)
+    x = augment.augment(rngs.dropout(), x, random_resized_crop=input_.random_resized_crop,
+                        flip=input_.flip, scale=input_.crop_scale)
   return model(x, deterministic=deterministic, rngs=rngs,
                interpolate_pos_encoding=input_.interpolate)
 
@@ -64,11 +65,11 @@ class ImageClassify(classify.Classifier):
     d = self.config.data
     folder = hub.resolve_model(self.config.model.path, weights=False)
     hf_config = hub.load_hf_config(folder)
-    mean, std, processor_size = images.processor_stats(folder)
+    mean, std, processor_size = image_prep.processor_stats(folder)
     native = layers.pair(getattr(hf_config, "image_size", 224))
     size = layers.pair(d.image_size) if d.image_size else (processor_size or native)
     channels = int(getattr(hf_config, "num_channels", 3))
-    mean, std = (tuple(float(v) for v in images.channel_stats(values, name, channels))
+    mean, std = (tuple(float(v) for v in image_prep.channel_stats(values, name, channels))
                  for values, name in ((mean, "image_mean"), (std, "image_std")))
     return ImageInput(size=tuple(size), channels=channels, mean=mean, std=std,
                       interpolate=tuple(size) != native,
@@ -89,12 +90,12 @@ class ImageClassify(classify.Classifier):
   def eval_step(self):
     return functools.partial(classify.eval_step, objective=self.objective)
 
-  def read(self, spec: str, split: str, size: tuple[int, int] | None) -> images.ImageSet:
+  def read(self, spec: str, split: str, size: tuple[int, int] | None) -> image_files.ImageSet:
     """One split of the config's image data, as uint8 at `size` (None: as stored)."""
     d = self.config.data
-    return images.load(spec, skip_bad=d.skip_bad, size=size, split=split,
-                       label_names=list(d.label_names) or None, image_key=d.image_key,
-                       label_key=d.label_key)
+    return image_files.load(spec, skip_bad=d.skip_bad, size=size, split=split,
+                            label_names=list(d.label_names) or None, image_key=d.image_key,
+                            label_key=d.label_key)
 
   def class_names(self) -> list[str]:
     d = self.config.data
@@ -114,8 +115,8 @@ class ImageClassify(classify.Classifier):
       if data.skipped:
         metrics.log(f"{name}: skipped {data.skipped} unreadable files "
                     f"(e.g. {data.skipped_files[0]})")
-      data = images.align_labels(data, names, name)
-      out[name] = {"pixels": images.to_model_pixels(data.images, inp.size, inp.channels),
+      data = image_files.align_labels(data, names, name)
+      out[name] = {"pixels": image_prep.to_model_pixels(data.images, inp.size, inp.channels),
                    "label": data.labels}
     return base.Data(out.get("train") if need_train else None, out.get("eval"), names)
 

@@ -16,10 +16,10 @@ import re
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 from flax import nnx
 
 from jaxft.errors import UserError
+from jaxft.models import dropout
 from jaxft.models import layers
 
 ADAPTER_PATH = r".*/lora_[ab]"  # Param paths of every adapter matrix.
@@ -36,26 +36,27 @@ def targets(model: nnx.Module, pattern: str) -> list[str]:
   return [p for p, _ in linear_modules(model) if re.fullmatch(pattern, p)]
 
 
-def target_pattern(config: ml_collections.ConfigDict) -> str:
-  """Param paths of the base kernels and biases LoRA freezes."""
-  return rf"(?:{config.lora.targets})/(?:kernel|bias)"
+def target_pattern(targets_regex: str) -> str:
+  """Param paths of the base kernels and biases LoRA freezes (config.lora.targets)."""
+  return rf"(?:{targets_regex})/(?:kernel|bias)"
 
 
-def attach(model: nnx.Module, config: ml_collections.ConfigDict,
-           seed: int) -> list[str]:
-  """Adds adapters to the Linears `config.lora.targets` selects, in place.
+def attach(model: nnx.Module, *, targets_regex: str, rank: int, alpha: float,
+           dropout_rate: float, seed: int) -> list[str]:
+  """Adds rank-`rank` adapters to the Linears `targets_regex` selects, in place.
 
-  `lora_a` is Kaiming-uniform as in PEFT (bound 1/sqrt(in)), `lora_b` zero.
-  Works on abstract models under `nnx.eval_shape`. Returns the module paths.
+  The settings are config.lora's. `lora_a` is Kaiming-uniform as in PEFT
+  (bound 1/sqrt(in)), `lora_b` zero; the adapter output is scaled by
+  alpha / rank and its input dropped out at `dropout_rate` in training. Works on
+  abstract models under `nnx.eval_shape`. Returns the module paths.
 
   Raises:
     UserError: the targets regex matches no Linear layer.
   """
-  c = config.lora
-  chosen = targets(model, c.targets)
+  chosen = targets(model, targets_regex)
   if not chosen:
     names = ", ".join(p for p, _ in linear_modules(model)[:6])
-    raise UserError(f"config.lora.targets={c.targets!r} matches no Linear layer "
+    raise UserError(f"config.lora.targets={targets_regex!r} matches no Linear layer "
                     f"(module paths look like: {names}, ...)")
   key = jax.random.fold_in(jax.random.key(seed), 0x10A)  # Apart from the head init's stream.
   modules = dict(linear_modules(model))
@@ -64,12 +65,12 @@ def attach(model: nnx.Module, config: ml_collections.ConfigDict,
     k = jax.random.fold_in(key, i)
     bound = 1.0 / math.sqrt(m.in_features)
     dtype = m.kernel[...].dtype
-    a = jax.random.uniform(k, (m.in_features, c.rank), dtype, -bound, bound)
+    a = jax.random.uniform(k, (m.in_features, rank), dtype, -bound, bound)
     m.lora_a = layers.LoRAParam(a, logical_axes=(m.axes[0], None))
-    m.lora_b = layers.LoRAParam(jnp.zeros((c.rank, m.out_features), dtype),
+    m.lora_b = layers.LoRAParam(jnp.zeros((rank, m.out_features), dtype),
                                 logical_axes=(None, m.axes[1]))
-    m.lora_scale = c.alpha / c.rank
-    m.lora_dropout = layers.dropout(c.dropout)
+    m.lora_scale = alpha / rank
+    m.lora_dropout = dropout.dropout(dropout_rate)
   return chosen
 
 

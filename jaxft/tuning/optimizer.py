@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import jax
@@ -13,32 +14,42 @@ from jaxft.tuning import rules as rules_lib
 from jaxft.models import stack
 
 
-def warmup_steps(config: ml_collections.ConfigDict) -> int:
-  o = config.optim
-  return o.warmup_steps or int(o.warmup_frac * config.train.num_steps)
+@dataclasses.dataclass(frozen=True)
+class Schedule:
+  """A run's learning-rate schedule: peak `lr`, decay `kind` (config.SCHEDULES),
+  `warmup` steps and `total` steps."""
+  lr: float
+  kind: str
+  warmup: int
+  total: int
+
+  @classmethod
+  def of(cls, config: ml_collections.ConfigDict) -> Schedule:
+    """config.optim's schedule over config.train.num_steps (warmup_steps, else warmup_frac)."""
+    o, total = config.optim, config.train.num_steps
+    return cls(o.lr, o.schedule, o.warmup_steps or int(o.warmup_frac * total), total)
 
 
-def schedule(config: ml_collections.ConfigDict,
-             rule: rules_lib.Rule | None = None) -> optax.Schedule:
+def schedule(spec: Schedule, rule: rules_lib.Rule | None = None) -> optax.Schedule:
   """Linear warmup from 0 to the peak, then linear / cosine decay to 0, or constant.
 
-  The peak is `optim.lr`; a `rule` multiplies it and may replace the decay
+  The peak is `spec.lr`; a `rule` multiplies it and may replace the decay
   kind, the warmup, and hold the rate at zero before its `start_step`.
   """
-  o, total = config.optim, config.train.num_steps
+  lr, total = spec.lr, spec.total
   rule = rule or rules_lib.Rule(".*", True)
-  kind = rule.schedule or o.schedule
-  warmup = warmup_steps(config) if rule.warmup_steps is None else rule.warmup_steps
+  kind = rule.schedule or spec.kind
+  warmup = spec.warmup if rule.warmup_steps is None else rule.warmup_steps
   start = min(rule.start_step, total)
   decay_steps = max(total - start - warmup, 1)
   after = {
-      "linear": optax.linear_schedule(o.lr, 0.0, decay_steps),
-      "cosine": optax.cosine_decay_schedule(o.lr, decay_steps),
-      "constant": optax.constant_schedule(o.lr),
+      "linear": optax.linear_schedule(lr, 0.0, decay_steps),
+      "cosine": optax.cosine_decay_schedule(lr, decay_steps),
+      "constant": optax.constant_schedule(lr),
   }[kind]
   pieces, bounds = [after], []
   if warmup:
-    pieces, bounds = [optax.linear_schedule(0.0, o.lr, warmup), after], [warmup]
+    pieces, bounds = [optax.linear_schedule(0.0, lr, warmup), after], [warmup]
   if start:
     pieces, bounds = [optax.constant_schedule(0.0), *pieces], [start] + [start + b for b in bounds]
   base = pieces[0] if len(pieces) == 1 else optax.join_schedules(pieces, bounds)
@@ -85,7 +96,7 @@ def build(config: ml_collections.ConfigDict, params: Any,
     rule = assignment.rules[int(group.split("/")[0])]
     decay = 0.0 if group.endswith("/nodecay") else (
         o.weight_decay if rule.weight_decay is None else rule.weight_decay)
-    transforms[group] = _transform(config, schedule(config, rule), decay)
+    transforms[group] = _transform(config, schedule(Schedule.of(config), rule), decay)
   tx = optax.multi_transform(transforms, labels(params, assignment))
   if o.clip_norm > 0:
     return optax.chain(optax.clip_by_global_norm(o.clip_norm), tx)

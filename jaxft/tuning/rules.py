@@ -104,7 +104,7 @@ def all_rules(config: ml_collections.ConfigDict, paths: Sequence[str],
   rules = []
   if config_lib.lora_enabled(config):
     rules += [Rule(lora.ADAPTER_PATH, True, origin="lora"),
-              Rule(lora.target_pattern(config), False, origin="lora")]
+              Rule(lora.target_pattern(config.lora.targets), False, origin="lora")]
   given = user_rules(config)
   rules += given
   if config.optim.layer_decay:

@@ -33,7 +33,9 @@ def with_adapters(model: nnx.Module, config: ml_collections.ConfigDict) -> nnx.M
   """`model` with LoRA adapters attached if the config asks for them, and the
   layer stack run as config.model.scan_layers / remat say (in place)."""
   if config_lib.lora_enabled(config):
-    lora.attach(model, config, seed=config.train.seed)
+    c = config.lora
+    lora.attach(model, targets_regex=c.targets, rank=c.rank, alpha=c.alpha,
+                dropout_rate=c.dropout, seed=config.train.seed)
   return stack.configure(model, stack_options(config))
 
 

@@ -1,17 +1,13 @@
-"""Image data: folder / IDX / npz readers, normalisation, processor stats, on-device augmentation."""
+"""Image readers: folders, IDX, npz and tables into uint8 arrays with labels; label alignment."""
 
-import functools
 import gzip
-import json
 import struct
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from PIL import Image
 
-from jaxft.data import images
+from jaxft.data import image_files
 from jaxft.errors import UserError
 
 
@@ -36,7 +32,7 @@ def _write_folder(root, *, corrupt=False):
 
 def test_folder_reads_classes_shapes_and_labels(tmp_path):
   pixels = _write_folder(tmp_path)
-  data = images.load(str(tmp_path))
+  data = image_files.load(str(tmp_path))
   assert data.label_names == ["cat", "dog"]
   # Size of the first image (cat/0.png), RGB because some files have colour.
   assert data.images.shape == (4, 8, 6, 3) and data.images.dtype == np.uint8
@@ -46,7 +42,7 @@ def test_folder_reads_classes_shapes_and_labels(tmp_path):
   # Gray files repeat their value over RGB; the 4x4 JPEG is resized to 8x6.
   assert np.abs(data.images[2].astype(int) - 200).max() <= 2
   np.testing.assert_array_equal(data.images[3], np.full((8, 6, 3), 50))
-  sized = images.load(str(tmp_path), size=5)
+  sized = image_files.load(str(tmp_path), size=5)
   assert sized.images.shape == (4, 5, 5, 3)
 
 
@@ -54,7 +50,7 @@ def test_all_gray_folder_stays_one_channel(tmp_path):
   for c in ("a", "b"):
     (tmp_path / c).mkdir()
     Image.fromarray(np.full((3, 3), 7, np.uint8)).save(tmp_path / c / "i.png")
-  data = images.load(str(tmp_path))
+  data = image_files.load(str(tmp_path))
   assert data.images.shape == (2, 3, 3, 1)
 
 
@@ -63,15 +59,15 @@ def test_folder_16_bit_png_keeps_its_range(tmp_path):
     (tmp_path / c).mkdir()
   Image.fromarray(np.full((2, 2), 65535, np.uint16)).save(tmp_path / "a" / "i.png")
   Image.fromarray(np.full((2, 2), 32768, np.uint16)).save(tmp_path / "b" / "i.png")
-  data = images.load(str(tmp_path))
+  data = image_files.load(str(tmp_path))
   np.testing.assert_array_equal(data.images[:, 0, 0, 0], [255, 128])
 
 
 def test_corrupt_file_is_named_or_skipped(tmp_path):
   _write_folder(tmp_path, corrupt=True)
   with pytest.raises(UserError, match=r"x\.png"):
-    images.load(str(tmp_path))
-  data = images.load(str(tmp_path), skip_bad=True)
+    image_files.load(str(tmp_path))
+  data = image_files.load(str(tmp_path), skip_bad=True)
   assert data.skipped == 1 and data.skipped_files[0].endswith("x.png")
   assert data.images.shape == (4, 8, 6, 3)
   np.testing.assert_array_equal(data.labels, [0, 0, 1, 1])
@@ -79,17 +75,17 @@ def test_corrupt_file_is_named_or_skipped(tmp_path):
 
 def test_folder_errors(tmp_path):
   with pytest.raises(UserError, match="not found"):
-    images.load(str(tmp_path / "missing"))
+    image_files.load(str(tmp_path / "missing"))
   (tmp_path / "flat").mkdir()
   Image.fromarray(np.zeros((2, 2), np.uint8)).save(tmp_path / "flat" / "i.png")
   with pytest.raises(UserError, match="no class subfolders"):
-    images.load(str(tmp_path / "flat"))
+    image_files.load(str(tmp_path / "flat"))
   (tmp_path / "empty" / "a").mkdir(parents=True)
   with pytest.raises(UserError, match="empty"):
-    images.load(str(tmp_path / "empty"))
+    image_files.load(str(tmp_path / "empty"))
   (tmp_path / "notes.txt").write_text("x")
   with pytest.raises(UserError, match="expected an image folder"):
-    images.load(str(tmp_path / "notes.txt"))
+    image_files.load(str(tmp_path / "notes.txt"))
 
 
 def _idx(array, dtype_code=0x08):
@@ -111,13 +107,13 @@ def _write_idx(folder, prefix, pixels, labels, gz=True):
 def test_idx_round_trip(tmp_path):
   pixels = _rng().integers(0, 256, (5, 4, 3), dtype=np.uint8)
   labels = np.array([0, 9, 3, 3, 1], np.uint8)
-  data = images.load(_write_idx(tmp_path, "train", pixels, labels))
+  data = image_files.load(_write_idx(tmp_path, "train", pixels, labels))
   np.testing.assert_array_equal(data.images, pixels[..., None])
   np.testing.assert_array_equal(data.labels, labels)
   assert data.labels.dtype == np.int32
   assert data.label_names == [str(i) for i in range(10)]
-  plain = images.load(_write_idx(tmp_path, "t10k", pixels, labels, gz=False),
-                      label_names=images.FASHION_MNIST_LABELS)
+  plain = image_files.load(_write_idx(tmp_path, "t10k", pixels, labels, gz=False),
+                      label_names=image_files.FASHION_MNIST_LABELS)
   np.testing.assert_array_equal(plain.images[..., 0], pixels)
   assert plain.label_names[9] == "Ankle boot"
 
@@ -128,147 +124,50 @@ def test_idx_bad_magic_size_and_missing_labels(tmp_path):
   with open(path, "wb") as f:
     f.write(b"\x12\x34" + _idx(pixels)[2:])
   with pytest.raises(UserError, match="magic number 0x12340803, expected 0x00000803"):
-    images.load(path)
+    image_files.load(path)
   with open(path, "wb") as f:
     f.write(_idx(pixels)[:-1])
   with pytest.raises(UserError, match="header"):
-    images.load(path)
+    image_files.load(path)
   with open(path, "wb") as f:
     f.write(_idx(np.zeros((3, 3, 3), np.uint8)))
   with pytest.raises(UserError, match="3 images but .* 2 labels"):
-    images.load(path)
+    image_files.load(path)
   lonely = tmp_path / "x-images-idx3-ubyte.gz"
   with gzip.open(lonely, "wb") as f:
     f.write(_idx(pixels))
   with pytest.raises(UserError, match="no labels file .*x-labels-idx1-ubyte.gz"):
-    images.load(str(lonely))
+    image_files.load(str(lonely))
 
 
 def test_npz_reads_uint8_float_and_string_labels(tmp_path):
   pixels = _rng().integers(0, 256, (3, 4, 4, 3), dtype=np.uint8)
   np.savez(tmp_path / "a.npz", images=pixels, labels=np.array([1, 0, 1]),
            label_names=np.array(["benign", "malignant"]))
-  data = images.load(str(tmp_path / "a.npz"))
+  data = image_files.load(str(tmp_path / "a.npz"))
   np.testing.assert_array_equal(data.images, pixels)
   np.testing.assert_array_equal(data.labels, [1, 0, 1])
   assert data.label_names == ["benign", "malignant"]
   np.savez(tmp_path / "b.npz", images=pixels[..., 0] / 255.0, labels=np.array(["y", "x", "y"]))
-  data = images.load(str(tmp_path / "b.npz"))
+  data = image_files.load(str(tmp_path / "b.npz"))
   np.testing.assert_array_equal(data.images, pixels[..., :1])
   assert data.label_names == ["x", "y"]
   np.testing.assert_array_equal(data.labels, [1, 0, 1])
   np.savez(tmp_path / "c.npz", images=pixels * 2.0, labels=np.zeros(3, int))
   with pytest.raises(UserError, match=r"expected values in \[0, 1\]"):
-    images.load(str(tmp_path / "c.npz"))
+    image_files.load(str(tmp_path / "c.npz"))
   np.savez(tmp_path / "d.npz", images=pixels)
   with pytest.raises(UserError, match="no array 'labels'"):
-    images.load(str(tmp_path / "d.npz"))
+    image_files.load(str(tmp_path / "d.npz"))
 
 
 def test_align_labels_maps_eval_to_training_ids():
-  data = images.ImageSet(np.zeros((3, 1, 1, 1), np.uint8), ["b", "c"], np.array([0, 1, 0], np.int32))
-  aligned = images.align_labels(data, ["a", "b", "c"], "eval")
+  data = image_files.ImageSet(np.zeros((3, 1, 1, 1), np.uint8), ["b", "c"],
+                              np.array([0, 1, 0], np.int32))
+  aligned = image_files.align_labels(data, ["a", "b", "c"], "eval")
   np.testing.assert_array_equal(aligned.labels, [1, 2, 1])
   with pytest.raises(UserError, match=r"eval data has labels \['c'\]"):
-    images.align_labels(data, ["a", "b"], "eval")
-
-
-def test_normalize_gray_to_rgb_and_values():
-  x = _rng().integers(0, 256, (2, 4, 5, 1), dtype=np.uint8)
-  mean, std = [0.1, 0.2, 0.3], [0.5, 0.25, 2.0]
-  out = images.normalize(x, (4, 5), 3, mean, std)
-  assert out.shape == (2, 4, 5, 3) and out.dtype == np.float32
-  for c in range(3):
-    np.testing.assert_allclose(out[..., c], (x[..., 0] / 255 - mean[c]) / std[c], atol=1e-6)
-  assert images.normalize(x, 7, 3, mean, std).shape == (2, 7, 7, 3)
-  rgb = np.stack([x[..., 0]] * 3, axis=-1)
-  gray = images.normalize(rgb, (4, 5), 1, [0.0], [1.0])
-  np.testing.assert_allclose(gray[..., 0], x[..., 0] / 255, atol=1e-5)  # Luma of gray is gray.
-  with pytest.raises(UserError, match="image_mean has 3 values"):
-    images.normalize(x, 4, 1, mean, [1.0])
-
-
-@pytest.mark.parametrize("size", [(20, 17), (5, 3)])
-def test_resize_matches_pillow_bilinear(size):
-  x = _rng(1).integers(0, 256, (9, 11), dtype=np.uint8)
-  ours = images.resize(x[None, ..., None], size)[0, ..., 0]
-  pil = np.asarray(Image.fromarray(x).resize(size[::-1], Image.Resampling.BILINEAR), np.float32)
-  # Pillow rounds to uint8 between its two passes; we stay in float.
-  assert np.abs(ours - pil).max() <= 1.5
-
-
-def test_processor_stats(tmp_path):
-  assert images.processor_stats(str(tmp_path)) == ([0.5] * 3, [0.5] * 3, None)
-  (tmp_path / "preprocessor_config.json").write_text(json.dumps(
-      {"image_mean": [0.485, 0.456, 0.406], "image_std": [0.229, 0.224, 0.225],
-       "size": {"height": 384, "width": 320}}))
-  assert images.processor_stats(str(tmp_path)) == (
-      [0.485, 0.456, 0.406], [0.229, 0.224, 0.225], (384, 320))
-  (tmp_path / "preprocessor_config.json").write_text(json.dumps({"size": 224}))
-  assert images.processor_stats(str(tmp_path)) == ([0.5] * 3, [0.5] * 3, (224, 224))
-
-
-def _batch(n=16, h=12, w=12, seed=0):
-  return jnp.asarray(_rng(seed).random((n, h, w, 3), dtype=np.float32))
-
-
-def test_augment_flip_only_mirrors_or_keeps_each_image():
-  x = _batch()
-  out = jax.jit(functools.partial(images.augment, random_resized_crop=False, flip=True))(
-      jax.random.key(0), x)
-  assert out.shape == x.shape
-  flipped = np.array([bool(jnp.array_equal(o, i[:, ::-1])) for o, i in zip(out, x)])
-  kept = np.array([bool(jnp.array_equal(o, i)) for o, i in zip(out, x)])
-  assert np.all(flipped ^ kept) and flipped.any() and kept.any()
-
-
-def test_augment_full_scale_crop_is_identity():
-  x = _batch()
-  out = jax.jit(functools.partial(images.augment, random_resized_crop=True, flip=False,
-                                  scale=(1.0, 1.0), ratio=(1.0, 1.0)))(jax.random.key(3), x)
-  np.testing.assert_allclose(out, x, atol=1e-5)
-
-
-def test_augment_crop_with_flip_mirrors_the_identity_crop():
-  x = _batch(n=8)
-  crop = functools.partial(images.augment, random_resized_crop=True, flip=True,
-                           scale=(1.0, 1.0), ratio=(1.0, 1.0))
-  out = jax.jit(crop)(jax.random.key(1), x)
-  for o, i in zip(out, x):
-    assert (np.allclose(o, i, atol=1e-5) or np.allclose(o, i[:, ::-1], atol=1e-5))
-
-
-def test_augment_random_crops_differ_by_key_and_stay_in_range():
-  x = _batch(n=4, h=16, w=10)
-  crop = jax.jit(functools.partial(images.augment, random_resized_crop=True, flip=True))
-  a, b = crop(jax.random.key(0), x), crop(jax.random.key(1), x)
-  assert a.shape == x.shape and a.dtype == x.dtype
-  assert not np.allclose(a, b)
-  np.testing.assert_array_equal(a, crop(jax.random.key(0), x))  # Deterministic per key.
-  # Bilinear samples are convex combinations of the image's own pixels.
-  assert float(a.min()) >= float(x.min()) - 1e-6 and float(a.max()) <= float(x.max()) + 1e-6
-
-
-def test_augment_impossible_ratio_falls_back_to_centre_crop():
-  x = _batch(n=2, h=8, w=16)
-  # No square box of the whole area fits in 8x16: torchvision's fallback is the
-  # centred 8x8 square (columns 4..11), stretched back to 8x16.
-  out = images.augment(jax.random.key(0), x, random_resized_crop=True, flip=False,
-                       scale=(1.0, 1.0), ratio=(1.0, 1.0))
-  np.testing.assert_allclose(out, images.resize(np.asarray(x)[:, :, 4:12], (8, 16)), atol=1e-5)
-
-
-def test_augment_crop_equals_cropping_then_resizing():
-  x = _batch(n=6, h=16, w=12, seed=2)
-  key = jax.random.key(5)
-  out = images.augment(key, x, random_resized_crop=True, flip=False)
-  # The boxes augment drew (it splits the key into crop and flip keys the same way).
-  top, left, h, w = (np.asarray(v, int) for v in
-                     images._crop_boxes(jax.random.split(key)[0], 6, 16, 12, (0.08, 1.0), (3 / 4, 4 / 3)))
-  for i in range(6):
-    assert 0 < h[i] <= 16 and 0 < w[i] <= 12 and top[i] + h[i] <= 16 and left[i] + w[i] <= 12
-    crop = np.asarray(x)[i:i + 1, top[i]:top[i] + h[i], left[i]:left[i] + w[i]]
-    np.testing.assert_allclose(out[i], images.resize(crop, (16, 12))[0], atol=1e-5)
+    image_files.align_labels(data, ["a", "b"], "eval")
 
 
 def test_parquet_table_with_an_image_column_reads_like_a_hub_dataset(tmp_path):
@@ -280,8 +179,8 @@ def test_parquet_table_with_an_image_column_reads_like_a_hub_dataset(tmp_path):
       features=datasets.Features({"img": datasets.Image(), "label": datasets.Value("string")}))
   path = str(tmp_path / "pets.parquet")
   ds.to_parquet(path)
-  data = images.load(path, image_key="img", size=8)
+  data = image_files.load(path, image_key="img", size=8)
   assert data.label_names == ["cat", "dog"] and data.labels.tolist() == [0, 1, 0, 1]
   assert data.images.shape == (4, 8, 8, 1) and data.images.dtype == np.uint8
   with pytest.raises(UserError, match="has no column 'image'"):
-    images.load(path, size=8)
+    image_files.load(path, size=8)

@@ -1,17 +1,10 @@
-"""Image classification data: decode once to uint8, normalise per batch, augment on device.
+"""Image data from files: decoded once, at load, into uint8 [N, H, W, C] with labels.
 
-Readers return an `ImageSet` whose `images` are uint8 [N, H, W, C] (C is 1 or
-3): an image folder (one subfolder per class, like `datasets`' imagefolder),
-IDX files (the MNIST / Fashion-MNIST format, optionally gzipped) or a .npz.
-Decoding happens once, at load; the training loop then only indexes rows of
-that array (jaxft/data/batches.py), `normalize` turns a batch into the float32
-NHWC the ViT takes, and `augment` (jittable) does the random crops and flips
-on the device, so neither decoding nor augmentation sits on the host's
-critical path.
-
-Resizing is bilinear everywhere (a triangle filter with half-pixel centres,
-widened when shrinking so it averages rather than aliases, as Pillow's
-BILINEAR, which is also what transformers' ViTImageProcessor uses).
+Readers for an image folder (one subfolder per class, like `datasets`'
+imagefolder), IDX files (the MNIST / Fashion-MNIST format, optionally
+gzipped), a .npz, and a table with an image column (parquet / json / csv or a
+hub dataset); `load` picks one by the form of its argument. Files decoded at
+another size are resized with Pillow's bilinear filter.
 """
 
 from __future__ import annotations
@@ -20,33 +13,23 @@ import concurrent.futures
 import dataclasses
 import gzip
 import io
-import json
 import math
 import os
 import struct
 from typing import Any, Sequence, Sized
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
 from jaxft.data import sources
 from jaxft.data import text
 from jaxft.errors import UserError
+from jaxft.models import layers
 
 Size = tuple[int, int]  # (height, width)
 
 FASHION_MNIST_LABELS = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal",
                         "Shirt", "Sneaker", "Bag", "Ankle boot"]
-
-# What the checkpoint's processor would use when the folder has no preprocessor_config.json
-# (transformers' ViTImageProcessor defaults).
-DEFAULT_MEAN = [0.5, 0.5, 0.5]
-DEFAULT_STD = [0.5, 0.5, 0.5]
-
-# Pillow's L conversion (ITU-R 601-2 luma), so gray from RGB matches a gray-converted file.
-_LUMA = np.array([0.299, 0.587, 0.114], np.float32)
 
 # Decoding releases the GIL, so threads overlap it; a few suffice to saturate a disk.
 _DECODE_THREADS = min(8, os.cpu_count() or 1)
@@ -70,12 +53,6 @@ class ImageSet:
 
   def __len__(self) -> int:
     return len(self.labels)
-
-
-def _pair(size: int | Sequence[int]) -> Size:
-  if isinstance(size, (list, tuple)):
-    return int(size[0]), int(size[1])
-  return int(size), int(size)
 
 
 def _check_not_empty(images: Sized, spec: str) -> None:
@@ -165,7 +142,7 @@ def load_folder(path: str, *, size: int | Sequence[int] | None = None,
       raise UserError(f"cannot read image {file}: {err} (skip_bad=True leaves such files out)")
     bad.append(file)
 
-  hw = _pair(size) if size is not None else None
+  hw = layers.pair(size) if size is not None else None
   if hw is None:
     # The common size is the first good image's; decode in order until one reads.
     for f in files:
@@ -340,9 +317,6 @@ def load_npz(path: str) -> ImageSet:
   return ImageSet(images, names, labels)
 
 
-# ---------------------------------------------------------------- dispatch and labels
-
-
 # ---------------------------------------------------------------- tables (parquet, hub datasets)
 
 
@@ -376,7 +350,7 @@ def load_table(spec: str, split: str = "train", *, size: int | Sequence[int] | N
   text.check_columns(ds, [image_key, label_key], spec)
   names = text.label_names(ds, label_key)
   ids = text.label_ids(ds, label_key, names, spec)
-  hw = _pair(size) if size is not None else None
+  hw = layers.pair(size) if size is not None else None
   kept, labels, bad = [], [], []
   for row, (value, label) in enumerate(zip(ds[image_key], ids)):
     a = _table_image(value, hw)
@@ -395,6 +369,9 @@ def load_table(spec: str, split: str = "train", *, size: int | Sequence[int] | N
     kept = [np.repeat(a, 3, axis=-1) if a.shape[-1] == 1 else a for a in kept]
   return ImageSet(np.stack(kept), names, np.asarray(labels, np.int32), skipped=len(bad),
                   skipped_files=bad)
+
+
+# ---------------------------------------------------------------- dispatch and labels
 
 
 # File types read as tables by `load` (with `datasets`, like text data).
@@ -450,229 +427,3 @@ def align_labels(data: ImageSet, names: Sequence[str], name: str) -> ImageSet:
                     f"{list(names)}")
   remap = np.asarray([index.get(n, -1) for n in data.label_names], np.int32)
   return dataclasses.replace(data, label_names=list(names), labels=remap[data.labels])
-
-
-# ---------------------------------------------------------------- preprocessing
-
-
-def processor_stats(model_folder: str) -> tuple[list[float], list[float], Size | None]:
-  """(image_mean, image_std, (height, width) or None) from the folder's preprocessor_config.json.
-
-  Missing file or keys give mean = std = [0.5, 0.5, 0.5] (ViTImageProcessor's
-  defaults) and size None; `do_normalize: false` gives mean 0 and std 1.
-  """
-  path = os.path.join(os.path.expanduser(model_folder), "preprocessor_config.json")
-  if not os.path.isfile(path):
-    return list(DEFAULT_MEAN), list(DEFAULT_STD), None
-  try:
-    with open(path) as f:
-      cfg = json.load(f)
-  except (OSError, ValueError) as e:
-    raise UserError(f"cannot read {path}: {e}") from e
-  mean = [float(x) for x in _as_list(cfg.get("image_mean", DEFAULT_MEAN))]
-  std = [float(x) for x in _as_list(cfg.get("image_std", DEFAULT_STD))]
-  if cfg.get("do_normalize", True) is False:
-    mean, std = [0.0] * len(mean), [1.0] * len(std)
-  raw = cfg.get("size")
-  size = None
-  if isinstance(raw, int):
-    size = (raw, raw)
-  elif isinstance(raw, dict) and "height" in raw and "width" in raw:
-    size = (int(raw["height"]), int(raw["width"]))
-  elif isinstance(raw, dict) and "shortest_edge" in raw:
-    # Such processors resize the short side and crop; a square is the nearest fixed shape.
-    size = (int(raw["shortest_edge"]),) * 2
-  return mean, std, size
-
-
-def _as_list(x) -> list:
-  return list(x) if isinstance(x, (list, tuple)) else [x]
-
-
-def _resize_taps(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray]:
-  """Source indices and weights [n_out, K] of a 1-D bilinear (triangle) resize, Pillow-style.
-
-  Half-pixel centres; when shrinking, the filter widens by n_in / n_out so each
-  output averages all the inputs it covers instead of sampling two of them.
-  """
-  scale = n_in / n_out
-  support = max(scale, 1.0)
-  centers = (np.arange(n_out) + 0.5) * scale
-  taps = math.ceil(2 * support) + 1
-  j = np.floor(centers - support).astype(np.int64)[:, None] + np.arange(taps)
-  w = np.maximum(0.0, 1.0 - np.abs((j + 0.5 - centers[:, None]) / support))
-  w[(j < 0) | (j >= n_in)] = 0.0  # Outside the image: drop, and renormalise the rest.
-  w /= w.sum(axis=1, keepdims=True)
-  return np.clip(j, 0, n_in - 1), w.astype(np.float32)
-
-
-def _resize_axis(x: np.ndarray, n_out: int, axis: int) -> np.ndarray:
-  if x.shape[axis] == n_out:
-    return x
-  idx, w = _resize_taps(x.shape[axis], n_out)
-  shape = [1] * x.ndim
-  shape[axis] = n_out
-  out = np.zeros(x.shape[:axis] + (n_out,) + x.shape[axis + 1:], np.float32)
-  # One gather per tap (a few when enlarging) keeps memory at one output's worth.
-  for k in range(idx.shape[1]):
-    out += w[:, k].reshape(shape) * np.take(x, idx[:, k], axis=axis)
-  return out
-
-
-def resize(images: np.ndarray, size: int | Sequence[int]) -> np.ndarray:
-  """Bilinear (Pillow-style, antialiased when shrinking) resize of [N, H, W, C] to float32."""
-  h, w = _pair(size)
-  x = np.asarray(images, np.float32)
-  return _resize_axis(_resize_axis(x, h, 1), w, 2)
-
-
-def _model_layout(images: np.ndarray, image_size: int | Sequence[int],
-                  channels: int) -> np.ndarray:
-  """float32 [N, *image_size, channels] in 0..255: channels converted, resized."""
-  x = np.asarray(images)
-  if x.ndim == 3:
-    x = x[..., None]
-  have = x.shape[-1]
-  # Reduce to gray before resizing (a third of the work), widen to RGB after.
-  if have == 3 and channels == 1:
-    x = np.asarray(x, np.float32) @ _LUMA[:, None]
-  elif have not in (1, 3) or channels not in (1, 3):
-    raise UserError(f"cannot turn {have}-channel images into the model's {channels} channels")
-  x = resize(x, image_size)
-  if x.shape[-1] == 1 and channels == 3:
-    x = np.repeat(x, 3, axis=-1)
-  return x
-
-
-def to_model_pixels(images: np.ndarray, image_size: int | Sequence[int],
-                    channels: int) -> np.ndarray:
-  """uint8 [N, *image_size, channels]: what the train step normalises on the device.
-
-  Stored once at load, so batches are cheap row gathers and a dataset costs
-  a quarter of its float32 size.
-  """
-  x = _model_layout(images, image_size, channels)
-  return np.clip(np.rint(x), 0, 255).astype(np.uint8)
-
-
-def normalize(images: np.ndarray, image_size: int | Sequence[int], channels: int,
-              mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
-  """A uint8 batch [N, H, W(, C)] as the model's float32 input [N, *image_size, channels].
-
-  Converts channels (gray -> RGB repeats, RGB -> gray by luma), resizes
-  bilinearly to `image_size`, scales to [0, 1], then (x - mean) / std per
-  channel. Meant for one batch at a time, so the dataset stays uint8.
-
-  Raises:
-    UserError: channel counts that cannot be converted, or mean/std of the
-      wrong length or with a zero std.
-  """
-  mean_a = channel_stats(mean, "image_mean", channels)
-  std_a = channel_stats(std, "image_std", channels)
-  if not np.all(std_a != 0):
-    raise UserError(f"image_std must be non-zero, got {list(std)}")
-  x = _model_layout(images, image_size, channels)
-  # One fused affine: (x / 255 - mean) / std.
-  return ((x * np.float32(1 / 255) - mean_a) / std_a).astype(np.float32)
-
-
-def channel_stats(values: Sequence[float], name: str, channels: int) -> np.ndarray:
-  """Per-channel mean or std for a `channels`-channel model (one value broadcasts).
-
-  Three equal values (the defaults, and many processors) serve a gray model too.
-  """
-  a = np.asarray(values, np.float32).reshape(-1)
-  if channels == 1 and len(a) == 3 and np.all(a == a[0]):
-    a = a[:1]
-  if len(a) not in (1, channels):
-    raise UserError(f"{name} has {len(a)} values but the model takes {channels} channel(s)")
-  return a
-
-
-# ---------------------------------------------------------------- augmentation (on device)
-
-
-def _crop_boxes(key: jax.Array, n: int, height: int, width: int, scale: Sequence[float],
-                ratio: Sequence[float], attempts: int = 10) -> tuple[jax.Array, ...]:
-  """Per-image (top, left, crop height, crop width) as torchvision's RandomResizedCrop picks them.
-
-  Ten tries of (area fraction ~ U(scale), aspect ~ log-U(ratio)) all drawn at
-  once; each image keeps its first box that fits, else a centre crop at the
-  nearest allowed aspect. Vectorised with no data-dependent Python, so it jits.
-  """
-  k_area, k_ratio, k_top, k_left = jax.random.split(key, 4)
-  area = height * width * jax.random.uniform(k_area, (n, attempts), minval=scale[0],
-                                             maxval=scale[1])
-  aspect = jnp.exp(jax.random.uniform(k_ratio, (n, attempts), minval=math.log(ratio[0]),
-                                      maxval=math.log(ratio[1])))
-  w = jnp.round(jnp.sqrt(area * aspect))
-  h = jnp.round(jnp.sqrt(area / aspect))
-  fits = (w > 0) & (w <= width) & (h > 0) & (h <= height)
-  first = jnp.argmax(fits, axis=1)[:, None]
-  # The fallback depends only on static shapes and ratio, so plain Python computes it.
-  in_ratio = width / height
-  if in_ratio < min(ratio):
-    fw, fh = width, round(width / min(ratio))
-  elif in_ratio > max(ratio):
-    fw, fh = round(height * max(ratio)), height
-  else:
-    fw, fh = width, height
-  ok = fits.any(axis=1)
-  h = jnp.where(ok, jnp.take_along_axis(h, first, axis=1)[:, 0], fh)
-  w = jnp.where(ok, jnp.take_along_axis(w, first, axis=1)[:, 0], fw)
-  # An integer offset, uniform over 0..size-crop (torch.randint(0, size - crop + 1));
-  # the fallback box is centred.
-  top = jnp.minimum(jnp.floor(jax.random.uniform(k_top, (n,)) * (height - h + 1)), height - h)
-  left = jnp.minimum(jnp.floor(jax.random.uniform(k_left, (n,)) * (width - w + 1)), width - w)
-  top = jnp.where(ok, top, (height - fh) // 2)
-  left = jnp.where(ok, left, (width - fw) // 2)
-  return top, left, h, w
-
-
-def _interp_matrix(start: jax.Array, length: jax.Array, n: int, dtype) -> jax.Array:
-  """[n, n] bilinear weights sampling `length` source pixels from `start` onto n outputs.
-
-  Half-pixel centres, clamped to the crop's own edges (as cropping, then
-  resizing would), never reading pixels outside it. A matrix rather than a
-  gather: two small matmuls per image run on the MXU / tensor cores, gathers do not.
-  """
-  src = start + (jnp.arange(n) + 0.5) * (length / n) - 0.5
-  src = jnp.clip(src, start, start + length - 1)
-  lo = jnp.floor(src)
-  frac = (src - lo).astype(dtype)
-  lo = lo.astype(jnp.int32)
-  hi = jnp.minimum(lo + 1, n - 1)
-  return ((1 - frac)[:, None] * jax.nn.one_hot(lo, n, dtype=dtype)
-          + frac[:, None] * jax.nn.one_hot(hi, n, dtype=dtype))
-
-
-def augment(key: jax.Array, images: jax.Array, *, random_resized_crop: bool, flip: bool,
-            scale: Sequence[float] = (0.08, 1.0),
-            ratio: Sequence[float] = (3 / 4, 4 / 3)) -> jax.Array:
-  """Random resized crop and/or horizontal flip of a float NHWC batch; same shape out.
-
-  Each image gets its own crop box (torchvision's RandomResizedCrop sampling:
-  area fraction in `scale`, aspect ratio log-uniform in `ratio`, integer box),
-  resized back to the input size bilinearly, and is mirrored with probability
-  1/2. Pure and jittable: `random_resized_crop`, `flip`, `scale` and `ratio`
-  are static Python values; everything drawn from `key` stays traced.
-  """
-  if not (random_resized_crop or flip):
-    return images
-  n, height, width, _ = images.shape
-  k_crop, k_flip = jax.random.split(key)
-  mirror = jax.random.bernoulli(k_flip, 0.5, (n,)) if flip else jnp.zeros((n,), bool)
-  if not random_resized_crop:
-    return jnp.where(mirror[:, None, None, None], images[:, :, ::-1], images)
-  top, left, h, w = _crop_boxes(k_crop, n, height, width, scale, ratio)
-
-  def one(image, top, left, h, w, mirror):
-    rows = _interp_matrix(top, h, height, images.dtype)
-    cols = _interp_matrix(left, w, width, images.dtype)
-    # Flipping reverses which source column each output column reads: free here.
-    cols = jnp.where(mirror, cols[::-1], cols)
-    # HIGHEST: TPUs would otherwise multiply float32 in bfloat16 and blur the pixels.
-    return jnp.einsum("ih,hwc,jw->ijc", rows, image, cols,
-                      precision=jax.lax.Precision.HIGHEST)
-
-  return jax.vmap(one)(images, top, left, h, w, mirror)
