@@ -8,7 +8,7 @@ eval included):
 
   jaxft train --config=configs/classify.py --workdir=runs/demo
 
-Train only the top of the model, or adapters (see jaxft/rules.py; `jaxft
+Train only the top of the model, or adapters (see jaxft/tuning/rules.py; `jaxft
 inspect` with the same flags prints what trains and what a step costs):
 
   jaxft train --config=configs/classify.py --workdir=runs/top2 \
