@@ -3,8 +3,19 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import pathlib
 from typing import Any, Callable
+
+# One persistent XLA compilation cache for the whole session, every xdist
+# worker and every `jaxft` subprocess (they inherit the environment): most
+# tests compile the same tiny train and eval steps, and a program compiled
+# once is then loaded, not compiled again. Inside the checkout, so a clean
+# clone starts cold. Set before anything imports JAX.
+_XLA_CACHE = pathlib.Path(__file__).resolve().parents[1] / ".cache" / "test-xla-cache"
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(_XLA_CACHE))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 import numpy as np
 import pytest

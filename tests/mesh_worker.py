@@ -27,7 +27,7 @@ def main(argv):
   from jaxft import inspect
   from jaxft import sharding
   from jaxft import train
-  from tests.test_train import tiny_config
+  from tests.helpers import tiny_config
   config = tiny_config(root, num_steps=max(steps, 1), log_every=1)
   config.train.eval_batch_size = 16
   config.mesh.update(data=data, fsdp=fsdp, tensor=tensor)

@@ -5,15 +5,17 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
+import transformers
 from safetensors.numpy import load_file
 
 from jaxft import inspect
 from jaxft import tasks
 from jaxft import train
-from tests.test_train import tiny_config
 from jaxft import run as run_lib
 from jaxft import commands
+from jaxft import defaults
 from jaxft.tasks import classify
+from tests.helpers import tiny_config
 
 FREEZE_BOTTOM = (("embeddings/.*", None), ("encoder/layer/[0-3]/.*", None), (".*", 1.0))
 
@@ -79,9 +81,8 @@ def test_frozen_params_can_be_stored_in_bfloat16(tiny_setup, tmp_path):
 
 def test_inspect_shows_freezing_and_lora_shrink_flops_and_optimizer_state(minilm_path):
   # The issue's recipe: MiniLM, batch 32, length 128; compiled, never run.
-  from tests.test_train import _recipe
   def figures(**overrides):
-    c = _recipe()
+    c = defaults.recipe("classify")
     c.model.path = minilm_path
     c.data.max_length = 128
     c.update_from_flattened_dict(overrides)
@@ -89,7 +90,11 @@ def test_inspect_shows_freezing_and_lora_shrink_flops_and_optimizer_state(minilm
   full = figures()
   frozen = figures(**{"optim.rules": FREEZE_BOTTOM})
   lora = figures(**{"lora.rank": 8, "lora.targets": r".*/attention/self/(query|value)"})
-  assert full["params_trainable"] == full["params_total"] == 22_713_986
+  # Every parameter of transformers' own model of the checkpoint with a 2-class head.
+  torch_model = transformers.AutoModelForSequenceClassification.from_pretrained(
+      minilm_path, num_labels=2)
+  assert full["params_trainable"] == full["params_total"] == sum(
+      p.numel() for p in torch_model.parameters())
   assert full["optimizer_state_bytes"] >= 2 * 4 * full["params_total"]
   assert frozen["step_flops"] <= 0.6 * full["step_flops"]
   assert frozen["optimizer_state_bytes"] <= 0.2 * full["optimizer_state_bytes"]
@@ -104,8 +109,7 @@ def test_training_only_the_head_costs_one_forward_pass_and_no_backward(minilm_pa
   # backward pass through the encoder would add about twice the forward.
   import functools
   from jaxft.tuning import trainable
-  from tests.test_train import _recipe
-  c = _recipe()
+  c = defaults.recipe("classify")
   c.model.path = minilm_path
   c.optim.rules = (("classifier/.*", 1.0), (".*", None))
   task = tasks.of(c)

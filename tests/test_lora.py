@@ -20,7 +20,7 @@ from jaxft import train
 from jaxft.tuning import trainable
 from jaxft.errors import UserError
 from jaxft.models import layers
-from tests.test_train import tiny_config
+from tests.helpers import tiny_config
 from jaxft.formats import weights
 from jaxft import run as run_lib
 from jaxft.formats import hub
@@ -29,6 +29,10 @@ from jaxft import commands
 TOL = 1e-4
 TARGETS = r".*/(query|value|q_lin|v_lin)"
 FAMILIES = ["tiny_bert", "tiny_roberta", "tiny_distilbert"]
+
+
+# lora.attach's settings as _lora_config() gives them.
+_ATTACH = dict(targets_regex=TARGETS, rank=4, alpha=8.0, dropout_rate=0.0, seed=0)
 
 
 def _lora_config(rank=4, targets=TARGETS, rules=()):
@@ -74,7 +78,7 @@ def test_attach_adds_zero_effect_adapters_only_to_the_targets(tiny_bert):
   model = hf.load(tiny_bert.path, "classify", num_labels=2).model
   batch = tiny_bert.batch()
   before = _logits(model, batch)
-  chosen = lora.attach(model, _lora_config(), seed=0)
+  chosen = lora.attach(model, **_ATTACH)
   assert chosen == [f"encoder/layer/{i}/attention/self/{n}" for i in range(2)
                     for n in ("query", "value")]
   assert _adapted(model) == chosen
@@ -98,7 +102,7 @@ def test_attach_adds_zero_effect_adapters_only_to_the_targets(tiny_bert):
 ])
 def test_attach_targets_fullmatch_module_paths(targets, expected, tiny_bert):
   model = hf.load(tiny_bert.path, "classify", num_labels=2).model
-  assert lora.attach(model, _lora_config(targets=targets), seed=0) == expected
+  assert lora.attach(model, **{**_ATTACH, "targets_regex": targets}) == expected
   assert _adapted(model) == expected
 
 
@@ -110,15 +114,13 @@ def test_attach_targets_fullmatch_module_paths(targets, expected, tiny_bert):
 def test_targets_that_match_no_linear_are_an_error(targets, tiny_bert):
   model = hf.load(tiny_bert.path, "classify", num_labels=2).model
   with pytest.raises(UserError, match="matches no Linear layer"):
-    lora.attach(model, _lora_config(targets=targets), seed=0)
+    lora.attach(model, **{**_ATTACH, "targets_regex": targets})
   assert _adapted(model) == []
 
 
 def test_lora_dropout_acts_only_in_training(tiny_bert):
-  c = _lora_config()
-  c.lora.dropout = 0.5
   model = hf.load(tiny_bert.path, "classify", num_labels=2).model
-  lora.attach(model, c, seed=0)
+  lora.attach(model, **{**_ATTACH, "dropout_rate": 0.5})
   _perturb(model, lambda p: p.endswith("lora_b"))
   batch = tiny_bert.batch()
   eval1, eval2 = _logits(model, batch), _logits(model, batch)

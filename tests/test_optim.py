@@ -22,7 +22,7 @@ def _config(**optim_overrides):
 
 @pytest.mark.parametrize("kind", ["linear", "cosine"])
 def test_schedule_warms_up_then_decays_to_zero(kind):
-  s = optimizer.schedule(_config(schedule=kind, warmup_frac=0.1))
+  s = optimizer.schedule(optimizer.Schedule.of(_config(schedule=kind, warmup_frac=0.1)))
   assert float(s(0)) == 0.0
   assert float(s(5)) == pytest.approx(0.5)
   assert float(s(10)) == pytest.approx(1.0)
@@ -63,17 +63,35 @@ def test_clipping_bounds_the_global_norm():
   np.testing.assert_allclose(updates["w"], -np.ones(4), rtol=1e-5)
 
 
-def test_optimizer_paths_equal_checkpoint_paths(tiny_bert):
-  # The optimizer rules must name parameters exactly as
-  # the checkpoint tables do.
-  from flax import nnx
-  from jaxft.formats import hf
-  from jaxft.tuning import param_paths
-  model = hf.load(tiny_bert.path, "classify", num_labels=2).model
-  state = nnx.state(model, nnx.Param)
-  names = [p for p, _ in param_paths.named_variables(state)]
-  assert sorted(jax.tree.leaves(param_paths.tree_paths(state))) == sorted(names)
-  assert "encoder/layer/1/attention/self/query/kernel" in names
+def test_optimizer_labels_name_each_checkpoint_tensor_exactly_once(tiny_bert):
+  # The optimizer groups params by path (rules, weight decay); loading and
+  # export name them through the family's checkpoint layout. Both must mean
+  # the same tensors: every labelled param is, under its export name, the
+  # tensor of the checkpoint it was loaded from, and every tensor of that
+  # checkpoint is one labelled param.
+  import collections
+  import os
+  from safetensors.numpy import load_file
+  from jaxft.models import registry
+  _, split = _tiny_split(tiny_bert, [])
+  layout = registry.lookup(tiny_bert.config.model_type, "classify").layout
+  checkpoint = load_file(os.path.join(tiny_bert.path, "model.safetensors"))
+  labels = dict(param_paths.named_variables(optimizer.labels(split.params, split.assignment)))
+  params = dict(param_paths.named_variables(split.params))
+  assert labels.keys() == params.keys()
+  assert "encoder/layer/1/attention/self/query/kernel" in labels
+  names = {}
+  for path, label in labels.items():
+    key, transform = layout.export_name(path)
+    assert key in checkpoint, (path, key)
+    np.testing.assert_array_equal(transform.to_theirs(np.asarray(params[path].get_value())),
+                                  checkpoint[key], err_msg=path)
+    # Biases and LayerNorm scales (the 1-D tensors) are the groups without decay.
+    assert label.get_value().endswith("/nodecay") == (checkpoint[key].ndim == 1), path
+    names[path] = key
+  counts = collections.Counter(names.values())
+  assert counts.keys() == checkpoint.keys()
+  assert set(counts.values()) == {1}
 
 
 def _tiny_split(tiny, rule_list, **optim_overrides):
@@ -108,8 +126,8 @@ def test_lr_multiplier_half_gives_exactly_half_the_sgd_update(tiny_bert):
 
 
 def test_start_step_holds_the_rate_at_zero_then_warms_up():
-  c = _config(schedule="linear", warmup_steps=10)
-  s = optimizer.schedule(c, rules.Rule(".*", True, lr_mult=2.0, start_step=20))
+  spec = optimizer.Schedule(lr=1.0, kind="linear", warmup=10, total=100)
+  s = optimizer.schedule(spec, rules.Rule(".*", True, lr_mult=2.0, start_step=20))
   assert [float(s(i)) for i in (0, 19, 20, 25, 30)] == pytest.approx([0, 0, 0, 1.0, 2.0])
   assert float(s(100)) == pytest.approx(0.0, abs=1e-6)
 

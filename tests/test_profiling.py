@@ -1,6 +1,6 @@
 """--profile writes a trace of the asked steps; the compilation cache fills and is reused."""
 
-from tests.test_cli import jaxft, tiny_flags
+from tests.helpers import jaxft, tiny_flags
 
 
 def test_profile_writes_a_trace_into_the_workdir(tiny_setup, tmp_path):

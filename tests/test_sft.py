@@ -1,9 +1,7 @@
 """Causal-LM SFT end to end: train, eval (loss, perplexity), samples, export, generate."""
 
-import importlib.util
 import json
 import math
-import pathlib
 
 import jax
 import numpy as np
@@ -20,19 +18,11 @@ from jaxft.errors import UserError
 from jaxft import run as run_lib
 from jaxft.formats import hub
 from jaxft import commands
-
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-
-
-def _recipe(name="sft"):
-  spec = importlib.util.spec_from_file_location(name, ROOT / "configs" / f"{name}.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
+from jaxft import defaults
 
 
 def tiny_sft_config(root, **train_overrides):
-  c = _recipe()
+  c = defaults.recipe("sft")
   c.model.path = str(root / "model")
   c.data.train = str(root / "train.jsonl")
   c.data.eval = str(root / "test.jsonl")

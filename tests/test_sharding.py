@@ -20,8 +20,8 @@ from jaxft import config as config_lib
 from jaxft import sharding
 from jaxft import train
 from jaxft.errors import UserError
-from tests.test_train import ROOT
-from tests.test_train import tiny_config
+from tests.helpers import ROOT
+from tests.helpers import tiny_config
 from jaxft import run as run_lib
 
 MESHES = [(8, 1, 1), (1, 8, 1), (2, 2, 2)]
@@ -152,16 +152,16 @@ def test_impossible_meshes_are_clear_errors(mesh, message):
 
 def test_batches_and_heads_must_split_over_the_mesh():
   mesh = jax.make_mesh((1, 1, 1), sharding.AXES)
-  c = config_lib.base()
-  sharding.check_fits(c, mesh, num_heads=4)
+  sizes = dict(batch_size=32, grad_accum=1, eval_batch_size=64)
+  sharding.check_fits(mesh, num_heads=4, **sizes)
 
   class FakeMesh:
     shape = {"data": 2, "fsdp": 3, "tensor": 8}
   with pytest.raises(UserError, match="do not split over data x fsdp = 6"):
-    sharding.check_fits(c, FakeMesh, num_heads=12)
-  c.train.update(batch_size=36, eval_batch_size=66)
+    sharding.check_fits(FakeMesh, num_heads=12, **sizes)
+  sizes.update(batch_size=36, eval_batch_size=66)
   with pytest.raises(UserError, match="12 attention heads do not split over config.mesh.tensor=8"):
-    sharding.check_fits(c, FakeMesh, num_heads=12)
+    sharding.check_fits(FakeMesh, num_heads=12, **sizes)
 
 
 def test_logical_rules_map_names_and_fall_back_to_replication():

@@ -1,9 +1,7 @@
 """End to end: train, resume exactly, evaluate and export a tiny BERT on real text."""
 
-import importlib.util
 import json
 import os
-import pathlib
 import shutil
 
 import jax
@@ -16,28 +14,7 @@ from jaxft.errors import UserError
 from jaxft.models import stack
 from jaxft import run as run_lib
 from jaxft import commands
-
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-
-
-def _recipe():
-  spec = importlib.util.spec_from_file_location("classify", ROOT / "configs" / "classify.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
-
-
-def tiny_config(root, **train_overrides):
-  c = _recipe()
-  c.model.path = str(root / "model")
-  c.data.train = str(root / "train.jsonl")
-  c.data.eval = str(root / "test.jsonl")
-  c.data.max_length = 16
-  c.train.update(batch_size=8, num_steps=6, log_every=2, eval_batch_size=16)
-  c.train.update(train_overrides)
-  c.optim.lr = 1e-3
-  c.checkpoint.update(every=3, keep=5)
-  return c
+from tests.helpers import tiny_config
 
 
 def _params(workdir, config):

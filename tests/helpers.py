@@ -1,0 +1,44 @@
+"""What several test modules share: the classify recipe at tiny sizes, and the `jaxft` command.
+
+Test modules import these from here, never from one another: a test module is
+free to change its private helpers without breaking another module.
+Fixtures live in conftest.py; tests/mesh_worker.py (a subprocess) imports from
+here too.
+"""
+
+import pathlib
+import subprocess
+import sys
+
+from jaxft import defaults
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+RECIPE = str(ROOT / "configs" / "classify.py")
+
+
+def tiny_config(root, **train_overrides):
+  """configs/classify.py on the `tiny_setup` folder: tiny BERT, 64 train / 32 eval reviews."""
+  c = defaults.recipe("classify")
+  c.model.path = str(root / "model")
+  c.data.train = str(root / "train.jsonl")
+  c.data.eval = str(root / "test.jsonl")
+  c.data.max_length = 16
+  c.train.update(batch_size=8, num_steps=6, log_every=2, eval_batch_size=16)
+  c.train.update(train_overrides)
+  c.optim.lr = 1e-3
+  c.checkpoint.update(every=3, keep=5)
+  return c
+
+
+def jaxft(*args, **kwargs) -> subprocess.CompletedProcess:
+  """`jaxft ARGS` in a subprocess from the repo root (output captured as text)."""
+  return subprocess.run([sys.executable, "-m", "jaxft.cli", *args], capture_output=True,
+                        text=True, cwd=ROOT, timeout=600, **kwargs)
+
+
+def tiny_flags(root, workdir, *extra):
+  """`jaxft` flags for tiny_config's setup; workdir None leaves --workdir out (inspect)."""
+  return ["--config=" + RECIPE, *([f"--workdir={workdir}"] if workdir else []),
+          f"--config.model.path={root / 'model'}", f"--config.data.train={root / 'train.jsonl'}",
+          f"--config.data.eval={root / 'test.jsonl'}", "--config.data.max_length=16",
+          "--config.train.batch_size=8", "--config.optim.lr=1e-3", *extra]
