@@ -77,7 +77,11 @@ def _flag_error(e: Exception, argv: Sequence[str]) -> str:
 def _parse(command: str, argv: Sequence[str]) -> None:
   """Parses flags (argv without the command); every failure becomes a UserError."""
   try:
-    FLAGS.unparse_flags()  # A second run in one process must not inherit the first's flags.
+    # A second run in one process must not inherit the first's flags, nor meet
+    # the --config.KEY override flags that parsing the first recipe defined.
+    FLAGS.unparse_flags()
+    for name in [n for n in FLAGS if n.startswith("config.")]:
+      delattr(FLAGS, name)
     FLAGS(list(argv))
     config = _CONFIG.value
     if config is not None:

@@ -7,8 +7,11 @@ here too.
 """
 
 import pathlib
+import contextlib
+import io
 import subprocess
 import sys
+from unittest import mock
 
 from jaxft import defaults
 
@@ -34,6 +37,25 @@ def jaxft(*args, **kwargs) -> subprocess.CompletedProcess:
   """`jaxft ARGS` in a subprocess from the repo root (output captured as text)."""
   return subprocess.run([sys.executable, "-m", "jaxft.cli", *args], capture_output=True,
                         text=True, cwd=ROOT, timeout=600, **kwargs)
+
+
+def jaxft_in_process(*args) -> subprocess.CompletedProcess:
+  """`jaxft ARGS` run by `cli.main` in this process: exit code, stdout and stderr as text.
+
+  For commands that end early (user mistakes): no interpreter, JAX or
+  transformers start-up to pay (about 4 s a run); an exception other than
+  the CLI's own exits propagates, as a traceback would in a subprocess.
+  """
+  from jaxft import cli  # pylint: disable=g-import-not-at-top
+  out, err = io.StringIO(), io.StringIO()
+  code = 0
+  with mock.patch.object(sys, "argv", ["jaxft", *args]), \
+      contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+    try:
+      cli.main()
+    except SystemExit as e:
+      code = e.code
+  return subprocess.CompletedProcess(["jaxft", *args], code, out.getvalue(), err.getvalue())
 
 
 def tiny_flags(root, workdir, *extra):

@@ -1,17 +1,24 @@
-"""The `jaxft` command: exit code 2 for user mistakes, kill-and-resume, eval, export."""
+"""The `jaxft` command: exit code 2 for user mistakes, kill-and-resume, eval, export.
 
+Commands that must be processes (signals, a forced device count, exit codes
+as the shell sees them) run as subprocesses; the rest run `cli.main` in this
+process, which spares each the interpreter and JAX start-up.
+"""
+
+import io
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
+from unittest import mock
 
 import pytest
 import torch
 import transformers
 
-from tests.helpers import ROOT, jaxft, tiny_flags
+from tests.helpers import ROOT, jaxft, jaxft_in_process, tiny_flags
 
 
 @pytest.mark.parametrize("extra, message", [
@@ -29,7 +36,9 @@ from tests.helpers import ROOT, jaxft, tiny_flags
     (["--num_processes=2", "--process_id=0"], "need all of --coordinator_address"),
 ])
 def test_user_mistakes_exit_2_with_a_message_and_no_traceback(tiny_setup, tmp_path, extra, message):
-  proc = jaxft("train", *tiny_flags(tiny_setup, tmp_path / "w", *extra))
+  # In this process (cli.main, as the console script runs it); the empty-dataset
+  # and generate tests below check the same exit in a real process.
+  proc = jaxft_in_process("train", *tiny_flags(tiny_setup, tmp_path / "w", *extra))
   assert proc.returncode == 2, proc.stderr
   assert message in proc.stderr
   assert "Traceback" not in proc.stderr
@@ -73,12 +82,13 @@ def test_sigkill_mid_run_then_rerun_finishes_as_the_uninterrupted_run(tiny_setup
 
 def test_eval_and_export_agree_with_transformers(tiny_setup, tmp_path):
   workdir, out = tmp_path / "w", tmp_path / "hf"
-  assert jaxft("train", *tiny_flags(tiny_setup, workdir, "--config.train.num_steps=4")).returncode == 0
-  ev = jaxft("eval", *tiny_flags(tiny_setup, workdir))
+  train = jaxft_in_process("train", *tiny_flags(tiny_setup, workdir, "--config.train.num_steps=4"))
+  assert train.returncode == 0, train.stderr
+  ev = jaxft_in_process("eval", *tiny_flags(tiny_setup, workdir))
   assert ev.returncode == 0, ev.stderr
   metrics = json.loads(ev.stdout.strip().splitlines()[-1])
   assert metrics["step"] == 4 and {"loss", "accuracy", "f1"} <= set(metrics)
-  ex = jaxft("export", f"--workdir={workdir}", f"--out={out}")
+  ex = jaxft_in_process("export", f"--workdir={workdir}", f"--out={out}")
   assert ex.returncode == 0, ex.stderr
   model, info = transformers.AutoModelForSequenceClassification.from_pretrained(
       out, output_loading_info=True)
@@ -97,7 +107,7 @@ def test_eval_and_export_agree_with_transformers(tiny_setup, tmp_path):
 
 
 def test_eval_without_checkpoint_uses_the_pretrained_model(tiny_setup, tmp_path):
-  ev = jaxft("eval", *tiny_flags(tiny_setup, tmp_path / "fresh"))
+  ev = jaxft_in_process("eval", *tiny_flags(tiny_setup, tmp_path / "fresh"))
   assert ev.returncode == 0, ev.stderr
   assert json.loads(ev.stdout.strip().splitlines()[-1])["step"] == 0
 
@@ -122,7 +132,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_143(tiny_setup, tmp_path):
 
 
 def test_inspect_prints_the_rules_and_params_then_a_json_line(tiny_setup):
-  proc = jaxft("inspect", "--params", *tiny_flags(
+  proc = jaxft_in_process("inspect", "--params", *tiny_flags(
       tiny_setup, None, "--config.optim.rules=(('embeddings/.*', None), ('.*', 1.0))"))
   assert proc.returncode == 0, proc.stderr
   lines = proc.stdout.strip().splitlines()
@@ -151,13 +161,13 @@ def test_inspect_reports_per_device_bytes_under_the_mesh(tiny_setup):
 
 
 def test_generate_and_chat_answer_with_smollm2(smollm2_path):
-  proc = jaxft("generate", f"--model={smollm2_path}", "--chat", "--max_new_tokens=16",
+  proc = jaxft_in_process("generate", f"--model={smollm2_path}", "--chat", "--max_new_tokens=16",
                "--prompt=What is the capital of France?", "--prompt=What is 2 + 2?")
   assert proc.returncode == 0, proc.stderr
   first, second = proc.stdout.strip().splitlines()
   assert "Paris" in first and "4" in second
-  proc = jaxft("chat", f"--model={smollm2_path}", "--max_new_tokens=12",
-               input="What is the capital of France?\nAnd of Italy?\n")
+  with mock.patch.object(sys, "stdin", io.StringIO("What is the capital of France?\nAnd of Italy?\n")):
+    proc = jaxft_in_process("chat", f"--model={smollm2_path}", "--max_new_tokens=12")
   assert proc.returncode == 0, proc.stderr
   replies = proc.stdout.strip().splitlines()
   assert len(replies) == 2 and "Paris" in replies[0] and "Rome" in replies[1]

@@ -89,7 +89,7 @@ def test_grad_accumulation_gives_the_per_token_mean_of_the_whole_batch(tiny_chat
 
 
 def test_train_loss_and_gradient_equal_transformers_on_the_same_rows(tiny_chat_lm):
-  # The loss comes from hidden states chunk by chunk (jaxft.lm_loss), never
+  # The loss comes from hidden states chunk by chunk (jaxft.tasks.lm_loss), never
   # from full logits: pin it, and the gradient of the tied embedding (input
   # and output layer), to transformers' loss on logits with -100 labels.
   from jaxft.tuning import trainable

@@ -27,16 +27,23 @@ from jaxft import run as run_lib
 MESHES = [(8, 1, 1), (1, 8, 1), (2, 2, 2)]
 
 
-def _worker(root, workdir, mesh, steps, devices=8, dist=None, background=False):
+def _workers(root, jobs, steps, devices=8, dist=None, background=False):
+  """tests/mesh_worker.py on `jobs` ((workdir, mesh) pairs, in turn, one process)."""
   env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
-  args = [sys.executable, "-m", "tests.mesh_worker", str(root), str(workdir),
-          *map(str, mesh), str(steps), *map(str, dist or ())]
+  args = [sys.executable, "-m", "tests.mesh_worker", str(root), str(steps),
+          *(f"{w}:{'x'.join(map(str, m))}" for w, m in jobs), *map(str, dist or ())]
   if background:
     return subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
   proc = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
-  return json.loads(proc.stdout.strip().splitlines()[-1])
+  return [json.loads(l) for l in proc.stdout.strip().splitlines()[-len(jobs):]]
+
+
+def _worker(root, workdir, mesh, steps, devices=8, dist=None, background=False):
+  """One job of `_workers`: its JSON line (or, in the background, the process)."""
+  out = _workers(root, [(workdir, mesh)], steps, devices, dist, background)
+  return out if background else out[0]
 
 
 def _dump(workdir, result):
@@ -64,7 +71,8 @@ def mesh_runs(tiny_setup, tmp_path_factory):
   """10 steps on one device and on each mesh of MESHES (8 devices)."""
   root = tmp_path_factory.mktemp("meshes")
   one, _ = _one_device(tiny_setup, root / "one", 10)
-  runs = {m: _worker(tiny_setup, root / "x".join(map(str, m)), m, 10) for m in MESHES}
+  results = _workers(tiny_setup, [(root / "x".join(map(str, m)), m) for m in MESHES], 10)
+  runs = dict(zip(MESHES, results))
   return root, one, runs
 
 

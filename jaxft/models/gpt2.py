@@ -140,7 +140,7 @@ class GPT2LMHeadModel(nnx.Module):
     return logits if cache is None else (logits, cache)
 
   def output_layer(self) -> layers.OutputLayer:
-    """The tied output weight for jaxft.lm_loss."""
+    """The tied output weight for jaxft.tasks.lm_loss."""
     return layers.output_layer(None, self.transformer.wte)
 
   def init_cache(self, batch: int, max_length: int,

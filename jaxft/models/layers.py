@@ -91,13 +91,13 @@ def activation(name: str) -> Callable[[Array], Array]:
 # --- parameterised layers ----------------------------------------------------
 
 class LoRAParam(nnx.Param):
-  """A LoRA adapter matrix: a Param that `jaxft.lora` adds and export folds in."""
+  """A LoRA adapter matrix: a Param that `jaxft.tuning.lora` adds and export folds in."""
 
 
 class Linear(nnx.Module):
   """y = x @ kernel + bias, `kernel` stored as (in_features, out_features).
 
-  With a LoRA adapter attached (`jaxft.lora.attach`), also adds
+  With a LoRA adapter attached (`jaxft.tuning.lora.attach`), also adds
   `lora_scale * dropout(x) @ lora_a @ lora_b`; `lora_a` is (in, rank) and
   `lora_b` (rank, out), so the base kernel keeps its path and layout.
   """
@@ -115,7 +115,7 @@ class Linear(nnx.Module):
                          param_dtype, axes)
     self.bias = (param(nnx.initializers.zeros, None, (out_features,),
                         param_dtype, axes[-1:]) if use_bias else None)
-    # Data attributes (not static), so `jaxft.lora.attach` may set them later.
+    # Data attributes (not static), so `jaxft.tuning.lora.attach` may set them later.
     self.lora_a: LoRAParam | None = nnx.data(None)
     self.lora_b: LoRAParam | None = nnx.data(None)
     self.lora_scale = 0.0

@@ -229,7 +229,7 @@ class CausalLM(nnx.Module):
     return logits if cache is None else (logits, cache)
 
   def output_layer(self) -> layers.OutputLayer | None:
-    """The output weight for jaxft.lm_loss (None with a LoRA adapter on lm_head)."""
+    """The output weight for jaxft.tasks.lm_loss (None with a LoRA adapter on lm_head)."""
     return layers.output_layer(self.lm_head, self.model.embed_tokens)
 
   def init_cache(self, batch: int, max_length: int,

@@ -111,15 +111,13 @@ class Task:
 
   # --- objective and evaluation ----------------------------------------------
 
-  @property
-  def objective(self) -> steps.Objective:
-    """What the train step minimises (see steps.Objective)."""
-    raise NotImplementedError
+  # What the train step minimises (see steps.Objective); a class attribute, or
+  # a property where it depends on the config (image input sizes).
+  objective: steps.Objective
 
-  @property
-  def eval_step(self) -> Callable[..., Any]:
-    """(params, frozen, batch, *, graphdef, rest) -> per-example outputs or sums."""
-    raise NotImplementedError
+  # (params, frozen, batch, *, graphdef, rest) -> per-example outputs or sums;
+  # a staticmethod, or a property as `objective`.
+  eval_step: Callable[..., Any]
 
   def evaluate(self, run: Any, data: Data, workdir: str | None = None) -> dict[str, Any]:
     """Metrics of the run's current model on `data.eval`; with a workdir, also its files."""

@@ -101,13 +101,8 @@ class CausalLM(base.Task):
   per_example_eval = False
   peft_task_type = "CAUSAL_LM"
 
-  @property
-  def objective(self) -> steps.Objective:
-    return OBJECTIVE
-
-  @property
-  def eval_step(self):
-    return eval_step
+  objective = OBJECTIVE
+  eval_step = staticmethod(eval_step)
 
   def prepare(self, model_path: str, labels: list[str] | None, *, need_train: bool) -> base.Data:
     del labels

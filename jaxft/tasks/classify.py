@@ -93,13 +93,8 @@ class Classify(Classifier):
   """Sequence classification (BERT, RoBERTa, DistilBERT encoders with a fresh head)."""
   name = "classify"
 
-  @property
-  def objective(self) -> steps.Objective:
-    return OBJECTIVE
-
-  @property
-  def eval_step(self):
-    return eval_step
+  objective = OBJECTIVE
+  eval_step = staticmethod(eval_step)
 
   def prepare(self, model_path: str, labels: list[str] | None, *, need_train: bool) -> base.Data:
     train, evaluation, names = text.prepare(self.config, hub.load_tokenizer(model_path), labels,
