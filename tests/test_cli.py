@@ -67,14 +67,14 @@ def test_sigkill_mid_run_then_rerun_finishes_as_the_uninterrupted_run(tiny_setup
   assert proc.returncode == -signal.SIGKILL
   saved = max(int(p) for p in os.listdir(ckpts) if p.isdigit())
   assert saved < 400
-  rerun = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=600)
+  rerun = jaxft_in_process(*args[3:])  # What was killed was a process; the rerun need not be.
   assert rerun.returncode == 0, rerun.stderr
   assert f"restored checkpoint at step {saved}" in rerun.stderr
   events = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()]
   assert events[-1]["split"] == "eval" and events[-1]["step"] == 400
   # Resuming restores params, optimizer state, data order and dropout draws:
   # the final eval is that of the same command never interrupted (~20 s more).
-  whole = jaxft("train", *tiny_flags(tiny_setup, tmp_path / "whole", *flags))
+  whole = jaxft_in_process("train", *tiny_flags(tiny_setup, tmp_path / "whole", *flags))
   assert whole.returncode == 0, whole.stderr
   resumed = json.loads(rerun.stdout.strip().splitlines()[-1])
   assert resumed == pytest.approx(json.loads(whole.stdout.strip().splitlines()[-1]), abs=1e-6)

@@ -1,11 +1,11 @@
 """--profile writes a trace of the asked steps; the compilation cache fills and is reused."""
 
-from tests.helpers import jaxft, tiny_flags
+from tests.helpers import jaxft, jaxft_in_process, tiny_flags
 
 
 def test_profile_writes_a_trace_into_the_workdir(tiny_setup, tmp_path):
-  run = jaxft("train", "--profile=2", *tiny_flags(tiny_setup, tmp_path / "w",
-                                                 "--config.train.num_steps=6"))
+  run = jaxft_in_process("train", "--profile=2", *tiny_flags(tiny_setup, tmp_path / "w",
+                                                            "--config.train.num_steps=6"))
   assert run.returncode == 0, run.stderr
   traces = list((tmp_path / "w" / "profile").rglob("*.xplane.pb"))
   assert len(traces) == 1 and traces[0].stat().st_size > 0
