@@ -53,7 +53,10 @@ vit: install $(FMNIST)/train-images-idx3-ubyte.gz
 bench: install $(SMOLLM2)
 	JAXFT_SMOLLM2=$(SMOLLM2) $(BIN)/python -m bench.run --suite cpu
 
+# The tests share one XLA compilation cache (tests/conftest.py), started empty
+# each run so that the time of a run does not depend on the last one.
 test: install $(SMOLLM2)
+	rm -rf .cache/test-xla-cache
 	JAXFT_SMOLLM2=$(SMOLLM2) $(BIN)/python -m pytest -q -n 2 --dist loadfile tests
 
 clean:
