@@ -116,7 +116,7 @@ def _batch(config: ml_collections.ConfigDict, model_config: Any, row: rows_lib.R
     keys = ("input_ids", "positions", "segment_ids", "loss_mask")
   else:
     token_types = getattr(model_config, "type_vocab_size", 1) > 1
-    keys = ("input_ids", "attention_mask") + (("token_type_ids",) if token_types else ()) + ("label",)
+    keys = ("input_ids", "attention_mask", *(("token_type_ids",) if token_types else ()), "label")
   arrays = rows_lib.synthetic_batch(keys, shape, model_config.vocab_size, row.num_labels)
   tensor = lambda x: torch.from_numpy(x.astype("int64")).to(device)
   if row.causal_lm:

@@ -110,7 +110,8 @@ def run(argv: Sequence[str]) -> int:
     return 0 if help_asked else 2
   command = argv[1]
   _parse(command, [argv[0], *argv[2:]])
-  from jaxft.runtime import distributed  # Deferred: JAX start-up is slow and --help should not pay it.
+  # Deferred: JAX start-up is slow and --help should not pay it.
+  from jaxft.runtime import distributed  # pylint: disable=g-import-not-at-top
   distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   from jaxft import commands, train  # pylint: disable=g-import-not-at-top
   if command == "train":

@@ -1,1 +1,2 @@
-"""Checkpoint formats: locating a checkpoint, reading its weights (safetensors, msgpack, pickles, GGUF), building and exporting models, PEFT adapters."""
+"""Checkpoint formats: locating a checkpoint, reading its weights (safetensors, msgpack,
+pickles, GGUF), building and exporting models, PEFT adapters."""
