@@ -113,10 +113,12 @@ def _batch(config: ml_collections.ConfigDict, model_config: Any, row: rows_lib.R
   """
   shape = (config.train.batch_size, config.data.max_length)
   if row.causal_lm:
-    keys = ("input_ids", "positions", "segment_ids", "loss_mask")
+    keys = ("input_ids",)  # Its labels are its inputs; the ids come first, as the jaxft side's.
   else:
-    token_types = getattr(model_config, "type_vocab_size", 1) > 1
-    keys = ("input_ids", "attention_mask", *(("token_type_ids",) if token_types else ()), "label")
+    # Token types where the tokenizer gives them, as jaxft's Classify.abstract_batch decides.
+    names = transformers.AutoTokenizer.from_pretrained(config.model.path).model_input_names
+    keys = ("input_ids", "attention_mask",
+            *(("token_type_ids",) if "token_type_ids" in names else ()), "label")
   arrays = rows_lib.synthetic_batch(keys, shape, model_config.vocab_size, row.num_labels)
   tensor = lambda x: torch.from_numpy(x.astype("int64")).to(device)
   if row.causal_lm:

@@ -126,7 +126,7 @@ def open_run(config: ml_collections.ConfigDict, workdir: str, model_path: str,
                                  every=config.checkpoint.every)
   latest = ckpt.latest_step()
   if latest is None:
-    loaded = task.load(model_path, labels,
+    loaded = task.load(model_path, hf_config,
                        shardings=lambda s: sharding.tree_shardings(s, mesh, rules_))
     _report_load(loaded.report)
     model = trainable.with_adapters(loaded.model, config)

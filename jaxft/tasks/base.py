@@ -92,11 +92,11 @@ class Task:
     """The transformers config the task builds its model from."""
     raise NotImplementedError
 
-  def load(self, model_path: str, labels: list[str] | None,
+  def load(self, model_path: str, hf_config: Any,
            shardings: Callable[[Any], Any]) -> hf.Loaded:
-    """The pretrained model (or a fresh one with config.model.from_scratch), placed by `shardings`."""
+    """The pretrained model (or a fresh one with config.model.from_scratch) of
+    `hf_config` (this task's `hf_config(...)`), placed by `shardings`."""
     c = self.config
-    hf_config = self.hf_config(model_path, labels)
     kw = dict(dtype=trainable.compute_dtype(c), seed=c.train.seed, shardings=shardings)
     if c.model.get("from_scratch"):
       return hf.init_model(hf_config, self.name, **kw)
