@@ -21,7 +21,6 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from jaxft.formats import hub
 
 DATA = pathlib.Path(__file__).resolve().parents[1] / "data" / "rotten-tomatoes"
 TINY_SIZES = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
@@ -181,6 +180,7 @@ def smollm2_tokenizer(smollm2_path):
   Reading it takes seconds (the vocabulary and merges are parsed from the
   GGUF metadata); the tests only read from it.
   """
+  from jaxft.formats import hub
   return hub.load_tokenizer(smollm2_path)
 
 
