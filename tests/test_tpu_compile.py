@@ -99,8 +99,9 @@ def test_plan_picks_a_fitting_candidate_and_its_overrides(config_only_llama, cap
   out = plan.plan(c, topology.parse("v5litepod-8"), max_compiles=2)
   printed = capsys.readouterr().out
   assert "est. MFU" in printed and "chosen: --config.mesh.data=" in printed
-  # No remat fits at once on each mesh shape, so each costs one compile.
+  # Full remat fits on the first mesh, then no remat does: the cheaper one wins.
   assert out["fits"] is True and out["compiles"] == 2
+  assert "1x8x1 remat=full accum=1" in printed and "1x8x1 remat=none accum=1" in printed
   o = out["overrides"]
   assert o["mesh.data"] * o["mesh.fsdp"] * o["mesh.tensor"] == 8
   assert o["model.remat"] == "none" and o["train.grad_accum"] == 1

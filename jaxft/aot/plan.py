@@ -7,11 +7,12 @@ train step training jits); the compiler's per-chip peak decides whether it
 fits, a roofline estimate (roofline.py) ranks those that do.
 
 The search is bounded (`max_compiles`) and ordered so few compiles settle it:
-per mesh shape, no remat first (least compute), then full remat, then the
-smallest gradient accumulation the full-remat peak predicts will fit (the
-activations shrink with the micro-batch; the state does not), and `dots`
-between none and full when full fits. A mesh whose parameters and optimizer
-state alone overflow a chip is ruled out without compiling.
+per mesh shape, full remat at the fewest micro-batches first (the most likely
+to fit). If it does not fit, the smallest gradient accumulation its peak
+predicts will (activations shrink with the micro-batch; the state does not).
+If it fits, no remat (the least compute), then `dots` if that does not. A
+mesh whose parameters and optimizer state alone overflow a chip is ruled out
+without compiling.
 """
 
 from __future__ import annotations
@@ -143,17 +144,17 @@ class Search:
                                           f"{state / GiB:.1f} GiB per chip",
                            state_bytes=state))
       return
-    if self._try(first).fits:
-      return
     full = self._try(dataclasses.replace(first, remat="full"))
     if full.figures is None:
       return
-    if full.fits:
-      self._try(dataclasses.replace(first, remat="dots"))
+    if not full.fits:
+      for accum in self._accums_to_try(full, accums):
+        if self._try(dataclasses.replace(full.candidate, grad_accum=accum)).fits:
+          return
       return
-    for accum in self._accums_to_try(full, accums):
-      if self._try(dataclasses.replace(full.candidate, grad_accum=accum)).fits:
-        return
+    # Full remat fits: less recompute may too (none, then dots in between).
+    if not self._try(first).fits:
+      self._try(dataclasses.replace(first, remat="dots"))
 
   def _accums_to_try(self, full: Row, accums: list[int]) -> list[int]:
     """Larger micro-batch counts, from the smallest the activations predict will fit."""
@@ -212,8 +213,8 @@ def table(rows: list[Row]) -> str:
     lines.append(f"{r.candidate.label():<40} {f['peak_memory_bytes'] / GiB:>6.1f} GiB "
                  f"{'yes' if f['fits'] else 'no':>5} {f['estimated_step_seconds']:>9.2f}s "
                  f"{f['estimated_mfu']:>8.1%} {coll:>9.1f} {f['compile_seconds']:>7.0f}s")
-  lines.append("estimates: roofline (analytic FLOPs at the chip's bf16 peak, collective "
-               "bytes at its ICI bandwidth, overlapped), an upper bound on MFU")
+  lines.append("est.: analytic FLOPs at the chip's bf16 peak + collective bytes at its ICI "
+               "bandwidth, not overlapped; an optimistic ceiling (jaxft/aot/roofline.py)")
   return "\n".join(lines)
 
 
