@@ -23,7 +23,7 @@ from jaxft.errors import UserError  # The one exception type; errors.py imports 
 TASKS = ("classify", "causal_lm", "image_classify")  # config.task
 DTYPES = ("float32", "bfloat16")  # model.dtype, model.frozen_dtype
 REMAT = ("none", "full", "dots")  # model.remat
-ATTENTION = ("jaxft", "fused")  # model.attention
+ATTENTION = ("auto", "jaxft", "fused", "splash")  # model.attention
 HOST_MEMORY = ("auto", "reuse", "release")  # train.host_memory
 OPTIMIZERS = ("adamw", "sgd")  # optim.optimizer
 SCHEDULES = ("linear", "cosine", "constant")  # optim.schedule, a rule's schedule
@@ -50,7 +50,9 @@ def base() -> ml_collections.ConfigDict:
   c.model.from_scratch = False  # Random init from config.json; the weights are not read.
   # How the layer stack runs (jaxft/models/stack.py); neither changes a result.
   c.model.scan_layers = False  # One lax.scan over the layers: compile time flat in depth.
-  c.model.attention = "jaxft"  # jaxft (einsum, dropout) | fused (cuDNN flash on GPU, no dropout).
+  # auto (TPU: splash, GPU: fused, CPU: jaxft) | jaxft (einsum, dropout) | fused (cuDNN flash on
+  # GPU, no dropout) | splash (Pallas kernel for causal LMs on TPU, no dropout).
+  c.model.attention = "auto"
   c.model.remat = "none"  # Recompute activations in backward: none | full | dots (keep matmuls).
 
   c.data = ml_collections.ConfigDict()
@@ -162,7 +164,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
            config.get("task"))
   remat = config.model.get("remat", "none")
   _require(remat in REMAT, "model.remat", f"one of {REMAT}", remat)
-  attention = config.model.get("attention", "jaxft")
+  attention = config.model.get("attention", "auto")
   _require(attention in ATTENTION, "model.attention", f"one of {ATTENTION}", attention)
   if "image_size" in d:
     _require(d.image_size >= 0, "data.image_size", ">= 0 (0: the checkpoint's)", d.image_size)

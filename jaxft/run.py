@@ -63,7 +63,7 @@ class Run:
     p = self.placement
     fn = traced(functools.partial(self.task.eval_step, graphdef=self.split.graphdef,
                                   rest=self.split.rest),
-                p, self.task.config.model.get("attention", "jaxft"))
+                p, self.task.config.model.get("attention", "auto"))
     # Per-example outputs stay split like the batch; sums are replicated.
     out = p.batch if self.task.per_example_eval else p.replicated
     return jax.jit(fn, in_shardings=(p.state["params"], p.state["frozen"], p.batch),
@@ -71,8 +71,13 @@ class Run:
 
 
 def traced(fn, where: sharding.Placement, attention: str):
-  """`fn` with the activation constraints and the attention choice active while jit traces it."""
+  """`fn` with the activation constraints and the attention choice active while jit traces it.
+
+  `attention` (config.ATTENTION) `auto` resolves by the platform of the mesh's
+  devices, not the default backend: a TPU topology compiled on a CPU is TPU.
+  """
   fn = where.traced_under_rules(fn)
+  attention = attention_lib.resolve(attention, where.mesh.devices.flat[0].platform)
 
   def wrapped(*args, **kwargs):
     with attention_lib.attention_implementation(attention):
@@ -88,7 +93,7 @@ def make_step_fn(config: ml_collections.ConfigDict, split: trainable.Split,
   fn = traced(functools.partial(
       steps.train_step, objective=objective, graphdef=split.graphdef,
       rest=split.rest, tx=tx, grad_accum=t.grad_accum, dropout_key=jax.random.key(t.seed)),
-      where, config.model.get("attention", "jaxft"))
+      where, config.model.get("attention", "auto"))
   return jax.jit(fn, in_shardings=(where.state, where.batch),
                  out_shardings=(where.state, where.replicated), donate_argnums=0)
 

@@ -1,14 +1,17 @@
-"""Attention for every jaxft model: the softmax kernel and its fused alternative,
-masks, q/k/v projections, and a decoder's KV cache and layer loop.
+"""Attention for every jaxft model: the softmax kernel, its fused and TPU
+(splash) alternatives, masks, q/k/v projections, and a decoder's KV cache and
+layer loop.
 
 Masks are boolean, True where attending is allowed, and broadcast against
-[batch, heads, q_len, kv_len] scores.
+[batch, heads, q_len, kv_len] scores; a decoder under `splash` passes a
+`CausalSegments` instead, so that no L x L mask is ever built.
 """
 
 from __future__ import annotations
 
 import contextlib
 import contextvars
+import dataclasses
 import functools
 from typing import Any, Callable, Iterator, Sequence
 
@@ -29,6 +32,14 @@ KVCache = tuple[Array, Array]  # keys, values: [batch, max_length, kv_heads, hea
 
 _ATTENTION = contextvars.ContextVar("attention", default="jaxft")
 
+# What `auto` means on each platform of a step's devices; any other (cpu): jaxft.
+_AUTO = {"tpu": "splash", "gpu": "fused", "cuda": "fused", "rocm": "fused"}
+
+
+def resolve(name: str, platform: str) -> str:
+  """The implementation `name` (one of config.ATTENTION) means on devices of `platform`."""
+  return _AUTO.get(platform, "jaxft") if name == "auto" else name
+
 
 @contextlib.contextmanager
 def attention_implementation(name: str) -> Iterator[None]:
@@ -36,8 +47,12 @@ def attention_implementation(name: str) -> Iterator[None]:
 
   `jaxft`: einsum + softmax, with attention dropout. `fused`:
   jax.nn.dot_product_attention, which picks cuDNN's fused (flash) kernel on an
-  NVIDIA GPU when dtype and shapes allow (bf16/fp16) and XLA's otherwise; it
-  has no dropout, so layers that train with attention dropout keep `jaxft`.
+  NVIDIA GPU when dtype and shapes allow (bf16/fp16) and XLA's otherwise.
+  `splash`: a decoder's causal self-attention runs the Pallas splash-attention
+  kernel (TPU; interpreted elsewhere), every other attention `jaxft`'s.
+  Neither `fused` nor `splash` has dropout, so layers that train with attention
+  dropout keep `jaxft`. `auto`: by the platform of the active mesh's devices
+  (`resolve`): splash on TPU, fused on GPU, jaxft on CPU.
   """
   if name not in config_lib.ATTENTION:
     raise ValueError(f"attention must be one of {config_lib.ATTENTION}, got {name!r}")
@@ -48,8 +63,61 @@ def attention_implementation(name: str) -> Iterator[None]:
     _ATTENTION.reset(token)
 
 
+def _active_mesh() -> tuple[jax.sharding.Mesh, sharding.Rules] | None:
+  """The (mesh, rules) of `sharding.activation_rules` while tracing inside it, else None."""
+  return sharding._ACTIVE.get()  # pylint: disable=protected-access
+
+
+def _platform() -> str:
+  """The platform the code being traced is for: the active mesh's, else the default backend."""
+  active = _active_mesh()
+  return active[0].devices.flat[0].platform if active else jax.default_backend()
+
+
+def current_implementation() -> str:
+  """The implementation attention traced now runs as (`auto` resolved)."""
+  name = _ATTENTION.get()
+  return resolve(name, _platform()) if name == "auto" else name
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class CausalSegments:
+  """Causal self-attention within segments: the mask of `attention_mask_4d`, as ids.
+
+  Attributes:
+    ids: int32 [batch, length]; a query attends to the keys at or before it
+      that carry its id. Padding has id 0, so real tokens never attend to it
+      and a pad token attends to the pads before it (no row is empty).
+  """
+  ids: Array
+
+  def dense(self) -> Array:
+    """The boolean [batch, 1, length, length] mask (same rows for real tokens)."""
+    pos = jnp.arange(self.ids.shape[1])
+    causal = (pos[:, None] >= pos[None, :])[None, None]
+    return causal & (self.ids[:, :, None] == self.ids[:, None, :])[:, None]
+
+
+# What decoder layers pass through to `dot_product_attention`.
+Mask = Array | CausalSegments
+
+
+def causal_segments(batch: int, length: int, attention_mask: Array | None,
+                    segment_ids: Array | None) -> CausalSegments:
+  """The CausalSegments of a [batch, length] padding mask and packed-document ids."""
+  if segment_ids is None:
+    ids = jnp.ones((batch, length), jnp.int32)
+  else:  # + 1: a document may have id 0, which padding takes.
+    ids = jnp.broadcast_to(segment_ids.astype(jnp.int32) + 1, (batch, length))
+  if attention_mask is not None:
+    ids = jnp.where(attention_mask != 0, ids, 0)
+  return CausalSegments(ids)
+
+
 def dot_product_attention(query: Array, key: Array, value: Array,
-                          mask: Array | None, *, dropout_layer: dropout.Dropout,
+                          mask: Array | CausalSegments | None, *,
+                          dropout_layer: dropout.Dropout,
                           deterministic: bool,
                           rngs: nnx.Rngs | None) -> Array:
   """Softmax attention over [batch, length, heads, head_dim] inputs.
@@ -60,7 +128,9 @@ def dot_product_attention(query: Array, key: Array, value: Array,
       (grouped-query attention: query head h reads key head h // (heads /
       kv_heads), as repeating each key head that many times would give).
     mask: boolean [batch, 1 | heads, q_len | 1, kv_len], True where attending
-      is allowed; None attends everywhere.
+      is allowed; None attends everywhere. Or CausalSegments (causal
+      self-attention): splash runs its kernel on the ids, when it can (no
+      dropout, a length of whole tiles); any other path builds the mask.
     dropout_layer: applied to the attention probabilities.
     deterministic: disables dropout.
     rngs: dropout randomness when not deterministic.
@@ -68,7 +138,13 @@ def dot_product_attention(query: Array, key: Array, value: Array,
   Returns:
     [batch, q_len, heads, head_dim] in the dtype of `value`.
   """
-  if _ATTENTION.get() == "fused" and (deterministic or dropout_layer.rate == 0.0):
+  no_dropout = deterministic or dropout_layer.rate == 0.0
+  implementation = current_implementation()
+  if isinstance(mask, CausalSegments):
+    if implementation == "splash" and no_dropout and _splash_block(query.shape[1]):
+      return splash_attention(query, key, value, mask.ids).astype(value.dtype)
+    mask = mask.dense()
+  if implementation == "fused" and no_dropout:
     # A fully masked row (a dummy padding example) gets uniform weights here too.
     return jax.nn.dot_product_attention(query, key, value, mask=mask).astype(value.dtype)
   # The query heads that share a key head are one matmul against it, not
@@ -100,6 +176,72 @@ def _grouped_mask(mask: Array, groups: int) -> Array:
   return mask.reshape(mask.shape[0], mask.shape[1] // groups, groups, *mask.shape[2:])
 
 
+# --- splash attention (Pallas TPU kernel) ------------------------------------
+
+def _splash_block(length: int) -> int | None:
+  """The kernel's tile along both sequences for `length`, or None where it cannot run.
+
+  The kernel needs tiles that divide the length and are multiples of 128 (a
+  TPU vreg's lanes); 512 is the largest MaxText uses by default. A length
+  that 128 does not divide leaves attention to the jaxft path with a dense mask.
+  """
+  return next((b for b in (512, 256, 128) if length % b == 0), None)
+
+
+def splash_attention(query: Array, key: Array, value: Array, ids: Array) -> Array:
+  """Causal self-attention within segments by the splash kernel, per device of the mesh.
+
+  Args:
+    query: [batch, length, heads, head_dim]; 128 divides length.
+    key, value: [batch, length, kv_heads, head_dim]; kv_heads divides heads.
+    ids: int32 [batch, length] segment ids (`CausalSegments.ids`).
+
+  Returns:
+    [batch, length, heads, head_dim] in the dtype of `query`.
+  """
+  active = _active_mesh()
+  if active is None:
+    return _splash_local(query, key, value, ids, interpret=jax.default_backend() != "tpu")
+  mesh, rules = active
+  q_spec = sharding.spec(("batch", None, "heads", None), query.shape, mesh, rules)
+  kv_spec = sharding.spec(("batch", None, "heads", None), key.shape, mesh, rules)
+  if kv_spec[2] != q_spec[2]:
+    # Key heads that do not split like the query heads: give every query head
+    # its own, so that each device holds the key heads of its query heads.
+    groups = query.shape[2] // key.shape[2]
+    key, value = jnp.repeat(key, groups, axis=2), jnp.repeat(value, groups, axis=2)
+    kv_spec = q_spec
+  local = functools.partial(_splash_local, interpret=mesh.devices.flat[0].platform != "tpu")
+  ids_spec = jax.sharding.PartitionSpec(q_spec[0], None)
+  # check_vma off: the kernel's pallas_call does not track varying mesh axes.
+  return jax.shard_map(local, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec, ids_spec),
+                       out_specs=q_spec, check_vma=False)(query, key, value, ids)
+
+
+def _splash_local(query: Array, key: Array, value: Array, ids: Array, *,
+                  interpret: bool) -> Array:
+  """`splash_attention` on one device's arrays (interpreted off TPU: slow, for tests)."""
+  from jax.experimental.pallas.ops.tpu.splash_attention import (  # pylint: disable=g-import-not-at-top
+      splash_attention_kernel as splash, splash_attention_mask as splash_mask)
+  length, heads, head_dim = query.shape[1:]
+  b = _splash_block(length)
+  blocks = splash.BlockSizes(block_q=b, block_kv=b, block_kv_compute=b, block_q_dkv=b,
+                             block_kv_dkv=b, block_kv_dkv_compute=b, block_q_dq=b,
+                             block_kv_dq=b)
+  # One causal mask per head (the kernel stores one copy): the segment ids
+  # make it block-diagonal. With kv_heads < heads the kernel reads key head
+  # h // (heads / kv_heads) for query head h, as the jaxft path does.
+  mask = splash_mask.MultiHeadMask([splash_mask.CausalMask((length, length))] * heads)
+  kernel = splash.make_splash_mha(mask, block_sizes=blocks, head_shards=1, q_seq_shards=1,
+                                  interpret=interpret)
+  # The kernel has no scale; its softmax statistics are float32 whatever the inputs.
+  query = query * jnp.asarray(head_dim ** -0.5, query.dtype)
+  per_example = lambda q, k, v, i: kernel(q, k, v, segment_ids=splash.SegmentIds(i, i))
+  heads_major = lambda x: jnp.swapaxes(x, 1, 2)
+  out = jax.vmap(per_example)(heads_major(query), heads_major(key), heads_major(value), ids)
+  return heads_major(out)
+
+
 # --- masks -------------------------------------------------------------------
 
 def padding_mask(attention_mask: Array | None) -> Array | None:
@@ -126,6 +268,17 @@ def attention_mask_4d(length: int, attention_mask: Array | None,
   if segment_ids is not None:
     mask = mask & (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]
   return mask
+
+
+def causal_self_attention_mask(batch: int, length: int, attention_mask: Array | None,
+                               segment_ids: Array | None) -> Array | CausalSegments:
+  """A decoder's mask without a cache: `attention_mask_4d`, or its ids under splash.
+
+  The splash kernel reads segment ids, so under it no L x L mask is built.
+  """
+  if current_implementation() == "splash":
+    return causal_segments(batch, length, attention_mask, segment_ids)
+  return attention_mask_4d(length, attention_mask, segment_ids)
 
 
 def cached_attention_mask(length: int, max_length: int, cache_index: Array,
@@ -242,7 +395,7 @@ def run_decoder(blocks: Sequence[nnx.Module], input_ids: Array,
   if positions is None:
     positions = jnp.broadcast_to(jnp.arange(length), (batch, length))
   if cache is None:
-    mask = attention_mask_4d(length, attention_mask, segment_ids)
+    mask = causal_self_attention_mask(batch, length, attention_mask, segment_ids)
   else:
     mask = cached_attention_mask(length, cache[0][0].shape[1], cache_index, attention_mask)
   x = embed(input_ids, positions)

@@ -39,7 +39,7 @@ class Attention(nnx.Module):
     self.dropout = dropout.dropout(config.attn_pdrop)
     self.resid_dropout = dropout.dropout(config.resid_pdrop)
 
-  def __call__(self, x: Array, mask: Array, *, deterministic: bool, rngs: nnx.Rngs | None,
+  def __call__(self, x: Array, mask: attention.Mask, *, deterministic: bool, rngs: nnx.Rngs | None,
                cache: attention.KVCache | None = None, cache_index: Array | None = None):
     batch, length, dim = x.shape
     kw = dict(deterministic=deterministic, rngs=rngs)

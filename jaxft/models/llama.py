@@ -93,7 +93,7 @@ class Attention(nnx.Module):
       return self.inv_freq
     return rope.dynamic_rope_inverse_frequencies(positions, self.inv_freq, self.rope_dynamic)
 
-  def __call__(self, x: Array, positions: Array, mask: Array, *, deterministic: bool,
+  def __call__(self, x: Array, positions: Array, mask: attention.Mask, *, deterministic: bool,
                rngs: nnx.Rngs | None, cache: attention.KVCache | None = None,
                cache_index: Array | None = None) -> tuple[Array, attention.KVCache | None]:
     """With a cache, writes this call's keys/values at `cache_index` and attends
@@ -151,7 +151,7 @@ class DecoderLayer(nnx.Module):
     self.input_layernorm = norm()
     self.post_attention_layernorm = norm()
 
-  def __call__(self, x: Array, positions: Array, mask: Array, *, deterministic: bool,
+  def __call__(self, x: Array, positions: Array, mask: attention.Mask, *, deterministic: bool,
                rngs: nnx.Rngs | None, cache: attention.KVCache | None = None,
                cache_index: Array | None = None) -> tuple[Array, attention.KVCache | None]:
     kw = dict(deterministic=deterministic, rngs=rngs)
