@@ -21,7 +21,7 @@ import glob
 import os
 import tempfile
 import time
-from typing import Any, Iterator
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -154,7 +154,8 @@ def measure(config: ml_collections.ConfigDict, model: Model,
                       eval_batch_size=t.eval_batch_size,
                       num_heads=model.hf_config.num_attention_heads)
   start = time.perf_counter()
-  with tempfile.TemporaryDirectory(prefix="jaxft-hlo-") as hlo_dir, _cache_off(bool(topology)):
+  cache = topology_lib.persistent_cache_off() if topology else contextlib.nullcontext()
+  with tempfile.TemporaryDirectory(prefix="jaxft-hlo-") as hlo_dir, cache:
     compiled, state, mesh = compile_step(config, model.split,
                                          model.task.abstract_batch(model.model_path),
                                          model.task, mesh, hlo_dir if topology else None)
@@ -181,20 +182,6 @@ def measure(config: ml_collections.ConfigDict, model: Model,
   if topology:
     out.update(_on_tpu(config, model, topology, hlo, peak))
   return out
-
-
-@contextlib.contextmanager
-def _cache_off(off: bool) -> Iterator[None]:
-  """Keeps a TPU compile out of the persistent compilation cache: this
-  process cannot load an executable for devices it does not have, and JAX
-  warns at every such read."""
-  before = jax.config.jax_enable_compilation_cache
-  if off:
-    jax.config.update("jax_enable_compilation_cache", False)
-  try:
-    yield
-  finally:
-    jax.config.update("jax_enable_compilation_cache", before)
 
 
 def _on_tpu(config: ml_collections.ConfigDict, model: Model, topology: topology_lib.Topology,

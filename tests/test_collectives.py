@@ -6,22 +6,12 @@ collective-permutes, v5e's async collective fusions and the
 all-reduce-scatter fusion that stands for a reduce-scatter.
 """
 
-import os
 
 import pytest
 
 from jaxft.aot import collectives
 from jaxft.aot import topology
 
-# libtpu reads these when it starts (the TPU compile below), so they are set
-# at collection, before any test starts a JAX backend. Naming a slice keeps
-# it from asking a TPU VM's metadata server; where no chip is attached,
-# several pytest workers may load libtpu at once (its lockfile would stop
-# the second otherwise).
-os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v5p-16")
-os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
-if topology.tpu_chips_attached() == 0:
-  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
 ADD = """
 %add (a: f32[], b: f32[]) -> f32[] {
@@ -443,12 +433,10 @@ def test_scanned_fsdp_step_for_v5p_gathers_each_layer_once_per_layer():
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
-  from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
   from jax.sharding import NamedSharding, PartitionSpec as P  # pylint: disable=g-import-not-at-top
 
   layers, d, batch, n = 5, 256, 16, 8
-  topo = topologies.get_topology_desc(platform="tpu", topology_name="v5p:2x2x2")
-  mesh = jax.sharding.Mesh(np.array(topo.devices).reshape(n), ("fsdp",))
+  mesh = jax.sharding.Mesh(np.array(topology.parse("v5p-16").devices()).reshape(n), ("fsdp",))
 
   def loss(w, x):
     h, _ = jax.lax.scan(lambda h, wl: (jnp.tanh(h @ wl), None), x, w)
@@ -466,12 +454,8 @@ def test_scanned_fsdp_step_for_v5p_gathers_each_layer_once_per_layer():
                         jax.ShapeDtypeStruct((batch, d), jnp.bfloat16))
   # Kept out of the session's persistent cache: an executable compiled for
   # devices this machine lacks cannot be read back (a warning on every rerun).
-  cached = jax.config.jax_enable_compilation_cache
-  jax.config.update("jax_enable_compilation_cache", False)
-  try:
+  with topology.persistent_cache_off():
     compiled = lowered.compile()
-  finally:
-    jax.config.update("jax_enable_compilation_cache", cached)
   found = collectives.parse(compiled.as_text())
 
   gathers = [c for c in found if c.kind == "all-gather"]

@@ -4,16 +4,6 @@ Numerics run the kernel in Pallas' interpret mode on this CPU; the TPU tests
 compile ahead of time for a v5p:2x2x2 topology (8 chips) through libtpu.
 """
 
-import os
-
-# Before anything starts libtpu: a slice name keeps it quiet without TPUs, and
-# without a TPU attached its one-process lockfile only makes parallel test
-# workers (and other compiles on this machine) refuse one another.
-os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v5p-16")
-os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
-os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
-
-# pylint: disable=wrong-import-position
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -25,6 +15,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxft import run
 from jaxft import sharding
+from jaxft.aot import topology
 from jaxft.models import attention
 from jaxft.models import dropout
 from jaxft.models import llama
@@ -156,8 +147,7 @@ def test_auto_on_cpu_is_jaxft_bit_for_bit():
 @pytest.fixture(scope="module")
 def tpu_devices():
   pytest.importorskip("libtpu")
-  from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
-  return topologies.get_topology_desc(platform="tpu", topology_name="v5p:2x2x2").devices
+  return topology.parse("v5p-16").devices()
 
 
 def _tiny_llama(kv_heads):
@@ -187,7 +177,8 @@ def test_llama_compiles_to_the_splash_kernel_for_tpu(tpu_devices, kv_heads):
   def compiled_text(attention_name):
     fn = run.traced(forward, where, attention_name)
     abstract = sharding.with_shardings(state, where.state)
-    return jax.jit(fn).lower(abstract, tokens, tokens).compile().as_text()
+    with topology.persistent_cache_off():
+      return jax.jit(fn).lower(abstract, tokens, tokens).compile().as_text()
 
   splash, jaxft = compiled_text("auto"), compiled_text("jaxft")
   assert "tpu_custom_call" in splash and "tpu_custom_call" not in jaxft
@@ -212,8 +203,9 @@ def test_splash_temporaries_grow_linearly_with_length(tpu_devices):
     fn = run.traced(loss, sharding.Placement(mesh, rules, None, rows), attention_name)
     act = jax.ShapeDtypeStruct((8, length, 8, 128), jnp.bfloat16, sharding=rows)
     attention_mask = jax.ShapeDtypeStruct((8, length), jnp.int32, sharding=rows)
-    compiled = jax.jit(jax.grad(fn, argnums=(0, 1, 2))).lower(
-        act, act, act, attention_mask).compile()
+    with topology.persistent_cache_off():
+      compiled = jax.jit(jax.grad(fn, argnums=(0, 1, 2))).lower(
+          act, act, act, attention_mask).compile()
     return compiled.memory_analysis().temp_size_in_bytes
 
   temps = {(name, n): temp_bytes(name, n) for name in ("splash", "jaxft") for n in (4096, 16384)}

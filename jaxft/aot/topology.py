@@ -17,6 +17,7 @@ analysis, not these, decides whether a step fits.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import glob
@@ -24,7 +25,7 @@ import importlib.util
 import math
 import os
 import re
-from typing import Any
+from typing import Any, Iterator
 
 from jaxft.errors import UserError
 
@@ -127,6 +128,22 @@ def parse(name: str, num_slices: int = 1) -> Topology:
                       f"{sizes}; or name a shape, {gen}:AxB{'xC' if chip.dims == 3 else ''}")
     shape = shapes[count // chip.cores_per_chip]
   return Topology(name, chip, shape, num_slices)
+
+
+@contextlib.contextmanager
+def persistent_cache_off() -> Iterator[None]:
+  """Keeps compiles for a TPU slice out of JAX's persistent compilation cache.
+
+  This process cannot load back an executable for devices it does not have,
+  and JAX warns at every such read.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  before = jax.config.jax_enable_compilation_cache
+  jax.config.update("jax_enable_compilation_cache", False)
+  try:
+    yield
+  finally:
+    jax.config.update("jax_enable_compilation_cache", before)
 
 
 def quiet_without_tpu() -> None:
