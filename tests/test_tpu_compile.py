@@ -117,6 +117,33 @@ def test_plan_search_rules_out_a_mesh_whose_state_cannot_fit(config_only_llama, 
   assert search.compiles == 0 and rows and all("state alone" in r.skipped for r in rows)
 
 
+@pytest.fixture(scope="module")
+def one_layer_llama(tmp_path_factory):
+  root = tmp_path_factory.mktemp("one_layer")
+  transformers.LlamaConfig(
+      vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=1,
+      num_attention_heads=4, num_key_value_heads=2, head_dim=64,
+      tie_word_embeddings=False).save_pretrained(root)
+  return root
+
+
+def test_splash_step_temporaries_grow_linearly_from_4k_to_16k_tokens(one_layer_llama):
+  """The whole train step on TPU, one sequence per chip: with `auto` (the
+  splash kernel on TPU) temporaries grow at most 4.5x for 4x the tokens;
+  XLA's einsum attention (`jaxft`) grows with the square of the length."""
+  def temp(attention, length):
+    c = _config(one_layer_llama)
+    c.data.max_length = length
+    c.model.attention = attention
+    return inspect.measure(c, inspect.Model.of(c), topology.parse("v5p-16"))[
+        "temp_memory_bytes"]
+
+  splash = temp("auto", 16384) / temp("auto", 4096)
+  xla = temp("jaxft", 16384) / temp("jaxft", 4096)
+  assert splash <= 4.5, splash
+  assert xla > 10, xla
+
+
 def test_verdict_says_by_how_much_a_step_does_not_fit():
   gib = topology.GiB
   line = inspect.verdict({"topology": "v5litepod-8", "peak_memory_bytes": 20 * gib,
