@@ -19,6 +19,7 @@ import dataclasses
 import functools
 import glob
 import os
+import re
 import tempfile
 import time
 from typing import Any
@@ -146,7 +147,11 @@ class Model:
 
 def measure(config: ml_collections.ConfigDict, model: Model,
             topology: topology_lib.Topology | None = None) -> dict[str, Any]:
-  """Compiles `config`'s train step (for `topology`'s chips if given) and returns its figures."""
+  """Compiles `config`'s train step (for `topology`'s chips if given) and returns its figures.
+
+  A step the TPU compiler refuses for want of HBM is a verdict, not an
+  error: its figures then carry the compiler's count of temporaries.
+  """
   devices = topology.devices() if topology else None
   mesh = sharding.make_mesh(config, devices)
   t = config.train
@@ -155,33 +160,66 @@ def measure(config: ml_collections.ConfigDict, model: Model,
                       num_heads=model.hf_config.num_attention_heads)
   start = time.perf_counter()
   cache = topology_lib.persistent_cache_off() if topology else contextlib.nullcontext()
-  with tempfile.TemporaryDirectory(prefix="jaxft-hlo-") as hlo_dir, cache:
-    compiled, state, mesh = compile_step(config, model.split,
-                                         model.task.abstract_batch(model.model_path),
-                                         model.task, mesh, hlo_dir if topology else None)
-    hlo = hlo_text(hlo_dir) if topology else ""
+  try:
+    with tempfile.TemporaryDirectory(prefix="jaxft-hlo-") as hlo_dir, cache:
+      compiled, state, mesh = compile_step(config, model.split,
+                                           model.task.abstract_batch(model.model_path),
+                                           model.task, mesh, hlo_dir if topology else None)
+      hlo = hlo_text(hlo_dir) if topology else ""
+  except jax.errors.JaxRuntimeError as e:
+    temp = compiler_hbm_oom(str(e)) if topology else None
+    if temp is None:
+      raise
+    state = abstract_state(config, model.split, mesh)[0]
+    out = _state_figures(config, state, mesh)
+    # Outputs alias the donated state, so arguments + temporaries is the peak.
+    peak = out["param_bytes_per_device"] + out["optimizer_state_bytes_per_device"] + temp
+    out.update(step_flops=None, peak_memory_bytes=peak, temp_memory_bytes=temp,
+               compile_seconds=round(time.perf_counter() - start, 1),
+               compiler_error=str(e).splitlines()[0])
+    out.update(_on_tpu(config, model, topology, "", peak))
+    out["fits"] = False
+    return out
   seconds = time.perf_counter() - start
   flops, peak = compiled_costs(compiled)
-  out = {
+  out = _state_figures(config, state, mesh)
+  out.update(step_flops=flops, peak_memory_bytes=peak,
+             # Activations (what remat trades for recompute) and XLA's scratch space.
+             temp_memory_bytes=int(compiled.memory_analysis().temp_size_in_bytes),
+             compile_seconds=round(seconds, 1))
+  if topology:
+    out.update(_on_tpu(config, model, topology, hlo, peak))
+  return out
+
+
+_UNITS = {"": 1, "K": 1024, "M": 1024 ** 2, "G": 1024 ** 3, "T": 1024 ** 4}
+
+
+def compiler_hbm_oom(message: str) -> int | None:
+  """The temporaries (bytes) a TPU compile refused as too big for HBM, or None.
+
+  The compiler says e.g. "the total memory required for HLO temporaries
+  (29.75G) exceeds available HBM (15.75G)", in binary units.
+  """
+  m = re.search(r"required for HLO temporaries \(([\d.]+)([KMGT]?)(?:i?B)?\)", message)
+  return int(float(m.group(1)) * _UNITS[m.group(2)]) if m else None
+
+
+def _state_figures(config: ml_collections.ConfigDict, state: Any,
+                   mesh: jax.sharding.Mesh) -> dict[str, Any]:
+  """What the sharded train state alone says: sizes, bytes, bytes per device."""
+  return {
       "params_total": tree_size(state["params"]) + tree_size(state["frozen"]),
       "params_trainable": tree_size(state["params"]),
       "param_bytes": tree_bytes(state["params"]) + tree_bytes(state["frozen"]),
       "optimizer_state_bytes": tree_bytes(state["opt_state"]),
-      "step_flops": flops,
-      "peak_memory_bytes": peak,
-      # Activations (what remat trades for recompute) and XLA's scratch space.
-      "temp_memory_bytes": int(compiled.memory_analysis().temp_size_in_bytes),
       "devices": int(mesh.devices.size),
       "mesh": dict(mesh.shape),
       "param_bytes_per_device": sharding.bytes_per_device([state["params"], state["frozen"]]),
       "optimizer_state_bytes_per_device": sharding.bytes_per_device(state["opt_state"]),
-      "batch_size": t.batch_size,
+      "batch_size": config.train.batch_size,
       "max_length": config.data.max_length,
-      "compile_seconds": round(seconds, 1),
   }
-  if topology:
-    out.update(_on_tpu(config, model, topology, hlo, peak))
-  return out
 
 
 def _on_tpu(config: ml_collections.ConfigDict, model: Model, topology: topology_lib.Topology,
@@ -221,7 +259,9 @@ def verdict(figures: dict[str, Any]) -> str:
           f" HBM ({gib(usable)} usable, {figures['headroom']:.0%} kept as headroom)")
   if figures["fits"]:
     return f"FITS  {head}; {gib(usable - peak)} to spare"
-  return f"DOES NOT FIT  {head}; {gib(peak - usable)} over"
+  refused = ("; the TPU compiler refused it: " + figures["compiler_error"]
+             if figures.get("compiler_error") else "")
+  return f"DOES NOT FIT  {head}; {gib(peak - usable)} over{refused}"
 
 
 def inspect(config: ml_collections.ConfigDict, show_params: bool = False,

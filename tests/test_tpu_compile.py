@@ -144,6 +144,29 @@ def test_splash_step_temporaries_grow_linearly_from_4k_to_16k_tokens(one_layer_l
   assert xla > 10, xla
 
 
+def test_compiler_hbm_oom_reads_the_temporaries_the_compiler_refused():
+  message = ("RESOURCE_EXHAUSTED: E1000: CompileTimeHbmOom: Ran out of memory on HBM, the "
+             "total memory required for HLO temporaries (29.75G) exceeds available HBM "
+             "(15.75G). HLO module: jit_wrapped.")
+  assert inspect.compiler_hbm_oom(message) == int(29.75 * topology.GiB)
+  assert inspect.compiler_hbm_oom("INTERNAL: something else") is None
+
+
+def test_plan_turns_a_refused_step_into_gradient_accumulation(one_layer_llama, capsys):
+  """Full remat at 4 rows of 16k tokens per v5e chip (XLA attention: quadratic
+  scores) is refused by the compiler for HBM; its count of temporaries
+  predicts how many micro-batches fit, and that one compiles and fits."""
+  c = _config(one_layer_llama)
+  c.data.max_length = 16384
+  c.model.attention = "jaxft"
+  c.train.update(batch_size=32, eval_batch_size=32)
+  out = plan.plan(c, topology.parse("v5litepod-8"), max_compiles=2)
+  printed = capsys.readouterr().out
+  assert "1x8x1 remat=full accum=1" in printed and "DOES NOT FIT" not in printed
+  assert out["fits"] is True and out["compiles"] == 2
+  assert out["overrides"]["train.grad_accum"] > 1
+
+
 def test_verdict_says_by_how_much_a_step_does_not_fit():
   gib = topology.GiB
   line = inspect.verdict({"topology": "v5litepod-8", "peak_memory_bytes": 20 * gib,

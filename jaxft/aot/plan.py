@@ -209,10 +209,14 @@ def table(rows: list[Row]) -> str:
       lines.append(f"{r.candidate.label():<40} skipped: {r.skipped}")
       continue
     f = r.figures
+    head = (f"{r.candidate.label():<40} {f['peak_memory_bytes'] / GiB:>6.1f} GiB "
+            f"{'yes' if f['fits'] else 'no':>5}")
+    if f.get("compiler_error"):  # Refused for want of HBM: no program to estimate.
+      lines.append(f"{head} {'-':>10} {'-':>9} {'-':>9} {f['compile_seconds']:>7.0f}s")
+      continue
     coll = sum(c["bytes"] for c in f["collectives"].values()) / 1e9
-    lines.append(f"{r.candidate.label():<40} {f['peak_memory_bytes'] / GiB:>6.1f} GiB "
-                 f"{'yes' if f['fits'] else 'no':>5} {f['estimated_step_seconds']:>9.2f}s "
-                 f"{f['estimated_mfu']:>8.1%} {coll:>9.1f} {f['compile_seconds']:>7.0f}s")
+    lines.append(f"{head} {f['estimated_step_seconds']:>9.2f}s {f['estimated_mfu']:>8.1%} "
+                 f"{coll:>9.1f} {f['compile_seconds']:>7.0f}s")
   lines.append("est.: analytic FLOPs at the chip's bf16 peak + collective bytes at its ICI "
                "bandwidth, not overlapped; an optimistic ceiling (jaxft/aot/roofline.py)")
   return "\n".join(lines)
