@@ -77,8 +77,14 @@ def make_mesh(config: ml_collections.ConfigDict, devices: Sequence[Any] | None =
   axis_types = (jax.sharding.AxisType.Auto,) * len(AXES)
   slices = 1 + max(getattr(d, "slice_index", 0) or 0 for d in devices)
   if slices == 1:
-    return jax.make_mesh(tuple(sizes[a] for a in AXES), AXES, axis_types=axis_types,
-                         devices=devices)
+    shape = tuple(sizes[a] for a in AXES)
+    try:
+      return jax.make_mesh(shape, AXES, axis_types=axis_types, devices=devices)
+    except NotImplementedError:
+      # A shape that no subset of a TPU torus's axes makes (32 x 2 on 4x4x4):
+      # split a physical axis between two mesh axes.
+      grid = mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
+      return Mesh(grid, AXES, axis_types=axis_types)
   if sizes["data"] % slices:
     raise UserError(f"config.mesh {sizes} on {slices} slices: data must be a multiple of "
                     f"{slices} (data parallel over the data-center network), e.g. "

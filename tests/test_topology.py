@@ -59,3 +59,14 @@ def test_installed_libtpu_keeps_cpu_start_up_quiet_and_on_the_cpu():
   assert out.returncode == 0, out.stderr
   assert out.stdout.split() == ["cpu", "1"]
   assert out.stderr.strip() == ""
+
+
+def test_a_mesh_that_splits_a_torus_axis_is_still_built():
+  """fsdp 32 x tensor 2 over v5p-128's 4x4x4 chips needs a physical axis split in two."""
+  pytest.importorskip("libtpu")
+  from jaxft import defaults, sharding  # pylint: disable=g-import-not-at-top
+  c = defaults.recipe("sft")
+  c.mesh.update(fsdp=32, tensor=2)
+  mesh = sharding.make_mesh(c, topology.parse("v5p-128").devices())
+  assert dict(mesh.shape) == {"data": 1, "fsdp": 32, "tensor": 2}
+  assert len({d.id for d in mesh.devices.flat}) == 64
