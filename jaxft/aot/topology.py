@@ -25,6 +25,7 @@ import importlib.util
 import math
 import os
 import re
+import sys
 from typing import Any, Iterator
 
 from jaxft.errors import UserError
@@ -155,13 +156,27 @@ def quiet_without_tpu() -> None:
   real values must come from the VM) and only where the user has set neither.
   With no chip to guard, libtpu's one-process-at-a-time lock file is lifted
   too, so several compiles (test workers, a bench beside a test) can run.
-  Cheap and jax-free: it runs before JAX starts.
+  Nothing happens where libtpu is not installed. Cheap and jax-free: it runs
+  before JAX starts.
   """
-  if tpu_chips_attached() == 0:
-    os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v5p-8")
-    os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
-    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+  if tpu_chips_attached() or importlib.util.find_spec("libtpu") is None:
+    return
+  os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v5p-8")
+  os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+  if not any(os.path.exists(p) for p in _GPU_DEVICE_FILES):
+    # Nothing but the CPU can run here. Left to itself JAX would still start
+    # libtpu's TPU backend, fail, and leave it half set up: JAX's profiler
+    # then crashes the process (--profile). Compiling for a TPU topology
+    # does not need that backend.
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    jax = sys.modules.get("jax")  # Imported before jaxft: it read the variable already.
+    if jax is not None and jax.config.jax_platforms is None:
+      jax.config.update("jax_platforms", "cpu")
 
+
+# NVIDIA (also under Docker and WSL2) and AMD GPUs, as JAX looks for them.
+_GPU_DEVICE_FILES = ("/dev/nvidia0", "/dev/nvidiactl", "/dev/dxg", "/dev/kfd")
 
 # Google's PCI vendor id and its TPU device ids (as jax._src.hardware_utils
 # lists them); other Google devices (a VM's gVNIC) share the vendor.
