@@ -256,3 +256,12 @@ def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
     return x
   mesh, rules = active
   return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec(axes, x.shape, mesh, rules)))
+
+
+def logical_size(name: str) -> int:
+  """Devices the active rules split logical axis `name` over (1 outside `activation_rules`)."""
+  active = _ACTIVE.get()
+  if active is None:
+    return 1
+  mesh, rules = active
+  return math.prod(mesh.shape[a] for a in rules.get(name, ()))

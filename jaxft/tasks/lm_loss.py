@@ -10,6 +10,13 @@ by the incoming cotangent: the FLOPs of the unfused head (one forward, two
 gradient matmuls), no recompute, and a chunk's logits as the largest
 temporary. Gradients are computed only for the inputs being differentiated
 (a frozen output layer costs no weight-gradient matmul).
+
+On a mesh whose batch is split over devices, the weight is gathered once
+before the chunk loop and each device sums its rows' share of the weight
+gradient locally, across chunks, with one reduction after the loop. Left to
+itself XLA gathers the whole weight and all-reduces the whole gradient in
+every chunk (measured by the TPU compiler for Llama-3.1-8B over 64 v5p chips:
+3.3 TB sent per chip per step).
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from jaxft import sharding
 from jaxft.models import layers
 
 # Positions (rows x chunk length) per chunk: a 512 x 49,152 float32 chunk is
@@ -62,7 +70,17 @@ def _scan(hidden, weight, targets, valid, vocab_major, want_dh, want_dw):
   vocab = weight.shape[0 if vocab_major else 1]
   logits_spec = "bcd,vd->bcv" if vocab_major else "bcd,dv->bcv"
   dh_spec = "bcv,vd->bcd" if vocab_major else "bcv,dv->bcd"
-  dw_spec = "bcv,bcd->vd" if vocab_major else "bcv,bcd->dv"
+  # dw: one partial sum per batch shard ("s"), summed after the loop.
+  dw_spec = "sbcv,sbcd->svd" if vocab_major else "sbcv,sbcd->sdv"
+  weight_axes = ("vocab", None) if vocab_major else (None, "vocab")
+  weight = sharding.constrain(weight, weight_axes)  # Gathered once, not in every chunk.
+  shards = sharding.logical_size("batch")
+  if hidden.shape[0] % shards:
+    shards = 1
+  by_shard = lambda x: sharding.constrain(
+      x.reshape(shards, x.shape[0] // shards, *x.shape[1:]),
+      ("batch",) + (None,) * x.ndim)
+  dw_axes = ("batch",) + weight_axes
 
   def body(dw, chunk):
     h, t, ok = chunk
@@ -79,14 +97,17 @@ def _scan(hidden, weight, targets, valid, vocab_major, want_dh, want_dw):
                      preferred_element_type=jnp.float32).astype(hidden.dtype)
           if want_dh else None)
     if want_dw:
-      dw = dw + jnp.einsum(dw_spec, g.astype(h.dtype), h, preferred_element_type=jnp.float32)
+      dw = dw + sharding.constrain(
+          jnp.einsum(dw_spec, by_shard(g.astype(h.dtype)), by_shard(h),
+                     preferred_element_type=jnp.float32), dw_axes)
     return dw, (loss, dh)
 
-  dw0 = jnp.zeros(weight.shape, jnp.float32) if want_dw else None
+  dw0 = (sharding.constrain(jnp.zeros((shards, *weight.shape), jnp.float32), dw_axes)
+         if want_dw else None)
   dw, (losses, dh) = jax.lax.scan(
       body, dw0, (_chunks(hidden, c), _chunks(targets, c), _chunks(valid, c)))
   return (jnp.sum(losses), None if dh is None else _unchunk(dh),
-          None if dw is None else dw.astype(weight.dtype))
+          None if dw is None else dw.sum(0).astype(weight.dtype))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
