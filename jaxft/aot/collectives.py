@@ -1,8 +1,10 @@
 """The collectives of a compiled step, read from its optimized HLO text.
 
-`parse(compiled.as_text())` lists every collective op with its bytes on one
-device, its replica-group size and how many times it runs per step;
-`summary` turns that into ops and bytes sent per device per step, per kind.
+`parse(text)` lists every collective op with its bytes on one device, its
+replica-group size and how many times it runs per step; `summary` turns that
+into ops and bytes sent per device per step, per kind. jaxft reads the text
+from the compiler's own dump (`inspect.hlo_text`): `compiled.as_text()`
+cannot print some TPU steps when libtpu is newer than jaxlib.
 
 Why not XLA's own cost analysis: it counts a while-loop body once, and jaxft
 scans over the transformer layers, so a per-layer all-gather inside the scan
