@@ -227,9 +227,11 @@ def _on_tpu(config: ml_collections.ConfigDict, model: Model, topology: topology_
   """The per-chip verdict, collectives and roofline estimate of a TPU compile."""
   found = collectives.summary(collectives.parse(hlo))
   model_flops = model.model_flops(config)
-  hw_flops = roofline.hardware_flops(model_flops, trainable_fraction=model.trainable_fraction(),
+  trainable = model.trainable_fraction()
+  hw_flops = roofline.hardware_flops(model_flops, trainable_fraction=trainable,
                                      remat=config.model.remat)
-  est = roofline.estimate(model_flops=model_flops, hardware_flops_=hw_flops,
+  est = roofline.estimate(model_flops=model_flops, trainable_fraction=trainable,
+                          remat=config.model.remat,
                           collective_bytes=sum(c["bytes"] for c in found.values()),
                           topology=topology)
   usable = topology.hbm_usable_bytes

@@ -47,19 +47,27 @@ def hardware_flops(model_flops: float, *, trainable_fraction: float, remat: str)
   return model_flops * per_token / 6
 
 
-def estimate(*, model_flops: float, hardware_flops_: float, collective_bytes: float,
-             topology: topology_lib.Topology) -> Estimate:
-  """The roofline Estimate of one step over every chip of `topology`.
+def estimate(*, model_flops: float, trainable_fraction: float, remat: str,
+             collective_bytes: float, topology: topology_lib.Topology) -> Estimate:
+  """The Estimate of one step over every chip of `topology`.
 
   Args:
-    model_flops: the step's conventional training FLOPs, all chips together.
-    hardware_flops_: what it executes, all chips together (`hardware_flops`).
+    model_flops: the step's conventional training FLOPs (6 N + attention per
+      token), all chips together.
+    trainable_fraction: the share of matmul weights that get gradients.
+    remat: config.model.remat.
     collective_bytes: bytes one chip sends per step.
     topology: the slice.
+
+  The MFU counts the FLOPs the step must do: remat's recompute is overhead,
+  and frozen weights (LoRA) need no weight gradients, so it stays <= 100%
+  where mfu.py's 6 N convention would pass it for a LoRA step.
   """
   chip = topology.chip
-  compute = hardware_flops_ / topology.chips / chip.peak_flops
+  work = hardware_flops(model_flops, trainable_fraction=trainable_fraction, remat=remat)
+  needed = hardware_flops(model_flops, trainable_fraction=trainable_fraction, remat="none")
+  compute = work / topology.chips / chip.peak_flops
   comm = collective_bytes / chip.ici_bytes_per_s
   step = compute + comm
-  mfu = model_flops / topology.chips / chip.peak_flops / step if step else 0.0
+  mfu = needed / topology.chips / chip.peak_flops / step if step else 0.0
   return Estimate(compute, comm, step, mfu)
