@@ -159,12 +159,19 @@ def check_fits(mesh: Mesh, *, batch_size: int, grad_accum: int, eval_batch_size:
                     f"config.mesh.tensor={mesh.shape['tensor']}")
 
 
-def spec(axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh,
+def spec(axes: Sequence[str | tuple[str, ...] | None], shape: Sequence[int], mesh: Mesh,
          rules: Rules) -> PartitionSpec:
-  """The PartitionSpec of an array whose dimensions have these logical names."""
+  """The PartitionSpec of an array whose dimensions have these logical names.
+
+  A dimension named by a tuple of logical names splits over the mesh axes of
+  all of them that are still free (a LoRA `lora_b`'s output columns: the
+  base layer's output axis, and `embed`'s fsdp, which its rank cannot take).
+  """
   used, out = set(), []
   for name, dim in zip(axes, shape):
-    chosen = tuple(a for a in rules.get(name, ()) if a not in used and mesh.shape[a] > 1)
+    names = name if isinstance(name, tuple) else (name,)
+    mesh_axes = dict.fromkeys(a for n in names for a in rules.get(n, ()))
+    chosen = tuple(a for a in mesh_axes if a not in used and mesh.shape[a] > 1)
     if not chosen or dim % math.prod(mesh.shape[a] for a in chosen):
       out.append(None)
       continue

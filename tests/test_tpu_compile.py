@@ -59,6 +59,20 @@ def test_inspect_compiles_for_v5litepod_8_per_chip(config_only_llama):
   assert 0 < out["estimated_mfu"] <= 1
 
 
+def test_lora_adapters_shard_over_fsdp_like_their_base(config_only_llama):
+  """A rank-16 adapter cannot split its rank over 8 chips: its other dimension
+  takes fsdp even where the base layer's name for it maps to tensor (MLP
+  columns, heads), so no chip holds whole adapters."""
+  c = _config(config_only_llama)
+  c.lora.rank = 16
+  c.lora.targets = r".*/(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+  mesh = inspect.sharding.make_mesh(c, topology.parse("v5litepod-8").devices())
+  state = inspect.abstract_state(c, inspect.Model.of(c).split, mesh)[0]
+  adapters = state["params"]
+  assert inspect.sharding.bytes_per_device(adapters) == pytest.approx(
+      inspect.tree_bytes(adapters) / 8, rel=0.05)
+
+
 def test_fsdp_gathers_one_layer_at_a_time_inside_the_scan(config_only_llama, tmp_path):
   """No all-gather outside the layer it serves: the biggest gather is one
   layer's weight (or the embedding), never a whole stacked [layers, ...] one."""

@@ -66,9 +66,12 @@ def attach(model: nnx.Module, *, targets_regex: str, rank: int, alpha: float,
     bound = 1.0 / math.sqrt(m.in_features)
     dtype = m.kernel[...].dtype
     a = jax.random.uniform(k, (m.in_features, rank), dtype, -bound, bound)
-    m.lora_a = layers.LoRAParam(a, logical_axes=(m.axes[0], None))
+    # The rank (8-64) is too small to shard: the other dimension takes the
+    # fsdp axis too where the base layer's name for it does not (an MLP's
+    # columns, attention heads), or every fsdp device would hold it whole.
+    m.lora_a = layers.LoRAParam(a, logical_axes=((m.axes[0], "embed"), None))
     m.lora_b = layers.LoRAParam(jnp.zeros((rank, m.out_features), dtype),
-                                logical_axes=(None, m.axes[1]))
+                                logical_axes=(None, (m.axes[1], "embed")))
     m.lora_scale = alpha / rank
     m.lora_dropout = dropout.dropout(dropout_rate)
   return chosen
