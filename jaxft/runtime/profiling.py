@@ -12,6 +12,8 @@ from typing import Any
 
 import jax
 
+from jaxft.errors import UserError
+
 
 class StepTrace:
   """Traces steps first .. first + count - 1 of a run into DIR/profile."""
@@ -25,6 +27,7 @@ class StepTrace:
 
   def before(self, step: int) -> None:
     if self.count > 0 and step == self.first:
+      _check_profiler_safe()
       jax.profiler.start_trace(self.directory)
       self._active = True
 
@@ -48,3 +51,17 @@ def use_compilation_cache(directory: str) -> None:
     # Cache every program: even the eval step's few seconds add up on resume.
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+def _check_profiler_safe() -> None:
+  """Raises UserError where JAX's profiler would crash the process.
+
+  Once libtpu's TPU plugin is loaded (a compile for a TPU topology,
+  `jaxft.aot`) in a process that runs on another backend, starting a trace
+  segfaults (jax 0.10, libtpu 0.0.52). `jaxft train` never loads it; a
+  program that does both in one process gets this error instead of a crash.
+  """
+  from jaxlib import xla_client  # pylint: disable=g-import-not-at-top
+  if xla_client.pjrt_plugin_loaded("tpu") and jax.default_backend() != "tpu":
+    raise UserError("--profile cannot trace in a process that compiled for a TPU topology "
+                    "(libtpu's profiler would crash it): profile in a separate run")
