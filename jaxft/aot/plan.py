@@ -163,8 +163,10 @@ class Search:
     room = self.topology.hbm_usable_bytes - state
     if room <= 0:
       return []
-    need = full.candidate.grad_accum * math.ceil(f["temp_memory_bytes"] / room)
-    return [a for a in accums if a > full.candidate.grad_accum and a >= need] or accums[-1:]
+    done = full.candidate.grad_accum
+    need = done * math.ceil(f["temp_memory_bytes"] / room)
+    more = [a for a in accums if a > done]
+    return [a for a in more if a >= need] or more[-1:]
 
   def _state_bytes(self, candidate: Candidate) -> int:
     """Parameters + optimizer state on the fullest chip, from shardings alone."""
