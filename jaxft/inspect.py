@@ -155,9 +155,9 @@ def measure(config: ml_collections.ConfigDict, model: Model,
   devices = topology.devices() if topology else None
   mesh = sharding.make_mesh(config, devices)
   t = config.train
+  # The eval batch plays no part in the train step measured here.
   sharding.check_fits(mesh, batch_size=t.batch_size, grad_accum=t.grad_accum,
-                      eval_batch_size=t.eval_batch_size,
-                      num_heads=model.hf_config.num_attention_heads)
+                      eval_batch_size=None, num_heads=model.hf_config.num_attention_heads)
   start = time.perf_counter()
   cache = topology_lib.persistent_cache_off() if topology else contextlib.nullcontext()
   try:

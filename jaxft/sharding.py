@@ -142,16 +142,20 @@ def placement(mesh: Mesh, rules: Rules, abstract_state: Any) -> Placement:
                    batch_sharding(mesh, rules))
 
 
-def check_fits(mesh: Mesh, *, batch_size: int, grad_accum: int, eval_batch_size: int,
+def check_fits(mesh: Mesh, *, batch_size: int, grad_accum: int, eval_batch_size: int | None,
                num_heads: int) -> None:
-  """Raises UserError when batches (config.train's sizes) or heads do not split over the mesh."""
+  """Raises UserError when batches (config.train's sizes) or heads do not split over the mesh.
+
+  `eval_batch_size` None: only the train step matters (inspect, plan).
+  """
   split = mesh.shape["data"] * mesh.shape["fsdp"]
   micro = batch_size // grad_accum
   if micro % split:
     raise UserError(f"config.train.batch_size={batch_size} / grad_accum={grad_accum} = "
                     f"{micro} rows per micro-batch do not split over data x fsdp = {split} "
-                    "devices")
-  if eval_batch_size % split:
+                    f"devices: use a batch_size that is a multiple of {split * grad_accum}, "
+                    "or tensor parallelism (config.mesh.tensor) for fewer rows")
+  if eval_batch_size is not None and eval_batch_size % split:
     raise UserError(f"config.train.eval_batch_size={eval_batch_size} does not split over "
                     f"data x fsdp = {split} devices")
   if num_heads % mesh.shape["tensor"]:

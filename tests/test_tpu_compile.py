@@ -190,10 +190,17 @@ def test_verdict_says_by_how_much_a_step_does_not_fit():
   assert line.startswith("DOES NOT FIT") and "5.6 GiB over" in line
 
 
+def test_a_batch_that_cannot_split_over_the_slice_says_what_would(config_only_llama):
+  c = _config(config_only_llama)  # 8 rows over v5p-128's 64 chips
+  with pytest.raises(UserError, match="multiple of 64"):
+    inspect.measure(c, inspect.Model.of(c), topology.parse("v5p-128"))
+
+
 def test_cli_inspect_topology_prints_the_acceptance_keys(config_only_llama):
   out = jaxft("inspect", "--config=configs/sft.py", f"--config.model.path={config_only_llama}",
               "--topology=v5p-16", "--config.model.scan_layers=true",
-              "--config.data.max_length=128", "--config.train.batch_size=8")
+              "--config.data.max_length=128", "--config.train.batch_size=8",
+              "--config.train.eval_batch_size=4")  # The eval batch plays no part.
   assert out.returncode == 0, out.stderr
   figures = json.loads(out.stdout.strip().splitlines()[-1])
   for key in ("devices", "mesh", "param_bytes", "param_bytes_per_device",
