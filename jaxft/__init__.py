@@ -4,6 +4,7 @@ from jaxft.aot import topology as _topology
 
 __version__ = "0.1.0"
 
-# Before anything starts JAX: an installed libtpu (for TPU compiles on this
-# machine) must not print warnings at every start-up where no TPU is attached.
+# Before anything starts JAX: where libtpu is installed (for TPU compiles on
+# this machine) but no TPU is attached, it must neither print warnings at every
+# start-up nor half-start a TPU backend (see aot/topology.quiet_without_tpu).
 _topology.quiet_without_tpu()
