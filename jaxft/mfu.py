@@ -24,10 +24,12 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-# Dense bf16 peak FLOP/s per chip (vendor datasheets), by substrings of device_kind.
-DATASHEET = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L4": 121e12,
-             "TPU v6": 918e12, "TPU v5p": 459e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12,
-             "TPU v4": 275e12}
+from jaxft.aot import topology
+
+# Dense bf16 peak FLOP/s per GPU (vendor datasheets), by substrings of
+# device_kind; TPU chips' are topology.CHIPS', by their exact device_kind.
+DATASHEET = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L4": 121e12}
+_TPU_PEAKS = {chip.device_kind: chip.peak_flops for chip in topology.CHIPS.values()}
 
 
 def matmul_params(sizes: dict[str, int], output_embedding: str | None = None) -> int:
@@ -82,6 +84,8 @@ def peak_flops(device: Any = None) -> float:
   """Peak FLOP/s of one device: datasheet bf16 for known accelerators, else measured."""
   device = device or jax.devices()[0]
   kind = getattr(device, "device_kind", "")
+  if kind in _TPU_PEAKS:  # Exact: "TPU v5" (v5p) is a prefix of "TPU v5 lite" (v5e).
+    return _TPU_PEAKS[kind]
   for name, peak in DATASHEET.items():
     if name.lower() in kind.lower():
       return peak

@@ -70,3 +70,15 @@ def test_a_mesh_that_splits_a_torus_axis_is_still_built():
   mesh = sharding.make_mesh(c, topology.parse("v5p-128").devices())
   assert dict(mesh.shape) == {"data": 1, "fsdp": 32, "tensor": 2}
   assert len({d.id for d in mesh.devices.flat}) == 64
+
+
+@pytest.mark.parametrize("name", ["v4-8", "v5p-8", "v5litepod-4", "v6e-4"])
+def test_mfu_takes_each_tpu_chips_peak_by_what_its_devices_report(name):
+  """One table of chip figures: a v5p device says "TPU v5" (no "p"), which a
+  substring table keyed "TPU v5p" missed, falling back to a measured matmul."""
+  pytest.importorskip("libtpu")
+  from jaxft import mfu  # pylint: disable=g-import-not-at-top
+  t = topology.parse(name)
+  [kind] = {d.device_kind for d in t.devices()}
+  assert kind == t.chip.device_kind
+  assert mfu.peak_flops(t.devices()[0]) == t.chip.peak_flops

@@ -49,6 +49,7 @@ class Chip:
     ici_bytes_per_s: bidirectional inter-chip interconnect bandwidth.
     cores_per_chip: TensorCores an accelerator-type name counts per chip.
     dims: 3 for a 3D torus (v4, v5p), 2 for a 2D one (v5e, v6e).
+    device_kind: what JAX's devices of this chip report (a v5p says "TPU v5").
   """
   generation: str
   hbm_bytes: int
@@ -56,14 +57,15 @@ class Chip:
   ici_bytes_per_s: float
   cores_per_chip: int
   dims: int
+  device_kind: str
 
 
 CHIPS = {
     # ICI: v4's docs give no per-chip figure; 6 links x 50 GB/s from the TPU v4 paper.
-    "v4": Chip("v4", 32 * GiB, 275e12, 300e9, 2, 3),
-    "v5p": Chip("v5p", 95 * GiB, 459e12, 1200e9, 2, 3),
-    "v5e": Chip("v5e", 16 * GiB, 197e12, 400e9, 1, 2),
-    "v6e": Chip("v6e", 32 * GiB, 918e12, 800e9, 1, 2),
+    "v4": Chip("v4", 32 * GiB, 275e12, 300e9, 2, 3, "TPU v4"),
+    "v5p": Chip("v5p", 95 * GiB, 459e12, 1200e9, 2, 3, "TPU v5"),
+    "v5e": Chip("v5e", 16 * GiB, 197e12, 400e9, 1, 2, "TPU v5 lite"),
+    "v6e": Chip("v6e", 32 * GiB, 918e12, 800e9, 1, 2, "TPU v6 lite"),
 }
 _ALIASES = {"v5litepod": "v5e", "v5lite": "v5e"}
 
