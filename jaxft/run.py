@@ -73,11 +73,11 @@ class Run:
 def traced(fn, where: sharding.Placement, attention: str):
   """`fn` with the activation constraints and the attention choice active while jit traces it.
 
-  `attention` (config.ATTENTION) `auto` resolves by the platform of the mesh's
-  devices, not the default backend: a TPU topology compiled on a CPU is TPU.
+  `attention` (config.ATTENTION) `auto` resolves while tracing, by the platform
+  of the mesh's devices (attention.current_implementation), not the default
+  backend: a TPU topology compiled on a CPU is TPU.
   """
   fn = where.traced_under_rules(fn)
-  attention = attention_lib.resolve(attention, where.mesh.devices.flat[0].platform)
 
   def wrapped(*args, **kwargs):
     with attention_lib.attention_implementation(attention):

@@ -260,6 +260,11 @@ def activation_rules(mesh: Mesh, rules: Rules) -> Iterator[None]:
     _ACTIVE.reset(token)
 
 
+def active() -> tuple[Mesh, Rules] | None:
+  """The (mesh, rules) of the `activation_rules` being traced inside, else None."""
+  return _ACTIVE.get()
+
+
 def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
   """Constrains an activation by logical names; a no-op outside `activation_rules`."""
   active = _ACTIVE.get()

@@ -63,14 +63,9 @@ def attention_implementation(name: str) -> Iterator[None]:
     _ATTENTION.reset(token)
 
 
-def _active_mesh() -> tuple[jax.sharding.Mesh, sharding.Rules] | None:
-  """The (mesh, rules) of `sharding.activation_rules` while tracing inside it, else None."""
-  return sharding._ACTIVE.get()  # pylint: disable=protected-access
-
-
 def _platform() -> str:
   """The platform the code being traced is for: the active mesh's, else the default backend."""
-  active = _active_mesh()
+  active = sharding.active()
   return active[0].devices.flat[0].platform if active else jax.default_backend()
 
 
@@ -199,7 +194,7 @@ def splash_attention(query: Array, key: Array, value: Array, ids: Array) -> Arra
   Returns:
     [batch, length, heads, head_dim] in the dtype of `query`.
   """
-  active = _active_mesh()
+  active = sharding.active()
   if active is None:
     return _splash_local(query, key, value, ids, interpret=jax.default_backend() != "tpu")
   mesh, rules = active
