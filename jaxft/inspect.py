@@ -227,10 +227,8 @@ def _on_tpu(config: ml_collections.ConfigDict, model: Model, topology: topology_
   """The per-chip verdict, collectives and roofline estimate of a TPU compile."""
   found = collectives.summary(collectives.parse(hlo))
   model_flops = model.model_flops(config)
-  trainable = model.trainable_fraction()
-  hw_flops = roofline.hardware_flops(model_flops, trainable_fraction=trainable,
-                                     remat=config.model.remat)
-  est = roofline.estimate(model_flops=model_flops, trainable_fraction=trainable,
+  est = roofline.estimate(model_flops=model_flops,
+                          trainable_fraction=model.trainable_fraction(),
                           remat=config.model.remat,
                           collective_bytes=sum(c["bytes"] for c in found.values()),
                           topology=topology)
@@ -246,7 +244,7 @@ def _on_tpu(config: ml_collections.ConfigDict, model: Model, topology: topology_
       "margin_bytes": usable - peak,
       "collectives": found,
       "model_flops_per_step": model_flops,
-      "hardware_flops_per_step": hw_flops,
+      "hardware_flops_per_step": est.hardware_flops,
       "estimated_step_seconds": est.step_seconds,
       "estimated_mfu": est.mfu,
       "estimate_bound_by": est.bound,

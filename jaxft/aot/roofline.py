@@ -29,7 +29,8 @@ from jaxft.aot import topology as topology_lib
 
 @dataclasses.dataclass(frozen=True)
 class Estimate:
-  """Seconds per step (estimates) and the MFU they imply."""
+  """Seconds per step (estimates), the FLOPs they are for, and the MFU they imply."""
+  hardware_flops: float
   compute_seconds: float
   collective_seconds: float
   step_seconds: float
@@ -70,4 +71,4 @@ def estimate(*, model_flops: float, trainable_fraction: float, remat: str,
   comm = collective_bytes / chip.ici_bytes_per_s
   step = compute + comm
   mfu = needed / topology.chips / chip.peak_flops / step if step else 0.0
-  return Estimate(compute, comm, step, mfu)
+  return Estimate(work, compute, comm, step, mfu)
