@@ -85,7 +85,7 @@ def row(out: dict) -> str:
   gib = topology.GiB
   fit = "yes" if out["fits"] else f"no ({-out['margin_bytes'] / gib:.1f} GiB over)"
   bound = " (state alone: at least)" if out.get("peak_is_lower_bound") else ""
-  mfu = f"{out['estimated_mfu']:.0%}" if "estimated_mfu" in out else "-"
+  mfu = f"{out['estimated_mfu']:.0%}" if out["fits"] else "-"  # No program to estimate.
   return (f"{head} {o['mesh.data']}x{o['mesh.fsdp']}x{o['mesh.tensor']} / {o['model.remat']} / "
           f"{o['train.grad_accum']} | {out['peak_memory_bytes'] / gib:.1f} GiB of "
           f"{out['hbm_bytes_per_device'] / gib:.0f}{bound} | {fit} | {mfu} | "
