@@ -3,18 +3,20 @@
   jaxft train  --config=configs/classify.py --workdir=DIR [--profile=N] [--config.KEY=VALUE ...]
   jaxft eval   --config=configs/classify.py --workdir=DIR [--config.KEY=VALUE ...]
   jaxft export --workdir=DIR --out=HF_DIR [--format=hf|peft]
-  jaxft inspect --config=configs/classify.py [--params] [--topology=v5p-128 [--num_slices=N]]
-                [--config.KEY=VALUE ...]
+  jaxft inspect --config=configs/classify.py|--workdir=DIR [--params]
+                [--topology=v5p-128 [--num_slices=N]] [--config.KEY=VALUE ...]
   jaxft plan --config=configs/sft.py --topology=v5p-128 [--num_slices=N] [--max_compiles=6]
   jaxft generate --model=HF_DIR|HUB_ID|FILE.gguf|--workdir=DIR --prompt=TEXT [--prompt ...] [--chat]
   jaxft chat --model=HF_DIR|HUB_ID|FILE.gguf|--workdir=DIR   (one user turn per stdin line)
-  (many hosts: add --coordinator_address=HOST:PORT --num_processes=N --process_id=I
+  (--workdir, --out and model / data paths may be gs://BUCKET/PATH URLs.
+   many hosts: add --coordinator_address=HOST:PORT --num_processes=N --process_id=I
    where JAX does not find them itself, as it does on TPU VMs and under SLURM)
 
 User mistakes (unknown config key, wrong type, missing file, empty data) exit
 with code 2 and one line naming the problem, before anything compiles.
 
-`inspect` builds the model from shapes alone (config.json is all it reads),
+`inspect` builds the model from shapes alone (config.json is all it reads;
+--workdir alone inspects the config that run trained with),
 compiles one train step and prints the rules table, then (last line) a JSON
 object: params_total, params_trainable, param_bytes, optimizer_state_bytes,
 step_flops, peak_memory_bytes, temp_memory_bytes (activations), devices. With
@@ -109,6 +111,8 @@ def _parse(command: str, argv: Sequence[str]) -> None:
     if command == "generate" and not _PROMPT.value:
       raise UserError("generate needs --prompt=TEXT")
     return
+  if command in ("inspect", "plan") and config is None and _WORKDIR.value:
+    return  # The run's own config.json (`_config`).
   if command != "export" and config is None:
     raise UserError("--config is required, e.g. --config=configs/classify.py")
   if command == "plan" and not _TOPOLOGY.value:
@@ -138,11 +142,11 @@ def run(argv: Sequence[str]) -> int:
     print(json.dumps(commands.eval_command(_CONFIG.value, _WORKDIR.value)))
   elif command == "inspect":
     from jaxft import inspect  # pylint: disable=g-import-not-at-top
-    print(json.dumps(inspect.inspect(_CONFIG.value, show_params=_PARAMS.value,
+    print(json.dumps(inspect.inspect(_config(), show_params=_PARAMS.value,
                                      topology=_topology())))
   elif command == "plan":
     from jaxft.aot import plan  # pylint: disable=g-import-not-at-top
-    print(json.dumps(plan.plan(_CONFIG.value, _topology(), max_compiles=_MAX_COMPILES.value)))
+    print(json.dumps(plan.plan(_config(), _topology(), max_compiles=_MAX_COMPILES.value)))
   elif command in ("generate", "chat"):
     _generate(command)
   else:
@@ -150,6 +154,14 @@ def run(argv: Sequence[str]) -> int:
       raise UserError("export needs --out=HF_DIR")
     commands.export_command(_WORKDIR.value, _OUT.value, _FORMAT.value)
   return 0
+
+
+def _config():
+  """--config, or for `inspect`/`plan --workdir=DIR` alone, the config DIR's run trained with."""
+  if _CONFIG.value is not None:
+    return _CONFIG.value
+  from jaxft import run as run_lib  # pylint: disable=g-import-not-at-top
+  return run_lib.saved_config(_WORKDIR.value)
 
 
 def _topology():

@@ -8,6 +8,7 @@ import ml_collections
 from jaxft import config as config_lib
 from jaxft import metrics
 from jaxft import run as run_lib
+from jaxft import storage
 from jaxft.errors import UserError
 from jaxft.formats import hub
 from jaxft.formats import peft
@@ -15,6 +16,7 @@ from jaxft.formats import peft
 
 def eval_command(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   """Evaluates the latest checkpoint in `workdir`, or the pretrained model if none."""
+  storage.check_shared(workdir)
   model_path, task, data = run_lib.prepare(config, workdir, need_train=False)
   if data.eval is None:
     raise UserError("config.data.eval is empty: nothing to evaluate")
@@ -32,22 +34,23 @@ def export_command(workdir: str, out_dir: str, fmt: str = "hf") -> None:
   `fmt` "hf": a full checkpoint (LoRA adapters merged into the kernels) that
   transformers loads as is (a language model with its tokenizer and chat
   template); "peft": only the LoRA adapters and the trained modules, as a
-  PEFT adapter over the run's base model.
+  PEFT adapter over the run's base model. `out_dir` may be a gs:// URL.
   """
   if fmt not in config_lib.EXPORT_FORMATS:
     raise UserError(f"--format must be one of {config_lib.EXPORT_FORMATS}, got {fmt!r}")
   config, run, model_path = run_lib.restore(workdir)
-  if fmt == "peft":
-    if not config_lib.lora_enabled(config):
-      raise UserError(f"--format=peft needs a LoRA run; {workdir} trained without "
-                      "config.lora.rank (use --format=hf)")
-    task = run.task
-    peft.export_peft(run.model(), run.hf_config, task.name, out_dir, lora_config=config.lora,
-                     trainable=run.split.assignment.trainable(),
-                     heads=task.fresh_heads(run.hf_config), task_type=task.peft_task_type,
-                     base_model=config.model.path)
-    if jax.process_index() == 0:
-      hub.load_tokenizer(model_path).save_pretrained(out_dir)
-  else:
-    run.task.export(run, model_path, out_dir)
+  if fmt == "peft" and not config_lib.lora_enabled(config):
+    raise UserError(f"--format=peft needs a LoRA run; {workdir} trained without "
+                    "config.lora.rank (use --format=hf)")
+  with storage.writable_dir(out_dir) as local:
+    if fmt == "peft":
+      task = run.task
+      peft.export_peft(run.model(), run.hf_config, task.name, local, lora_config=config.lora,
+                       trainable=run.split.assignment.trainable(),
+                       heads=task.fresh_heads(run.hf_config), task_type=task.peft_task_type,
+                       base_model=config.model.path)
+      if jax.process_index() == 0:
+        hub.load_tokenizer(model_path).save_pretrained(local)
+    else:
+      run.task.export(run, model_path, local)
   metrics.log(f"exported step {run.step} to {out_dir} ({fmt})")

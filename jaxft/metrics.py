@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from typing import Any, TextIO
+
+from jaxft import storage
 
 
 def is_primary() -> bool:
@@ -25,14 +26,13 @@ class JsonlWriter:
   """Appends one JSON object per event to DIR/metrics.jsonl (appending across resumes)."""
 
   def __init__(self, workdir: str):
-    self.path = os.path.join(workdir, "metrics.jsonl")
+    self.path = storage.join(workdir, "metrics.jsonl")
 
   def write(self, step: int, split: str, metrics: dict[str, Any]) -> None:
     if not is_primary():
       return
     record = {"step": int(step), "split": split, **{k: _plain(v) for k, v in metrics.items()}}
-    with open(self.path, "a", encoding="utf-8") as f:
-      f.write(json.dumps(record) + "\n")
+    storage.append_text(self.path, json.dumps(record) + "\n")
 
 
 def _plain(v: Any) -> Any:

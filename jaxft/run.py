@@ -4,8 +4,11 @@
 pretrained model for a new one; `restore` reopens a finished run for `eval`,
 `export` and `generate --workdir`. A workdir keeps the resolved config
 (`config.json`), a classifier's class names (`labels.json`), `metrics.jsonl`
-and `checkpoints/`; a resumed run must split its parameters as the saved one
-did.
+and `checkpoints/`, locally or at a gs:// URL (`storage`); a resumed run must
+split its parameters as the saved one did. A run with frozen parameters
+checkpoints only what trains and its optimizer state: on resume the frozen
+ones are read again from the base checkpoint, whose fingerprint the
+checkpoint keeps (`formats.fingerprint`).
 """
 
 from __future__ import annotations
@@ -13,7 +16,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import os
 from typing import Any
 
 import jax
@@ -26,8 +28,10 @@ from jaxft import config as config_lib
 from jaxft import metrics
 from jaxft import sharding
 from jaxft import steps
+from jaxft import storage
 from jaxft import tasks
 from jaxft.errors import UserError
+from jaxft.formats import fingerprint
 from jaxft.formats import hf
 from jaxft.formats import hub
 from jaxft.models import attention as attention_lib
@@ -48,10 +52,22 @@ class Run:
   checkpointer: checkpoint.Checkpointer
   placement: sharding.Placement
   task: tasks.Task
+  # The base checkpoint's fingerprint when frozen weights are re-read from it on
+  # resume (checkpoints then skip them), else None.
+  base: dict | None = None
 
   @property
   def step(self) -> int:
     return int(self.state["step"])
+
+  def save(self, step: int) -> None:
+    """Starts saving the state at `step`: what trains and its optimizer state, plus the
+    frozen weights only when they cannot be re-read from the base checkpoint."""
+    state, meta = self.state, {"step": step}
+    if self.base is not None:
+      state = {k: v for k, v in state.items() if k != "frozen"}
+      meta["base"] = self.base
+    self.checkpointer.save(step, state, meta)
 
   def model(self) -> nnx.Module:
     """The current model, frozen and trained parameters together."""
@@ -99,16 +115,19 @@ def make_step_fn(config: ml_collections.ConfigDict, split: trainable.Split,
 
 
 def labels_file(workdir: str) -> str:
-  return os.path.join(workdir, "labels.json")
+  return storage.join(workdir, "labels.json")
+
+
+def config_file(workdir: str) -> str:
+  return storage.join(workdir, "config.json")
 
 
 def read_labels(workdir: str) -> list[str] | None:
   """The label names a run in `workdir` trained with, or None for a new workdir."""
   path = labels_file(workdir)
-  if not os.path.exists(path):
+  if not storage.exists(path):
     return None
-  with open(path, encoding="utf-8") as f:
-    return json.load(f)
+  return json.loads(storage.read_text(path))
 
 
 def open_run(config: ml_collections.ConfigDict, workdir: str, model_path: str,
@@ -130,13 +149,18 @@ def open_run(config: ml_collections.ConfigDict, workdir: str, model_path: str,
   ckpt = checkpoint.Checkpointer(workdir, keep=config.checkpoint.keep,
                                  every=config.checkpoint.every)
   latest = ckpt.latest_step()
-  if latest is None:
+  saved_base = None if latest is None else ckpt.meta(latest).get("base")
+  if latest is not None:
+    _check_same_partition(config, workdir)
+  if latest is None or saved_base is not None:
+    if saved_base is not None:
+      _check_same_base(saved_base, model_path, ckpt.directory, latest)
     loaded = task.load(model_path, hf_config,
                        shardings=lambda s: sharding.tree_shardings(s, mesh, rules_))
-    _report_load(loaded.report)
+    if latest is None:
+      _report_load(loaded.report)
     model = trainable.with_adapters(loaded.model, config)
   else:
-    _check_same_partition(config, workdir)
     # The checkpoint holds every parameter: build the model's shapes only.
     model = trainable.abstract_model(hf_config, config, task.name)
   split = trainable.split(model, config, task.fresh_heads(hf_config))
@@ -148,9 +172,38 @@ def open_run(config: ml_collections.ConfigDict, workdir: str, model_path: str,
   if latest is None:
     state = jax.device_put(steps.init_state(split.params, split.frozen, tx), where.state)
   else:
-    state, _ = ckpt.restore(sharding.with_shardings(abstract, where.state), latest)
+    targets = sharding.with_shardings(abstract, where.state)
+    if saved_base is None:
+      state, _ = ckpt.restore(targets, latest)
+    else:
+      state, _ = ckpt.restore({k: v for k, v in targets.items() if k != "frozen"}, latest)
+      state["frozen"] = jax.device_put(split.frozen, where.state["frozen"])
     log(f"restored checkpoint at step {latest} from {ckpt.directory}")
-  return Run(split, state, tx, hf_config, ckpt, where, task)
+  base = _base_fingerprint(config, model_path, split)
+  return Run(split, state, tx, hf_config, ckpt, where, task, base)
+
+
+def _base_fingerprint(config: ml_collections.ConfigDict, model_path: str,
+                      split: trainable.Split) -> dict | None:
+  """The base checkpoint's fingerprint when the run's frozen weights can be re-read from it.
+
+  None (checkpoints then hold the frozen weights too) when nothing is frozen
+  or the model was initialised from scratch rather than read.
+  """
+  if config.model.get("from_scratch") or not jax.tree.leaves(split.frozen):
+    return None
+  return {"path": config.model.path, **fingerprint.of(model_path)}
+
+
+def _check_same_base(saved: dict, model_path: str, directory: str, step: int) -> None:
+  """Raises UserError unless `model_path` is the base checkpoint step `step` was trained on."""
+  changed = fingerprint.differences(saved, fingerprint.of(model_path))
+  if changed:
+    raise UserError(
+        f"checkpoint {step} in {directory} keeps only the trained weights and re-reads the "
+        f"frozen ones from its base checkpoint {saved.get('path')!r}, but {model_path} is not "
+        f"that checkpoint ({'; '.join(changed[:3])}); set config.model.path to the original "
+        "base model")
 
 
 # Keys that decide the checkpoint's structure (what is trainable, its dtype).
@@ -160,11 +213,10 @@ _PARTITION_KEYS = ("optim.rules", "optim.layer_decay", "optim.optimizer", "lora"
 
 def _check_same_partition(config: ml_collections.ConfigDict, workdir: str) -> None:
   """Raises UserError if the run in `workdir` split its parameters differently."""
-  path = os.path.join(workdir, "config.json")
-  if not os.path.exists(path):
+  path = config_file(workdir)
+  if not storage.exists(path):
     return
-  with open(path, encoding="utf-8") as f:
-    saved = json.load(f)
+  saved = json.loads(storage.read_text(path))
   now = json.loads(config_lib.to_json(config))
 
   def get(tree: dict, key: str) -> Any:
@@ -199,17 +251,26 @@ def prepare(config: ml_collections.ConfigDict, workdir: str, *,
   return model_path, task, data
 
 
+def saved_config(workdir: str) -> ml_collections.ConfigDict:
+  """The config the run in `workdir` trained with (DIR/config.json).
+
+  Raises:
+    UserError: `workdir` holds no config.json.
+  """
+  path = config_file(workdir)
+  if not storage.exists(path):
+    raise UserError(f"{workdir} is not a jaxft workdir (no config.json)")
+  return config_lib.from_json(storage.read_text(path))
+
+
 def restore(workdir: str) -> tuple[ml_collections.ConfigDict, Run, str]:
   """(the run's config, its latest checkpoint opened, the local model path) for a workdir.
 
   Raises:
     UserError: not a jaxft workdir, or no checkpoint in it yet.
   """
-  path = os.path.join(workdir, "config.json")
-  if not os.path.exists(path):
-    raise UserError(f"{workdir} is not a jaxft workdir (no config.json)")
-  with open(path, encoding="utf-8") as f:
-    config = config_lib.from_json(f.read())
+  storage.check_shared(workdir)
+  config = saved_config(workdir)
   labels = read_labels(workdir)
   task = tasks.of(config)
   if labels is None and task.has_labels:

@@ -10,7 +10,6 @@ module; opening and resuming a run is `run.py`.
 from __future__ import annotations
 
 import json
-import os
 
 import jax
 import ml_collections
@@ -20,6 +19,7 @@ from jaxft import metrics as metrics_lib
 from jaxft import mfu
 from jaxft import run as run_lib
 from jaxft import sharding
+from jaxft import storage
 from jaxft.data import batches as batches_lib
 from jaxft.data import prefetch
 from jaxft.runtime import host_memory
@@ -29,14 +29,6 @@ from jaxft.tasks import Data
 from jaxft.tuning import optimizer
 
 log = metrics_lib.log
-
-
-def _write_atomic(path: str, text: str) -> None:
-  """Other processes of a multi-host run may read `path` meanwhile: never half-written."""
-  tmp = f"{path}.tmp"
-  with open(tmp, "w", encoding="utf-8") as f:
-    f.write(text)
-  os.replace(tmp, path)
 
 
 def train(config: ml_collections.ConfigDict, workdir: str,
@@ -49,12 +41,14 @@ def train(config: ml_collections.ConfigDict, workdir: str,
   host_memory.apply(config.train.get("host_memory", "auto"))
   profiling.use_compilation_cache(config.train.get("compilation_cache", ""))
   model_path, task, data = run_lib.prepare(config, workdir, need_train=True)
-  os.makedirs(workdir, exist_ok=True)
+  storage.makedirs(workdir)
+  storage.check_shared(workdir)
   run = run_lib.open_run(config, workdir, model_path, data.labels, task=task)
   if metrics_lib.is_primary():
-    _write_atomic(os.path.join(workdir, "config.json"), config_lib.to_json(config))
+    # Other processes may read these meanwhile: storage writes are never half-done.
+    storage.write_text(run_lib.config_file(workdir), config_lib.to_json(config))
     if data.labels is not None:
-      _write_atomic(run_lib.labels_file(workdir), json.dumps(data.labels))
+      storage.write_text(run_lib.labels_file(workdir), json.dumps(data.labels))
   log(f"{task.describe(data)}; step {run.step} -> {config.train.num_steps}")
   try:
     return _loop(config, workdir, run, data, profile_steps)
@@ -105,14 +99,14 @@ def _loop(config: ml_collections.ConfigDict, workdir: str, run: run_lib.Run, dat
       if data.eval is not None and t.eval_every and step % t.eval_every == 0:
         run_eval()
       if run.checkpointer.should_save(step) or stop.signum is not None:
-        run.checkpointer.save(step, run.state, {"step": step})
+        run.save(step)
       if stop.signum is not None:
         progress.close()
         raise preemption.Interrupted(stop.signum, step)
   progress.close()
   trace.stop(run.state)  # A run shorter than the trace still gets one.
   if run.checkpointer.latest_step() != run.step:
-    run.checkpointer.save(run.step, run.state, {"step": run.step})
+    run.save(run.step)
   if data.eval is None:
     return None
   result = run_eval()

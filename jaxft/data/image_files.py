@@ -21,6 +21,7 @@ from typing import Any, Sequence, Sized
 import numpy as np
 from PIL import Image
 
+from jaxft import storage
 from jaxft.data import sources
 from jaxft.data import text
 from jaxft.errors import UserError
@@ -391,7 +392,7 @@ def load(spec: str, *, skip_bad: bool = False, size: int | Sequence[int] | None 
   Raises:
     UserError: the path is missing, of another kind, unreadable, or empty.
   """
-  path = os.path.expanduser(spec)
+  path = os.path.expanduser(storage.local_copy(spec))
   if os.path.isdir(path):
     return load_folder(path, size=size, skip_bad=skip_bad)
   looks_like_path = spec.startswith((".", "/", "~")) or os.path.splitext(spec)[1] != ""

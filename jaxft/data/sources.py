@@ -6,6 +6,7 @@ import os
 
 import datasets
 
+from jaxft import storage
 from jaxft.errors import UserError
 
 # File extension -> the `datasets` builder that reads it.
@@ -26,14 +27,15 @@ def _load(what: str, *args, **kwargs) -> datasets.Dataset:
 
 
 def load_split(spec: str, split: str) -> datasets.Dataset:
-  """Returns one split: `spec` is a csv/json/jsonl/parquet file or a hub dataset name.
+  """Returns one split: `spec` is a csv/json/jsonl/parquet file (local or gs://) or a hub
+  dataset name.
 
   Raises:
     UserError: the file is missing or of an unknown type, the hub dataset
       cannot be read, or the split is empty.
   """
   datasets.disable_progress_bars()
-  path = os.path.expanduser(spec)
+  path = os.path.expanduser(storage.local_copy(spec))
   if os.path.isfile(path):
     ext = os.path.splitext(path)[1].lower()
     if ext not in _BUILDERS:

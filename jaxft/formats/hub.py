@@ -12,6 +12,7 @@ import re
 
 import transformers
 
+from jaxft import storage
 from jaxft.errors import UserError
 from jaxft.formats import gguf
 from jaxft.formats import weights
@@ -31,7 +32,8 @@ def resolve_path(path_or_hub_id: str, *, allow_pickle: bool = False,
   """A local checkpoint folder for a folder path or a hub id.
 
   Args:
-    path_or_hub_id: an existing folder (returned as is, made absolute), or a
+    path_or_hub_id: an existing folder (returned as is, made absolute), a
+      gs:// folder (copied to a local cache, `storage.local_copy`), or a
       Hugging Face hub id such as `org/name`, which is downloaded (config,
       safetensors, msgpack and tokenizer files; `*.bin` only with
       `allow_pickle`) into the hub cache.
@@ -45,7 +47,8 @@ def resolve_path(path_or_hub_id: str, *, allow_pickle: bool = False,
     UserError: the folder does not exist and the name is not a downloadable
       hub id.
   """
-  path = os.path.expanduser(path_or_hub_id)
+  skip = () if weights else (".safetensors", ".bin", ".msgpack", ".pt", ".pth")
+  path = os.path.expanduser(storage.local_copy(path_or_hub_id, skip))
   if os.path.isdir(path):
     return os.path.abspath(path)
   if os.path.exists(path):
@@ -61,7 +64,7 @@ def resolve_model(path_or_hub_id: str, *, allow_pickle: bool = False,
                   weights: bool = True) -> str:
   """As `resolve_path`, but a `.gguf` file is a model too (returned absolute)."""
   if gguf.is_gguf(path_or_hub_id):
-    path = os.path.abspath(os.path.expanduser(path_or_hub_id))
+    path = os.path.abspath(os.path.expanduser(storage.local_copy(path_or_hub_id)))
     if not os.path.isfile(path):
       raise UserError(f"GGUF file not found: {path}")
     return path

@@ -8,10 +8,12 @@ with TensorBoard's profile plugin or https://ui.perfetto.dev.
 from __future__ import annotations
 
 import os
+import tempfile
 from typing import Any
 
 import jax
 
+from jaxft import storage
 from jaxft.errors import UserError
 
 
@@ -19,7 +21,10 @@ class StepTrace:
   """Traces steps first .. first + count - 1 of a run into DIR/profile."""
 
   def __init__(self, workdir: str, start_step: int, count: int):
-    self.directory = os.path.join(workdir, "profile")
+    self.target = storage.join(workdir, "profile")
+    # The profiler writes local files; a gs:// workdir gets them uploaded when it stops.
+    self.directory = (tempfile.mkdtemp(prefix="jaxft-profile-")
+                      if storage.is_remote(workdir) else self.target)
     self.first = start_step + 3  # Steps start_step + 1, + 2 compile and warm up.
     self.last = self.first + count - 1
     self.count = count
@@ -41,6 +46,8 @@ class StepTrace:
       jax.block_until_ready(state)
       jax.profiler.stop_trace()
       self._active = False
+      if self.directory != self.target:
+        storage.upload_tree(self.directory, self.target)
 
 
 def use_compilation_cache(directory: str) -> None:

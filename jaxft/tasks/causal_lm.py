@@ -14,7 +14,6 @@ from __future__ import annotations
 import functools
 import json
 import math
-import os
 from typing import Any, Union
 
 import jax
@@ -26,6 +25,7 @@ from jaxft import generate
 from jaxft import metrics
 from jaxft import sharding
 from jaxft import steps
+from jaxft import storage
 from jaxft.data import batches as batches_lib
 from jaxft.data import sft
 from jaxft.formats import hf
@@ -185,8 +185,8 @@ def write_samples(step: int, samples: list[tuple[str, str]], completions: list[s
   """Prompts, references and completions in DIR/samples/step_N.jsonl (process 0)."""
   if jax.process_index() != 0:
     return
-  folder = os.path.join(workdir, "samples")
-  os.makedirs(folder, exist_ok=True)
-  with open(os.path.join(folder, f"step_{step}.jsonl"), "w", encoding="utf-8") as f:
-    for (prompt, reference), reply in zip(samples, completions):
-      f.write(json.dumps({"prompt": prompt, "reference": reference, "generated": reply}) + "\n")
+  folder = storage.join(workdir, "samples")
+  storage.makedirs(folder)
+  storage.write_text(storage.join(folder, f"step_{step}.jsonl"), "".join(
+      json.dumps({"prompt": p, "reference": r, "generated": g}) + "\n"
+      for (p, r), g in zip(samples, completions)))

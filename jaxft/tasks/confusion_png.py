@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import io
 from typing import Sequence
 
 import numpy as np
+
+from jaxft import storage
 
 _CELL, _MARGIN = 44, 120
 
@@ -36,4 +39,6 @@ def save(matrix: np.ndarray, names: Sequence[str], path: str, title: str = "") -
     draw.text((_MARGIN + k * _CELL + 2, _MARGIN - 14 - 10 * (k % 2)), label[:6], fill="black")
   draw.text((4, 4), title or "rows: true class, columns: predicted", fill="black")
   draw.text((4, 20), "shade: share of the row", fill="gray")
-  image.save(path, format="PNG")
+  buffer = io.BytesIO()
+  image.save(buffer, format="PNG")
+  storage.write_bytes(path, buffer.getvalue())

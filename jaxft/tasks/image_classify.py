@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import os
 from typing import Any
 
 import jax
@@ -18,6 +17,7 @@ import jax.numpy as jnp
 
 from jaxft import metrics
 from jaxft import steps
+from jaxft import storage
 from jaxft.data import augment
 from jaxft.data import batches as batches_lib
 from jaxft.data import image_files
@@ -147,9 +147,9 @@ class ImageClassify(classify.Classifier):
     matrix = class_metrics.confusion(data.eval["label"], preds, n)
     recall = dict(zip(data.labels, class_metrics.recall_per_class(matrix)))
     if workdir is not None and jax.process_index() == 0:
-      folder = os.path.join(workdir, "confusion")
-      os.makedirs(folder, exist_ok=True)
-      confusion_png.save(matrix, data.labels, os.path.join(folder, f"step_{run.step}.png"),
+      folder = storage.join(workdir, "confusion")
+      storage.makedirs(folder)
+      confusion_png.save(matrix, data.labels, storage.join(folder, f"step_{run.step}.png"),
                          title=f"step {run.step}: accuracy {result['accuracy']:.4f}")
     return {**result, "recall": recall}
 
