@@ -22,6 +22,8 @@ from jaxft.errors import UserError  # The one exception type; errors.py imports 
 # The values each enumerated key takes.
 TASKS = ("classify", "causal_lm", "image_classify")  # config.task
 DTYPES = ("float32", "bfloat16")  # model.dtype, model.frozen_dtype
+QUANTIZED = ("int8", "nf4")  # model.frozen_dtype's quantized kinds (QLoRA; tuning/quantize.py)
+FROZEN_DTYPES = DTYPES + QUANTIZED  # model.frozen_dtype
 REMAT = ("none", "full", "dots")  # model.remat
 ATTENTION = ("auto", "jaxft", "fused", "splash")  # model.attention
 HOST_MEMORY = ("auto", "reuse", "release")  # train.host_memory
@@ -46,7 +48,11 @@ def base() -> ml_collections.ConfigDict:
   c.model.path = ""  # HF folder or hub id (causal_lm: also a .gguf file).
   c.model.dtype = "float32"  # Compute dtype; parameters stay float32.
   c.model.allow_pickle = False  # Read pytorch_model.bin (torch.load weights_only) if True.
-  c.model.frozen_dtype = "float32"  # Storage of frozen params (and LoRA bases): or bfloat16.
+  # Storage of frozen params (and LoRA bases): float32 | bfloat16 | int8 | nf4. int8 and nf4
+  # (QLoRA) store frozen Linear kernels quantized in blocks of 64 inputs with a float32 scale
+  # each (8.5 / 4.5 bits a weight), dequantized layer by layer in the step; every other
+  # frozen param (embeddings, norms, biases, kernels of other widths) is then bfloat16.
+  c.model.frozen_dtype = "float32"
   c.model.from_scratch = False  # Random init from config.json; the weights are not read.
   # How the layer stack runs (jaxft/models/stack.py); neither changes a result.
   c.model.scan_layers = False  # One lax.scan over the layers: compile time flat in depth.
@@ -180,8 +186,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _require(e.metric in EVAL_METRICS, "eval.metric", f"one of {EVAL_METRICS}", e.metric)
   _require(bool(config.model.path), "model.path", "a checkpoint folder or hub id", config.model.path)
   _require(config.model.dtype in DTYPES, "model.dtype", f"one of {DTYPES}", config.model.dtype)
-  _require(config.model.frozen_dtype in DTYPES, "model.frozen_dtype", f"one of {DTYPES}",
-           config.model.frozen_dtype)
+  _require(config.model.frozen_dtype in FROZEN_DTYPES, "model.frozen_dtype",
+           f"one of {FROZEN_DTYPES}", config.model.frozen_dtype)
   _require(bool(d.train), "data.train", "a data file or hub dataset name", d.train)
   _require(d.max_length > 1, "data.max_length", "> 1", d.max_length)
   for key in ("batch_size", "grad_accum", "num_steps", "eval_batch_size"):

@@ -39,6 +39,7 @@ from jaxft.aot import collectives
 from jaxft.aot import roofline
 from jaxft.aot import topology as topology_lib
 from jaxft.formats import hub
+from jaxft.models import stack
 from jaxft.tuning import optimizer
 from jaxft.tuning import param_paths
 from jaxft.tuning import rules
@@ -171,7 +172,7 @@ def measure(config: ml_collections.ConfigDict, model: Model,
     if temp is None:
       raise
     state = abstract_state(config, model.split, mesh)[0]
-    out = _state_figures(config, state, mesh)
+    out = _state_figures(config, state, mesh, model.split.sizes)
     # Outputs alias the donated state, so arguments + temporaries is the peak.
     peak = out["param_bytes_per_device"] + out["optimizer_state_bytes_per_device"] + temp
     out.update(step_flops=None, peak_memory_bytes=peak, temp_memory_bytes=temp,
@@ -182,7 +183,7 @@ def measure(config: ml_collections.ConfigDict, model: Model,
     return out
   seconds = time.perf_counter() - start
   flops, peak = compiled_costs(compiled)
-  out = _state_figures(config, state, mesh)
+  out = _state_figures(config, state, mesh, model.split.sizes)
   out.update(step_flops=flops, peak_memory_bytes=peak,
              # Activations (what remat trades for recompute) and XLA's scratch space.
              temp_memory_bytes=int(compiled.memory_analysis().temp_size_in_bytes),
@@ -205,11 +206,16 @@ def compiler_hbm_oom(message: str) -> int | None:
   return int(float(m.group(1)) * _UNITS[m.group(2)]) if m else None
 
 
-def _state_figures(config: ml_collections.ConfigDict, state: Any,
-                   mesh: jax.sharding.Mesh) -> dict[str, Any]:
-  """What the sharded train state alone says: sizes, bytes, bytes per device."""
+def _state_figures(config: ml_collections.ConfigDict, state: Any, mesh: jax.sharding.Mesh,
+                   sizes: dict[str, int]) -> dict[str, Any]:
+  """What the sharded train state says: sizes, bytes (as stored), bytes per device.
+
+  `sizes` (Split.sizes) counts parameters before quantization: a quantized
+  kernel (config.model.frozen_dtype int8 / nf4) is as many parameters as
+  before, in fewer bytes.
+  """
   return {
-      "params_total": tree_size(state["params"]) + tree_size(state["frozen"]),
+      "params_total": sum(sizes.values()),
       "params_trainable": tree_size(state["params"]),
       "param_bytes": tree_bytes(state["params"]) + tree_bytes(state["frozen"]),
       "optimizer_state_bytes": tree_bytes(state["opt_state"]),
@@ -277,7 +283,10 @@ def inspect(config: ml_collections.ConfigDict, show_params: bool = False,
     shapes = {p: tuple(v.get_value().shape)
               for p, v in param_paths.named_variables(split.params)
               + param_paths.named_variables(split.frozen)}
-    print(rules.listing(split.assignment, dict(sorted(shapes.items())), decay))
+    # Under scan_layers a stacked param (`.../stacked/...`) has the rule of its layer 0.
+    of = {p: split.assignment.of[stack.layer_path(p)] for p in shapes}
+    print(rules.listing(dataclasses.replace(split.assignment, of=of),
+                        dict(sorted(shapes.items())), decay))
     print()
   print(rules.table(split.assignment, split.sizes, decay))
   if topology:

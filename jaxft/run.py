@@ -155,8 +155,13 @@ def open_run(config: ml_collections.ConfigDict, workdir: str, model_path: str,
   if latest is None or saved_base is not None:
     if saved_base is not None:
       _check_same_base(saved_base, model_path, ckpt.directory, latest)
+    # A QLoRA base is quantized tensor by tensor as it is read: never whole and dense.
+    quantized = trainable.quantized_linears(
+        trainable.abstract_model(hf_config, config, task.name), config,
+        task.fresh_heads(hf_config))
     loaded = task.load(model_path, hf_config,
-                       shardings=lambda s: sharding.tree_shardings(s, mesh, rules_))
+                       shardings=lambda s: sharding.tree_shardings(s, mesh, rules_),
+                       quantized=quantized)
     if latest is None:
       _report_load(loaded.report)
     model = trainable.with_adapters(loaded.model, config)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import os
 import re
 import shutil
@@ -29,9 +30,11 @@ from jaxft import sharding
 from jaxft.errors import UserError
 from jaxft.formats import hub
 from jaxft.formats import weights
+from jaxft.models import layers
 from jaxft.models import naming
 from jaxft.models import registry
 from jaxft.tuning import param_paths
+from jaxft.tuning import quantize
 
 PREPROCESSOR_CONFIG = "preprocessor_config.json"
 
@@ -41,14 +44,18 @@ _IGNORED_KEYS = re.compile(r"(^|\.)(position_ids|embeddings\.token_type_ids)$")
 
 @dataclasses.dataclass
 class LoadReport:
-  """What a load did not match.
+  """What a load did not match, and what it read.
 
   Attributes:
     missing: our param paths that were initialised fresh (e.g. the head).
     unexpected: checkpoint keys that were not used.
+    bytes_read: bytes this process read from the checkpoint (its devices'
+      slices, or whole tensors where slices cannot be read; in the
+      checkpoint's dtype).
   """
   missing: list[str]
   unexpected: list[str]
+  bytes_read: int = 0
 
 
 @dataclasses.dataclass
@@ -73,40 +80,97 @@ def build_model(hf_config: transformers.PretrainedConfig, task: str, *,
 
 
 def _read_params(abstract: nnx.State, layout: naming.CheckpointLayout, ckpt: weights.Weights,
-                 param_dtype: Any, places: dict[str, Any]
+                 param_dtype: Any, places: dict[str, Any],
+                 quantized: dict[str, tuple[str, tuple[int, int]]]
                  ) -> tuple[dict[str, jax.Array], LoadReport]:
-  """The checkpoint tensors of `abstract`'s params, placed; the report of the rest."""
+  """The checkpoint tensors of `abstract`'s params, placed; the report of the rest.
+
+  `quantized`: kernel path -> (kind, dense shape) of the kernels stored
+  quantized (`_quantize_abstract`), each read dense, one at a time, and
+  quantized at once.
+  """
   flat = param_paths.named_variables(nnx.state(abstract, nnx.Param))
+  scales = {_scale_path(path) for path in quantized}
   values, used, missing = {}, set(), []
   for path, var in flat:
+    if path in scales:
+      continue  # Comes with its kernel.
     found = [(k, t) for k, t in layout.candidates(path, ckpt.fmt)
-             if k in ckpt.readers]
+             if k in ckpt.tensors]
     if not found:
       missing.append(path)
       continue
     key, transform = found[0]
-    raw = ckpt.readers[key]()
-    value = transform.to_ours(raw)
-    if value.shape != var.shape:
-      raise UserError(
-          f"Checkpoint tensor {key!r} has shape {raw.shape} (as our param "
-          f"{path!r}: {value.shape}) but the model built from config.json "
-          f"expects {var.shape}. Is num_labels or the config right?")
-    values[path] = _place(value.astype(param_dtype), places[path])
+    if path in quantized:
+      kind, shape = quantized[path]
+      dense = _read_param(ckpt, key, transform, path, shape, param_dtype, places[path])
+      values[path], values[_scale_path(path)] = jax.jit(
+          functools.partial(quantize.quantize, kind=kind),
+          out_shardings=(places[path], places[_scale_path(path)]))(dense)
+    else:
+      values[path] = _read_param(ckpt, key, transform, path, var.shape, param_dtype,
+                                 places[path])
     used.add(key)
   if not used:
     raise UserError(
         f"No tensor in {ckpt.source} matches a parameter of the model "
         f"(e.g. {layout.candidates(flat[0][0], ckpt.fmt)[0][0]!r}); "
         "does config.json's model_type match the weights?")
-  unexpected = sorted(k for k in ckpt.readers
+  unexpected = sorted(k for k in ckpt.tensors
                       if k not in used and not _IGNORED_KEYS.search(k))
-  return values, LoadReport(missing=missing, unexpected=unexpected)
+  return values, LoadReport(missing=missing, unexpected=unexpected, bytes_read=ckpt.bytes_read)
 
 
-def _place(value: np.ndarray, sharding: jax.sharding.Sharding) -> jax.Array:
-  """`value` laid out by `sharding`: each device gets only its own slice."""
-  return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
+def _read_param(ckpt: weights.Weights, key: str, transform: naming.Transform, path: str,
+                shape: tuple[int, ...], param_dtype: Any,
+                where: jax.sharding.Sharding) -> jax.Array:
+  """Checkpoint tensor `key` as our param `path` of `shape`, placed by `where`.
+
+  Each of this process's devices reads only its own slice when the format
+  reads slices (safetensors) and the transform maps a slice of ours to one of
+  theirs (axis permutations: IDENTITY, TRANSPOSE). Otherwise the whole tensor
+  is read once and sliced: GGUF, msgpack and .bin, which only read whole
+  tensors, and transforms without `axes`, such as ViT's patch conv kernel
+  (`vit._CONV`).
+  """
+  tensor = ckpt.tensors[key]
+  ours = None if tensor.shape is None else transform.our_shape(tensor.shape)
+  if tensor.sliceable and ours is not None:
+    _check_shape(key, path, tensor.shape, ours, shape)
+    # The dtype conversion is per element, so per slice gives the same values.
+    return _place(shape, where, lambda index: transform.to_ours(
+        ckpt.read(key, transform.their_index(index))).astype(param_dtype))
+  raw = ckpt.read(key)
+  value = transform.to_ours(raw)
+  _check_shape(key, path, raw.shape, value.shape, shape)
+  value = value.astype(param_dtype)
+  return _place(shape, where, lambda index: value[index])
+
+
+def _check_shape(key: str, path: str, theirs: tuple[int, ...], ours: tuple[int, ...],
+                 expected: tuple[int, ...]) -> None:
+  if tuple(ours) != tuple(expected):
+    raise UserError(
+        f"Checkpoint tensor {key!r} has shape {tuple(theirs)} (as our param "
+        f"{path!r}: {tuple(ours)}) but the model built from config.json "
+        f"expects {tuple(expected)}. Is num_labels or the config right?")
+
+
+def _place(shape: tuple[int, ...], sharding: jax.sharding.Sharding,
+           read: Callable[[weights.Index], np.ndarray]) -> jax.Array:
+  """The array of `shape` laid out by `sharding`, each device's slice from `read(index)`.
+
+  Only this process's devices ask; devices holding the same slice (replicas)
+  share one read.
+  """
+  reads: dict[tuple, np.ndarray] = {}
+
+  def slice_for(index: weights.Index) -> np.ndarray:
+    bounds = tuple((s.start, s.stop, s.step) for s in index)
+    if bounds not in reads:
+      reads[bounds] = read(index)
+    return reads[bounds]
+  return jax.make_array_from_callback(shape, sharding, slice_for)
 
 
 def _placements(abstract: nnx.State, shardings: Callable[[Any], Any] | None
@@ -119,11 +183,35 @@ def _placements(abstract: nnx.State, shardings: Callable[[Any], Any] | None
   return {param_paths.path_str(kp): s for kp, s in leaves}
 
 
-def _abstract(build: Callable[[], nnx.Module], shardings: Callable[[Any], Any] | None
-              ) -> tuple[nnx.GraphDef, nnx.State, dict[str, jax.sharding.Sharding]]:
-  """(graph, abstract state, placements) of the model `build` makes, nothing computed."""
-  graphdef, abstract = nnx.split(nnx.eval_shape(build))
-  return graphdef, abstract, _placements(abstract, shardings)
+def _scale_path(kernel_path: str) -> str:
+  return kernel_path + "_scale"
+
+
+def _quantize_abstract(model: nnx.Module, kinds: dict[str, str]
+                       ) -> dict[str, tuple[str, tuple[int, int]]]:
+  """Quantizes the Linears `kinds` names (module path -> kind) of abstract `model` in place.
+
+  Returns kernel path -> (kind, dense kernel shape) of each.
+  """
+  out = {}
+  for path, m in nnx.iter_modules(model):
+    name = "/".join(map(str, path))
+    if name in kinds and isinstance(m, layers.Linear):
+      m.quantize(kinds[name])
+      out[f"{name}/kernel"] = (kinds[name], (m.in_features, m.out_features))
+  return out
+
+
+def _abstract(build: Callable[[], nnx.Module], shardings: Callable[[Any], Any] | None,
+              quantized: dict[str, str] | None = None
+              ) -> tuple[nnx.GraphDef, nnx.State, dict[str, jax.sharding.Sharding],
+                         dict[str, tuple[str, tuple[int, int]]]]:
+  """(graph, abstract state, placements, quantized kernels) of the model `build` makes,
+  with the Linears `quantized` names stored quantized; nothing computed."""
+  model = nnx.eval_shape(build)
+  kernels = _quantize_abstract(model, quantized or {})
+  graphdef, abstract = nnx.split(model)
+  return graphdef, abstract, _placements(abstract, shardings), kernels
 
 
 def _materialise(build: Callable[[], nnx.Module], values: dict[str, jax.Array],
@@ -153,7 +241,8 @@ def load(path: str, task: str, *, num_labels: int | None = None,
          id2label: dict[int, str] | None = None, hf_config: Any = None,
          dtype: Any = jnp.float32, param_dtype: Any = jnp.float32, seed: int = 0,
          allow_pickle: bool = False,
-         shardings: Callable[[Any], Any] | None = None) -> Loaded:
+         shardings: Callable[[Any], Any] | None = None,
+         quantized: dict[str, str] | None = None) -> Loaded:
   """Loads a checkpoint as the model of a task kind.
 
   Params the checkpoint lacks (typically a classification head) are
@@ -174,8 +263,12 @@ def load(path: str, task: str, *, num_labels: int | None = None,
     seed: init seed for fresh params.
     allow_pickle: permit reading `pytorch_model.bin` (unpickling).
     shardings: maps the model's abstract state to shardings; the model is then
-      initialised sharded and each checkpoint tensor is copied straight into
-      its shards. None: everything on the default device.
+      initialised sharded, and each process reads from safetensors only the
+      slices of each tensor its devices hold (`report.bytes_read`). None:
+      everything on the default device.
+    quantized: Linear module path -> `tuning.quantize` kind, for frozen
+      kernels a QLoRA run stores quantized: each is quantized as soon as it
+      is read, so the dense model never exists whole on the devices.
 
   Raises:
     UserError: missing folder or weights, unsupported model_type, or a
@@ -186,9 +279,13 @@ def load(path: str, task: str, *, num_labels: int | None = None,
     hf_config = hub.load_hf_config(source, num_labels=num_labels, id2label=id2label)
   spec = registry.lookup(hf_config.model_type, task)
   build = lambda: build_model(hf_config, task, dtype=dtype, param_dtype=param_dtype, seed=seed)
-  graphdef, abstract, places = _abstract(build, shardings)
   with weights.open_weights(source, allow_pickle) as ckpt:
-    values, report = _read_params(abstract, spec.layout, ckpt, param_dtype, places)
+    # A kernel the checkpoint lacks is initialised dense (`split` quantizes it later).
+    present = {path: kind for path, kind in (quantized or {}).items()
+               if any(k in ckpt.tensors for k, _ in spec.layout.candidates(f"{path}/kernel",
+                                                                          ckpt.fmt))}
+    graphdef, abstract, places, kernels = _abstract(build, shardings, present)
+    values, report = _read_params(abstract, spec.layout, ckpt, param_dtype, places, kernels)
   return Loaded(model=_materialise(build, values, graphdef, abstract, places),
                 hf_config=hf_config, report=report, path=source)
 
@@ -198,8 +295,8 @@ def init_model(hf_config: transformers.PretrainedConfig, task: str, *, dtype: An
                shardings: Callable[[Any], Any] | None = None) -> Loaded:
   """A randomly initialised model of `hf_config` (training from scratch): no weights read."""
   build = lambda: build_model(hf_config, task, dtype=dtype, param_dtype=param_dtype, seed=seed)
-  return Loaded(model=_materialise(build, {}, *_abstract(build, shardings)), hf_config=hf_config,
-                report=LoadReport([], []), path="")
+  return Loaded(model=_materialise(build, {}, *_abstract(build, shardings)[:3]),
+                hf_config=hf_config, report=LoadReport([], []), path="")
 
 
 def export_tensors(model: nnx.Module, layout: naming.CheckpointLayout,
@@ -208,13 +305,17 @@ def export_tensors(model: nnx.Module, layout: naming.CheckpointLayout,
   """(our path, checkpoint key, float32 array in the checkpoint's layout) per param.
 
   Only params whose path `keep` accepts; sharded params are gathered, so
-  every process must iterate.
+  every process must iterate. Quantized kernels (QLoRA) come out dense,
+  dequantized one layer at a time; their scales are no checkpoint entry.
   """
+  quantized = {"/".join(map(str, p)) + "/kernel": m for p, m in nnx.iter_modules(model)
+               if isinstance(m, layers.Linear) and m.quantized}
   for path, var in param_paths.named_variables(nnx.state(model, nnx.Param)):
-    if not keep(path):
+    if not keep(path) or path.endswith("/kernel_scale"):
       continue
     key, transform = layout.export_name(path)
-    value = transform.to_theirs(sharding.to_host(var.get_value()).astype(np.float32))
+    value = quantized[path].weight(jnp.float32) if path in quantized else var.get_value()
+    value = transform.to_theirs(sharding.to_host(value).astype(np.float32))
     yield path, key, np.ascontiguousarray(value)
 
 

@@ -35,7 +35,8 @@ def _module_keys(layout: naming.CheckpointLayout,
   """Our module path -> transformers module name, for modules holding params."""
   keys = {}
   for path, _ in named:
-    if not re.fullmatch(lora.ADAPTER_PATH, path):
+    # A quantized kernel's scales (QLoRA) have no checkpoint name: export writes it dense.
+    if not re.fullmatch(lora.ADAPTER_PATH, path) and not path.endswith("/kernel_scale"):
       key, _ = layout.export_name(path)
       keys[path.rsplit("/", 1)[0]] = key.rsplit(".", 1)[0]
   return keys

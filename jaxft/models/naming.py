@@ -17,16 +17,50 @@ from typing import Callable
 import numpy as np
 
 
+Index = tuple[slice, ...]
+
+
 @dataclasses.dataclass(frozen=True)
 class Transform:
-  """A pair of inverse array maps between checkpoint and jaxft layouts."""
+  """A pair of inverse array maps between checkpoint and jaxft layouts.
+
+  Attributes:
+    to_ours: checkpoint layout -> ours.
+    to_theirs: ours -> checkpoint layout.
+    axes: when `to_ours` only permutes axes (`np.transpose(a, axes(a.ndim))`),
+      that permutation by rank; then a slice of our param is `to_ours` of a
+      slice of the checkpoint tensor, and loading reads only the slice. None
+      for any other map: loading reads the whole tensor.
+  """
   to_ours: Callable[[np.ndarray], np.ndarray]
   to_theirs: Callable[[np.ndarray], np.ndarray]
+  axes: Callable[[int], tuple[int, ...]] | None = None
+
+  def our_shape(self, shape: tuple[int, ...]) -> tuple[int, ...] | None:
+    """The shape `to_ours` gives a checkpoint tensor of `shape`; None if not a permutation."""
+    if self.axes is None:
+      return None
+    return tuple(shape[a] for a in self.axes(len(shape)))
+
+  def their_index(self, index: Index) -> Index | None:
+    """The slice of the checkpoint tensor whose `to_ours` is `ours[index]`.
+
+    `index` has one slice per dimension of our param, as
+    `jax.make_array_from_callback` passes it; None if not a permutation.
+    """
+    if self.axes is None:
+      return None
+    theirs: list[slice] = [slice(None)] * len(index)
+    for ours_dim, their_dim in enumerate(self.axes(len(index))):
+      theirs[their_dim] = index[ours_dim]
+    return tuple(theirs)
 
 
-IDENTITY = Transform(to_ours=lambda a: a, to_theirs=lambda a: a)
+IDENTITY = Transform(to_ours=lambda a: a, to_theirs=lambda a: a,
+                     axes=lambda ndim: tuple(range(ndim)))
 TRANSPOSE = Transform(to_ours=lambda a: np.transpose(a),
-                      to_theirs=lambda a: np.transpose(a))
+                      to_theirs=lambda a: np.transpose(a),
+                      axes=lambda ndim: tuple(reversed(range(ndim))))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -410,7 +410,8 @@ class ViTForImageClassification(ViTModel):
 # the patch conv kernel (PyTorch OIHW <-> our HWIO, where the generic
 # reversal would swap height and width), and the bare-tensor params.
 _CONV = naming.Transform(to_ours=lambda a: np.transpose(a, (2, 3, 1, 0)),
-                         to_theirs=lambda a: np.transpose(a, (3, 2, 0, 1)))
+                         to_theirs=lambda a: np.transpose(a, (3, 2, 0, 1)),
+                         axes=lambda ndim: (2, 3, 1, 0))
 VIT_TORCH_RULES: tuple[naming.NameRule, ...] = (
     naming.NameRule(r"(.*/patch_embeddings/projection)/kernel", r"\1/weight",
                     _CONV),

@@ -92,16 +92,17 @@ class Task:
     """The transformers config the task builds its model from."""
     raise NotImplementedError
 
-  def load(self, model_path: str, hf_config: Any,
-           shardings: Callable[[Any], Any]) -> hf.Loaded:
+  def load(self, model_path: str, hf_config: Any, shardings: Callable[[Any], Any],
+           quantized: dict[str, str] | None = None) -> hf.Loaded:
     """The pretrained model (or a fresh one with config.model.from_scratch) of
-    `hf_config` (this task's `hf_config(...)`), placed by `shardings`."""
+    `hf_config` (this task's `hf_config(...)`), placed by `shardings`; the
+    Linears `quantized` names (QLoRA) stored quantized as they are read."""
     c = self.config
     kw = dict(dtype=trainable.compute_dtype(c), seed=c.train.seed, shardings=shardings)
     if c.model.get("from_scratch"):
       return hf.init_model(hf_config, self.name, **kw)
     return hf.load(model_path, self.name, hf_config=hf_config,
-                   allow_pickle=c.model.allow_pickle, **kw)
+                   allow_pickle=c.model.allow_pickle, quantized=quantized, **kw)
 
   def fresh_heads(self, hf_config: Any) -> tuple[str, ...]:
     """Modules the task adds to the pretrained model: LoRA trains them by default,

@@ -4,7 +4,9 @@
 (in, rank) and `lora_b` (rank, out), and the scale `alpha / rank`, as PEFT's
 LoRA does (`lora_b` starts at zero, so the model is unchanged until trained).
 The base kernel keeps its path and layout, so checkpoints load as before; the
-optimizer rules freeze it (see `tuning/rules.py`). `merge` folds the adapters
+optimizer rules freeze it (see `tuning/rules.py`), and with
+config.model.frozen_dtype int8 / nf4 it is stored quantized (QLoRA,
+`tuning/quantize.py`). `merge` folds the adapters
 into the kernels for a plain HF export; `formats/peft.py` writes them as a
 PEFT adapter.
 """
@@ -64,7 +66,8 @@ def attach(model: nnx.Module, *, targets_regex: str, rank: int, alpha: float,
     m = modules[path]
     k = jax.random.fold_in(key, i)
     bound = 1.0 / math.sqrt(m.in_features)
-    dtype = m.kernel[...].dtype
+    # A kernel the load quantized (QLoRA) holds codes; its scales, the float dtype.
+    dtype = (m.kernel_scale if m.quantized else m.kernel)[...].dtype
     a = jax.random.uniform(k, (m.in_features, rank), dtype, -bound, bound)
     # The rank (8-64) is too small to shard: the other dimension takes the
     # fsdp axis too where the base layer's name for it does not (an MLP's
@@ -84,12 +87,15 @@ def _delta(m: layers.Linear) -> jax.Array:
 
 
 def merge(model: nnx.Module) -> nnx.Module:
-  """Folds every adapter into its kernel (float32) and removes it, in place."""
+  """Folds every adapter into its kernel (dense float32, dequantized) and removes it, in place.
+
+  Quantized kernels without an adapter stay quantized (`hf.export_tensors`
+  writes them dense).
+  """
   for _, m in linear_modules(model):
     if m.lora_a is None:
       continue
-    kernel = jnp.asarray(m.kernel[...], jnp.float32) + _delta(m)
-    m.kernel.set_value(kernel)
+    m.set_weight(m.weight(jnp.float32) + _delta(m))
     m.lora_a = m.lora_b = None
     m.lora_scale = 0.0
   return model

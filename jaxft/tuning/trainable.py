@@ -2,7 +2,9 @@
 
 The split is what makes frozen parameters free: `nnx.split` puts the
 trainable ones in `params` (differentiated, with optimizer state) and the
-rest in `frozen` (constants of the step, optionally stored in bfloat16).
+rest in `frozen` (constants of the step, stored as config.model.frozen_dtype
+says: float32, bfloat16, or for QLoRA int8 / nf4 Linear kernels, see
+`quantize_frozen`).
 """
 
 from __future__ import annotations
@@ -19,10 +21,14 @@ from jaxft.formats import hf
 from jaxft import config as config_lib
 from jaxft.tuning import lora
 from jaxft.tuning import param_paths
+from jaxft.tuning import quantize
 from jaxft.tuning import rules as rules_lib
 from jaxft.models import stack
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+# What a quantized run (config.model.frozen_dtype in quantize.KINDS) stores
+# its frozen parameters in that are not quantized Linear kernels.
+_QUANTIZED_REST = jnp.bfloat16
 
 
 def compute_dtype(config: ml_collections.ConfigDict) -> Any:
@@ -83,29 +89,97 @@ def _cast(x: Any, dtype: Any) -> Any:
   return x.astype(dtype)
 
 
+def _frozen_quantizable(model: nnx.Module, assignment: rules_lib.Assignment
+                        ) -> list[tuple[str, Any]]:
+  """(module path, Linear) of the Linears whose kernel is frozen and splits into blocks."""
+  trainable = assignment.trainable()
+  return [(path, m) for path, m in lora.linear_modules(model)
+          if f"{path}/kernel" not in trainable and quantize.fits(m.in_features)]
+
+
+def quantized_linears(model: nnx.Module, config: ml_collections.ConfigDict,
+                      heads: Sequence[str] = ()) -> dict[str, str]:
+  """Module path -> kind of the Linears a QLoRA run stores quantized (empty otherwise).
+
+  `model` (abstract is enough) with its adapters, as `split` will see it:
+  loading quantizes these kernels as it reads them (`hf.load(quantized=)`).
+  """
+  kind = config.model.frozen_dtype
+  if kind not in quantize.KINDS:
+    return {}
+  paths = [p for p, _ in param_paths.named_variables(nnx.state(model, nnx.Param))]
+  assignment = rules_lib.assign(rules_lib.all_rules(config, paths, heads), paths)
+  return {path: kind for path, _ in _frozen_quantizable(model, assignment)}
+
+
+def quantize_frozen(model: nnx.Module, assignment: rules_lib.Assignment,
+                    kind: str) -> rules_lib.Assignment:
+  """Stores the frozen kernel of every Linear as `kind` (quantize.KINDS), in place.
+
+  Only kernels whose in_features split into whole blocks; the others, like
+  every other frozen parameter, are left for `split` to cast. Kernels the
+  load already quantized stay as they are. Each `kernel_scale` takes its
+  kernel's rule (frozen); returns the assignment with them added. Works on
+  abstract models too.
+  """
+  of = dict(assignment.of)
+  for path, m in _frozen_quantizable(model, assignment):
+    if not m.quantized:
+      m.quantize(kind)
+    of[f"{path}/kernel_scale"] = of[f"{path}/kernel"]
+  return dataclasses.replace(assignment, of=of)
+
+
+def _sizes(model: nnx.Module) -> dict[str, int]:
+  """Parameter path -> element count, a quantized kernel counted as its dense (in, out)."""
+  sizes = {p: int(v.get_value().size)
+           for p, v in param_paths.named_variables(nnx.state(model, nnx.Param))}
+  for path, m in lora.linear_modules(model):
+    if m.quantized:
+      sizes[f"{path}/kernel"] = m.in_features * m.out_features
+      del sizes[f"{path}/kernel_scale"]
+  return sizes
+
+
+def _cast_frozen(frozen: nnx.State, dtype: Any) -> nnx.State:
+  """`frozen` with its float parameters in `dtype`; quantized kernels and their scales kept."""
+  def cast(path: tuple, var: nnx.Variable) -> nnx.Variable:
+    value = var.get_value()
+    if path[-1] == "kernel_scale" or not jnp.issubdtype(value.dtype, jnp.floating):
+      return var
+    return var.replace(_cast(value, dtype))
+  return nnx.from_flat_state([(p, cast(p, v)) for p, v in nnx.to_flat_state(frozen)])
+
+
 def split(model: nnx.Module, config: ml_collections.ConfigDict,
           heads: Sequence[str] = ()) -> Split:
   """Resolves the rules over `model`'s params and splits trainable from frozen.
 
   `heads`: modules the task adds to the pretrained model (Task.fresh_heads),
-  which LoRA trains by default.
+  which LoRA trains by default. With config.model.frozen_dtype int8 / nf4 the
+  frozen Linear kernels of `model` are quantized in place (`quantize_frozen`)
+  before the split, so the model is not the same afterwards.
 
   Raises:
     UserError: the rules do not fit the model (see `rules.assign`).
   """
-  named = param_paths.named_variables(nnx.state(model, nnx.Param))
-  paths = [p for p, _ in named]
+  # The model's parameter counts, not its storage; scales of kernels the
+  # load quantized take their kernel's rule below, not one of their own.
+  sizes = _sizes(model)
+  paths = list(sizes)
   assignment = rules_lib.assign(rules_lib.all_rules(config, paths, heads), paths)
   trainable = assignment.trainable()
+  kind = config.model.frozen_dtype
+  if kind in quantize.KINDS:
+    assignment = quantize_frozen(model, assignment, kind)
 
   def is_trainable(path: tuple, x: Any) -> bool:
     return isinstance(x, nnx.Param) and "/".join(map(str, path)) in trainable
 
   graphdef, params, frozen, rest = nnx.split(model, is_trainable, nnx.Param, ...)
-  frozen_dtype = _DTYPES[config.model.frozen_dtype]
+  frozen_dtype = _QUANTIZED_REST if kind in quantize.KINDS else _DTYPES[kind]
   if frozen_dtype != jnp.float32:
-    frozen = jax.tree.map(lambda x: _cast(x, frozen_dtype), frozen)
-  sizes = {p: int(v.get_value().size) for p, v in named}
+    frozen = _cast_frozen(frozen, frozen_dtype)
   if stack_options(config).scan:
     lists = stack.containers(model)
     params = stack.stack_state(params, lists, lambda p: assignment.of["/".join(map(str, p))])
