@@ -9,7 +9,6 @@ norms, biases, other kernels) is stored in bfloat16; trainable ones stay float32
 
 import json
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
