@@ -2,12 +2,14 @@
 
 Each row is one `plan.plan` run: bf16 compute, fp32 master weights, AdamW,
 packed sequences of 4,096 tokens, global batch 64, layers scanned; full
-fine-tune or LoRA r16 on attention + MLP (frozen base stored in bf16). The
-per-chip peak is the TPU compiler's; MFU and step time are roofline
-estimates (jaxft/aot/roofline.py).
+fine-tune, LoRA r16 on attention + MLP (frozen base stored in bf16), or
+QLoRA: the same adapters over a base whose Linear kernels are stored in NF4
+(config.model.frozen_dtype=nf4; embeddings and norms in bf16). The per-chip
+peak is the TPU compiler's; MFU and step time are roofline estimates
+(jaxft/aot/roofline.py).
 
   .venv/bin/python bench/tpu_plans.py [--models 8b 70b] [--topologies v5litepod-8 ...]
-      [--max_compiles 3] [--out bench/.cache/tpu_plans.json]
+      [--modes full lora qlora] [--max_compiles 3] [--out bench/.cache/tpu_plans.json]
 """
 
 from __future__ import annotations
@@ -29,7 +31,12 @@ MODELS = {"8b": "configs/models/llama-3.1-8b", "70b": "configs/models/llama-3.1-
 LORA_TARGETS = r".*/(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 
 
-def config(model: str, lora: bool, batch: int, length: int):
+# config.model.frozen_dtype of each adapter mode's base.
+FROZEN = {"lora": "bfloat16", "qlora": "nf4"}
+
+
+def config(model: str, mode: str, batch: int, length: int):
+  """`mode`: full | lora | qlora (see the module docstring)."""
   c = defaults.recipe("sft")
   c.model.path = os.path.join(ROOT, MODELS[model])
   c.model.dtype = "bfloat16"
@@ -38,10 +45,10 @@ def config(model: str, lora: bool, batch: int, length: int):
   c.data.packing = True
   c.train.batch_size = batch
   c.train.eval_batch_size = batch
-  if lora:
+  if mode in FROZEN:
     c.lora.rank = 16
     c.lora.targets = LORA_TARGETS
-    c.model.frozen_dtype = "bfloat16"
+    c.model.frozen_dtype = FROZEN[mode]
   return c
 
 
@@ -49,7 +56,8 @@ def main() -> None:
   p = argparse.ArgumentParser()
   p.add_argument("--models", nargs="+", default=["8b", "70b"])
   p.add_argument("--topologies", nargs="+", default=["v5litepod-8", "v5p-128", "v6e-64"])
-  p.add_argument("--modes", nargs="+", default=["full", "lora"])
+  p.add_argument("--modes", nargs="+", default=["full", "lora"],
+                 choices=["full", *FROZEN])
   p.add_argument("--batch", type=int, default=64)
   p.add_argument("--length", type=int, default=4096)
   p.add_argument("--max_compiles", type=int, default=3)
@@ -66,7 +74,7 @@ def main() -> None:
         log = io.StringIO()
         try:
           with contextlib.redirect_stdout(log):
-            out = plan.plan(config(model, mode == "lora", args.batch, args.length),
+            out = plan.plan(config(model, mode, args.batch, args.length),
                             topology.parse(name), max_compiles=args.max_compiles)
         except UserError as e:
           out = {"error": str(e)}

@@ -13,7 +13,7 @@ from typing import Any
 
 import orbax.checkpoint as ocp
 
-from jaxft import storage
+from jaxft.runtime import storage
 from jaxft.errors import UserError
 
 

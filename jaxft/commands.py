@@ -8,7 +8,7 @@ import ml_collections
 from jaxft import config as config_lib
 from jaxft import metrics
 from jaxft import run as run_lib
-from jaxft import storage
+from jaxft.runtime import storage
 from jaxft.errors import UserError
 from jaxft.formats import hub
 from jaxft.formats import peft

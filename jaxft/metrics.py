@@ -7,7 +7,7 @@ import sys
 import time
 from typing import Any, TextIO
 
-from jaxft import storage
+from jaxft.runtime import storage
 
 
 def is_primary() -> bool:

@@ -28,7 +28,7 @@ from jaxft import config as config_lib
 from jaxft import metrics
 from jaxft import sharding
 from jaxft import steps
-from jaxft import storage
+from jaxft.runtime import storage
 from jaxft import tasks
 from jaxft.errors import UserError
 from jaxft.formats import fingerprint

@@ -19,7 +19,7 @@ from jaxft import metrics as metrics_lib
 from jaxft import mfu
 from jaxft import run as run_lib
 from jaxft import sharding
-from jaxft import storage
+from jaxft.runtime import storage
 from jaxft.data import batches as batches_lib
 from jaxft.data import prefetch
 from jaxft.runtime import host_memory

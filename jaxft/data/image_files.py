@@ -21,7 +21,7 @@ from typing import Any, Sequence, Sized
 import numpy as np
 from PIL import Image
 
-from jaxft import storage
+from jaxft.runtime import storage
 from jaxft.data import sources
 from jaxft.data import text
 from jaxft.errors import UserError

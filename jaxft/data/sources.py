@@ -6,7 +6,7 @@ import os
 
 import datasets
 
-from jaxft import storage
+from jaxft.runtime import storage
 from jaxft.errors import UserError
 
 # File extension -> the `datasets` builder that reads it.

@@ -12,7 +12,7 @@ import re
 
 import transformers
 
-from jaxft import storage
+from jaxft.runtime import storage
 from jaxft.errors import UserError
 from jaxft.formats import gguf
 from jaxft.formats import weights

@@ -13,7 +13,7 @@ from typing import Any
 
 import jax
 
-from jaxft import storage
+from jaxft.runtime import storage
 from jaxft.errors import UserError
 
 

@@ -25,7 +25,7 @@ from jaxft import generate
 from jaxft import metrics
 from jaxft import sharding
 from jaxft import steps
-from jaxft import storage
+from jaxft.runtime import storage
 from jaxft.data import batches as batches_lib
 from jaxft.data import sft
 from jaxft.formats import hf

@@ -7,7 +7,7 @@ from typing import Sequence
 
 import numpy as np
 
-from jaxft import storage
+from jaxft.runtime import storage
 
 _CELL, _MARGIN = 44, 120
 

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 
 from jaxft import metrics
 from jaxft import steps
-from jaxft import storage
+from jaxft.runtime import storage
 from jaxft.data import augment
 from jaxft.data import batches as batches_lib
 from jaxft.data import image_files
