@@ -71,14 +71,17 @@ def _free_port():
     return s.getsockname()[1]
 
 
-def _two_processes(*args, devices=2, timeout=300):
-  """`jaxft ARGS` as two processes joined by jax.distributed; [(returncode, stderr, seconds)]."""
+def _two_processes(*args, devices=2, timeout=300, per_process=lambda pid, arg: arg):
+  """`jaxft ARGS` as two processes joined by jax.distributed; [(returncode, stderr, seconds)].
+
+  `per_process(pid, arg)` is the argument process `pid` gets for each of ARGS.
+  """
   port = _free_port()
   env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
   start = time.monotonic()
   procs = [subprocess.Popen(
-      [sys.executable, "-m", "jaxft.cli", *args, f"--coordinator_address=localhost:{port}",
-       "--num_processes=2", f"--process_id={pid}"],
+      [sys.executable, "-m", "jaxft.cli", *[per_process(pid, a) for a in args],
+       f"--coordinator_address=localhost:{port}", "--num_processes=2", f"--process_id={pid}"],
       cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
       for pid in range(2)]
   results = []
@@ -134,19 +137,12 @@ def test_processes_with_different_local_workdirs_exit_2_naming_shared_storage(
   args = tiny_flags(tiny_setup, tmp_path / "WORKDIR", "--config.train.num_steps=4",
                     "--config.train.eval_batch_size=16")
   # Each process gets its own folder, as two hosts' local disks would be.
-  port = _free_port()
-  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
-  procs = [subprocess.Popen(
-      [sys.executable, "-m", "jaxft.cli", "train",
-       *[a.replace("WORKDIR", f"host{pid}") for a in args],
-       f"--coordinator_address=localhost:{port}", "--num_processes=2", f"--process_id={pid}"],
-      cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-      for pid in range(2)]
-  start = time.monotonic()
-  errs = [p.communicate(timeout=180)[1] for p in procs]
-  print(f"different local workdirs: both processes exited after {time.monotonic() - start:.1f} s")
-  assert [p.returncode for p in procs] == [2, 2], errs[0][-2000:] + errs[1][-2000:]
-  assert "process(es) 1 of 2 cannot see" in errs[0] and "storage they all share" in errs[0]
+  results = _two_processes("train", *args, timeout=180,
+                           per_process=lambda pid, arg: arg.replace("WORKDIR", f"host{pid}"))
+  print(f"different local workdirs: both processes exited after {results[-1][2]:.1f} s")
+  assert [code for code, *_ in results] == [2, 2], results[0][1][-2000:] + results[1][1][-2000:]
+  assert "process(es) 1 of 2 cannot see" in results[0][1]
+  assert "storage they all share" in results[0][1]
   assert not (tmp_path / "host0" / "checkpoints").exists()
 
 

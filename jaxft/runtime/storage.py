@@ -85,22 +85,16 @@ def read_text(path: str) -> str:
 
 
 def write_text(path: str, text: str) -> None:
+  """Writes `path` whole, as UTF-8; a reader never sees half of it (`write_bytes`)."""
+  write_bytes(path, text.encode("utf-8"))
+
+
+def write_bytes(path: str, data: bytes) -> None:
   """Writes `path` whole; a reader never sees half of it.
 
   A Cloud Storage object appears only when its upload completes; a local file
   is written beside and renamed over.
   """
-  if is_remote(path):
-    _path(path).write_text(text, encoding="utf-8")
-    return
-  tmp = f"{path}.tmp"
-  with open(tmp, "w", encoding="utf-8") as f:
-    f.write(text)
-  os.replace(tmp, path)
-
-
-def write_bytes(path: str, data: bytes) -> None:
-  """As `write_text`, for bytes."""
   if is_remote(path):
     _path(path).write_bytes(data)
     return
