@@ -60,6 +60,7 @@ def run_arm(frozen_dtype: str, steps: int) -> dict:
   c = config(frozen_dtype, steps)
   workdir = os.path.join(CACHE, frozen_dtype)
   shutil.rmtree(workdir, ignore_errors=True)
+  os.makedirs(workdir + "-pretrained", exist_ok=True)
   before = commands.eval_command(c, workdir + "-pretrained")
   shutil.rmtree(workdir + "-pretrained", ignore_errors=True)
   start = time.perf_counter()

@@ -11,32 +11,86 @@ from __future__ import annotations
 
 from typing import Any
 
+import ml_collections
 import orbax.checkpoint as ocp
+from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 
 from jaxft.runtime import storage
 from jaxft.errors import UserError
 
 
-class Checkpointer:
-  """Saves every `every` steps (and on demand), keeps the last `keep`."""
+def best_mode(metric: str, mode: str) -> str:
+  """config.checkpoint.best_mode resolved: "auto" minimises losses and errors, maximises the rest."""
+  if mode != "auto":
+    return mode
+  return "min" if any(w in metric for w in ("loss", "perplexity", "error")) else "max"
 
-  def __init__(self, workdir: str, *, keep: int = 2, every: int = 0):
+
+class Checkpointer:
+  """Saves every `every` steps (and on demand), keeps the last `keep`.
+
+  With `best_metric` (an eval metric saved with a checkpoint, `save(metrics=)`),
+  also keeps the checkpoint where it was best (`best_mode` max or min) beside
+  the last `keep`: Orbax's preservation policies, LatestN or BestN.
+  """
+
+  def __init__(self, workdir: str, *, keep: int = 2, every: int = 0, best_metric: str = "",
+               best_mode: str = "max"):
     self.directory = storage.join(storage.resolve(workdir), "checkpoints")
     self.every = every
-    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=False)
+    self.best_metric = best_metric
+    if best_metric:
+      value = lambda metrics: float(metrics[best_metric])
+      policy = pp.AnyPreservationPolicy([pp.LatestN(n=keep), pp.BestN(
+          get_metric_fn=value, reverse=best_mode == "min", n=1,
+          keep_checkpoints_without_metrics=False)])
+      options = ocp.CheckpointManagerOptions(preservation_policy=policy, best_fn=value,
+                                             best_mode=best_mode, create=False)
+    else:
+      options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=False)
     self._manager = ocp.CheckpointManager(self.directory, options=options)
+
+  @classmethod
+  def of(cls, workdir: str, config: ml_collections.ConfigDict) -> "Checkpointer":
+    """The checkpointer config.checkpoint describes."""
+    c = config.checkpoint
+    metric = c.get("best_metric", "")
+    return cls(workdir, keep=c.keep, every=c.every, best_metric=metric,
+               best_mode=best_mode(metric, c.get("best_mode", "auto")))
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
 
+  def all_steps(self) -> list[int]:
+    """The steps kept, oldest first."""
+    return sorted(self._manager.all_steps())
+
+  def best_step(self) -> int | None:
+    """The kept step whose `best_metric` is best; None without a best_metric or any eval."""
+    if not self.best_metric:
+      return None
+    return self._manager.best_step()
+
   def should_save(self, step: int) -> bool:
     return self.every > 0 and step % self.every == 0
 
-  def save(self, step: int, state: Any, meta: dict) -> None:
-    """Starts an async save; arrays are copied off the device before it returns."""
+  def save(self, step: int, state: Any, meta: dict,
+           metrics: dict[str, float] | None = None) -> None:
+    """Starts an async save; arrays are copied off the device before it returns.
+
+    `metrics` (eval results at `step`) rank it for `best_step`.
+    """
     storage.makedirs(self.directory)
+    if metrics is not None and self.best_metric:
+      if self.best_metric not in metrics:
+        raise UserError(f"config.checkpoint.best_metric={self.best_metric!r} is not an eval "
+                        f"metric; eval reports {sorted(metrics)}")
+      metrics = {self.best_metric: float(metrics[self.best_metric])}
+    else:
+      metrics = None
     self._manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
+        state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), metrics=metrics,
+                       force=True)
 
   def meta(self, step: int) -> dict:
     """The JSON metadata saved with `step`, without reading any array."""

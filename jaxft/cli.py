@@ -1,8 +1,10 @@
 """`jaxft train | eval | export`: absl flags + ml_collections config files.
 
   jaxft train  --config=configs/classify.py --workdir=DIR [--profile=N] [--config.KEY=VALUE ...]
-  jaxft eval   --config=configs/classify.py --workdir=DIR [--config.KEY=VALUE ...]
+  jaxft eval   [--config=configs/classify.py] --workdir=DIR [--config.KEY=VALUE ...]
   jaxft export --workdir=DIR --out=HF_DIR [--format=hf|peft]
+  (eval, export, inspect, plan: without --config, the config the run in DIR
+   last trained with; --config.KEY=VALUE overrides apply on top)
   jaxft inspect --config=configs/classify.py|--workdir=DIR [--params]
                 [--topology=v5p-128 [--num_slices=N]] [--config.KEY=VALUE ...]
   jaxft plan --config=configs/sft.py --topology=v5p-128 [--num_slices=N] [--max_compiles=6]
@@ -30,6 +32,7 @@ whose `overrides` are the chosen config keys.
 from __future__ import annotations
 
 import json
+import signal
 import sys
 from typing import Sequence
 
@@ -38,7 +41,7 @@ from ml_collections import config_flags
 
 from jaxft import config as config_lib
 from jaxft.errors import UserError
-from jaxft.runtime.preemption import Interrupted
+from jaxft.runtime import preemption
 
 COMMANDS = ("train", "eval", "export", "inspect", "plan", "generate", "chat")
 USAGE = __doc__.split("\n\n")[1]
@@ -90,8 +93,35 @@ def _flag_error(e: Exception, argv: Sequence[str]) -> str:
   return lines[0]
 
 
+# Commands that, given --workdir and no --config, use the config that run trained with.
+_WORKDIR_CONFIG = ("eval", "export", "inspect", "plan")
+
+
+def _with_workdir_config(command: str, argv: Sequence[str]) -> list[str]:
+  """argv, plus `--config=run_record.py:DIR` where the run's own config stands in.
+
+  Loaded as a config file, the saved config takes `--config.KEY=VALUE`
+  overrides exactly as a recipe does.
+  """
+  argv = list(argv)
+  if command not in _WORKDIR_CONFIG or any(
+      a.lstrip("-").split("=", 1)[0] == "config" for a in argv[1:]):
+    return argv
+  workdir = None
+  for i, a in enumerate(argv[1:], 1):
+    name, eq, value = a.lstrip("-").partition("=")
+    if name == "workdir":
+      workdir = value if eq else (argv[i + 1] if i + 1 < len(argv) else None)
+  if not workdir:
+    return argv
+  from jaxft.runtime import run_record  # pylint: disable=g-import-not-at-top
+  # First: parsing --config defines the --config.KEY override flags that follow.
+  return [argv[0], f"--config={run_record.__file__}:{workdir}", *argv[1:]]
+
+
 def _parse(command: str, argv: Sequence[str]) -> None:
   """Parses flags (argv without the command); every failure becomes a UserError."""
+  argv = _with_workdir_config(command, argv)
   try:
     # A second run in one process must not inherit the first's flags, nor meet
     # the --config.KEY override flags that parsing the first recipe defined.
@@ -111,14 +141,14 @@ def _parse(command: str, argv: Sequence[str]) -> None:
     if command == "generate" and not _PROMPT.value:
       raise UserError("generate needs --prompt=TEXT")
     return
-  if command in ("inspect", "plan") and config is None and _WORKDIR.value:
-    return  # The run's own config.json (`_config`).
-  if command != "export" and config is None:
-    raise UserError("--config is required, e.g. --config=configs/classify.py")
-  if command == "plan" and not _TOPOLOGY.value:
-    raise UserError("plan needs --topology, e.g. --topology=v5p-128")
   if command not in ("inspect", "plan") and not _WORKDIR.value:
     raise UserError("--workdir is required")
+  if config is None:
+    raise UserError("--config is required, e.g. --config=configs/classify.py" + (
+        " (or --workdir=DIR alone: the config that run trained with)"
+        if command in _WORKDIR_CONFIG else ""))
+  if command == "plan" and not _TOPOLOGY.value:
+    raise UserError("plan needs --topology, e.g. --topology=v5p-128")
 
 
 def run(argv: Sequence[str]) -> int:
@@ -135,18 +165,16 @@ def run(argv: Sequence[str]) -> int:
   distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   from jaxft import commands, train  # pylint: disable=g-import-not-at-top
   if command == "train":
-    result = train.train(_CONFIG.value, _WORKDIR.value, profile_steps=_PROFILE.value)
-    if result is not None:
-      print(json.dumps(result))
+    print(json.dumps(train.train(_CONFIG.value, _WORKDIR.value, profile_steps=_PROFILE.value)))
   elif command == "eval":
     print(json.dumps(commands.eval_command(_CONFIG.value, _WORKDIR.value)))
   elif command == "inspect":
     from jaxft import inspect  # pylint: disable=g-import-not-at-top
-    print(json.dumps(inspect.inspect(_config(), show_params=_PARAMS.value,
+    print(json.dumps(inspect.inspect(_CONFIG.value, show_params=_PARAMS.value,
                                      topology=_topology())))
   elif command == "plan":
     from jaxft.aot import plan  # pylint: disable=g-import-not-at-top
-    print(json.dumps(plan.plan(_config(), _topology(), max_compiles=_MAX_COMPILES.value)))
+    print(json.dumps(plan.plan(_CONFIG.value, _topology(), max_compiles=_MAX_COMPILES.value)))
   elif command in ("generate", "chat"):
     _generate(command)
   else:
@@ -154,14 +182,6 @@ def run(argv: Sequence[str]) -> int:
       raise UserError("export needs --out=HF_DIR")
     commands.export_command(_WORKDIR.value, _OUT.value, _FORMAT.value)
   return 0
-
-
-def _config():
-  """--config, or for `inspect`/`plan --workdir=DIR` alone, the config DIR's run trained with."""
-  if _CONFIG.value is not None:
-    return _CONFIG.value
-  from jaxft import run as run_lib  # pylint: disable=g-import-not-at-top
-  return run_lib.saved_config(_WORKDIR.value)
 
 
 def _topology():
@@ -214,14 +234,22 @@ def _causal_lm():
 
 def main() -> None:
   """Console-script entry point."""
+  # First: a Ctrl-C during start-up (imports, loading, compiling) must end the run too.
+  previous = preemption.install()
+  preemption.reset()
   try:
-    sys.exit(run(sys.argv))
+    code = run(sys.argv)
+    preemption.check()  # A signal whose exception a gc callback swallowed.
+    sys.exit(code)
   except UserError as e:
     print(f"jaxft: error: {e}", file=sys.stderr)
     sys.exit(2)
-  except Interrupted as e:
-    print(f"jaxft: {e}", file=sys.stderr)
-    sys.exit(128 + e.signum)  # The shell's convention for "killed by signal N".
+  except KeyboardInterrupt as e:  # preemption.Interrupted, or a signal before install.
+    signum = getattr(e, "signum", signal.SIGINT)
+    print(f"jaxft: {e or 'stopped by SIGINT'}", file=sys.stderr)
+    sys.exit(128 + signum)  # The shell's convention for "killed by signal N".
+  finally:
+    preemption.restore(previous)  # For callers in-process (tests); a no-op at exit.
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ import ml_collections
 from jaxft import config as config_lib
 from jaxft import metrics
 from jaxft import run as run_lib
+from jaxft.runtime import run_record
 from jaxft.runtime import storage
 from jaxft.errors import UserError
 from jaxft.formats import hub
@@ -15,13 +16,26 @@ from jaxft.formats import peft
 
 
 def eval_command(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
-  """Evaluates the latest checkpoint in `workdir`, or the pretrained model if none."""
+  """Evaluates the latest checkpoint in `workdir`, or the pretrained model if none.
+
+  Raises:
+    UserError: `workdir` does not exist, or it holds no checkpoint and the
+      pretrained model lacks weights the task needs (a classifier's head).
+  """
+  run_record.require_workdir(workdir)
   storage.check_shared(workdir)
   model_path, task, data = run_lib.prepare(config, workdir, need_train=False)
   if data.eval is None:
     raise UserError("config.data.eval is empty: nothing to evaluate")
   run = run_lib.open_run(config, workdir, model_path, data.labels, task=task)
   try:
+    if run.untrained:
+      what = ("the classification head" if task.has_labels
+              else ", ".join(run.untrained[:3]) + ("..." if len(run.untrained) > 3 else ""))
+      raise UserError(f"nothing trained in {workdir}: {what} would be random")
+    if run.checkpointer.latest_step() is None:
+      metrics.log(f"no checkpoint in {workdir}: evaluating the pretrained model "
+                  f"{config.model.path}")
     result = task.evaluate(run, data)
   finally:
     run.checkpointer.close()

@@ -32,6 +32,7 @@ SCHEDULES = ("linear", "cosine", "constant")  # optim.schedule, a rule's schedul
 LOSS_ON = ("assistant", "last", "all")  # data.loss_on
 EVAL_METRICS = ("", "pass@1", "rouge_l")  # eval.metric
 EXPORT_FORMATS = ("hf", "peft")  # jaxft export --format
+BEST_MODES = ("auto", "max", "min")  # checkpoint.best_mode
 
 # Keys a rule's dict value may hold, and the types they take.
 RULE_KEYS = {"lr_mult": (int, float), "weight_decay": (int, float), "schedule": (str,),
@@ -81,6 +82,9 @@ def base() -> ml_collections.ConfigDict:
   # Freed host buffers: reuse (no per-step page faults on CPU) | release | auto
   # (reuse when JAX runs on the CPU). Process-wide; see jaxft/runtime/host_memory.py.
   c.train.host_memory = "auto"
+  # Stop after this many evals in a row without a better checkpoint.best_metric (default: eval
+  # loss); needs eval_every > 0. 0: never stop early.
+  c.train.early_stop_patience = 0
 
   c.optim = ml_collections.ConfigDict()
   c.optim.optimizer = "adamw"  # adamw | sgd.
@@ -117,6 +121,10 @@ def base() -> ml_collections.ConfigDict:
   c.checkpoint = ml_collections.ConfigDict()
   c.checkpoint.every = 0  # Steps between checkpoints; 0: only at the end.
   c.checkpoint.keep = 2  # How many recent checkpoints to keep.
+  # An eval metric (accuracy, loss, ...): every eval step is then saved and the best one kept
+  # beside the last `keep` (`jaxft export --step=best`). "": no best checkpoint.
+  c.checkpoint.best_metric = ""
+  c.checkpoint.best_mode = "auto"  # max | min | auto (min for losses and perplexity, else max).
   return c
 
 
@@ -210,6 +218,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _require(isinstance(o.rules, (tuple, list)), "optim.rules", "a list of (regex, value)", o.rules)
   _require(config.checkpoint.every >= 0, "checkpoint.every", ">= 0", config.checkpoint.every)
   _require(config.checkpoint.keep > 0, "checkpoint.keep", "> 0", config.checkpoint.keep)
+  mode = config.checkpoint.get("best_mode", "auto")
+  _require(mode in BEST_MODES, "checkpoint.best_mode", f"one of {BEST_MODES}", mode)
+  patience = t.get("early_stop_patience", 0)
+  _require(patience >= 0, "train.early_stop_patience", ">= 0", patience)
+  _require(not patience or t.eval_every > 0, "train.eval_every",
+           "> 0 when train.early_stop_patience is set", t.eval_every)
   validate_lora(config)
   rule_entries(o.rules)
 

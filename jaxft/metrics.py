@@ -35,6 +35,29 @@ class JsonlWriter:
     storage.append_text(self.path, json.dumps(record) + "\n")
 
 
+def recorded_eval(workdir: str, step: int) -> dict[str, Any] | None:
+  """The last eval metrics metrics.jsonl holds for `step` (without step and split), or None."""
+  path = storage.join(workdir, "metrics.jsonl")
+  if not storage.exists(path):
+    return None
+  found = None
+  for line in storage.read_text(path).splitlines():
+    try:
+      record = json.loads(line)
+    except json.JSONDecodeError:
+      continue  # A line cut short by a kill mid-write.
+    if record.get("split") == "eval" and record.get("step") == step:
+      found = {k: v for k, v in record.items() if k not in ("step", "split")}
+  return found
+
+
+def summary(metrics: dict[str, Any]) -> str:
+  """`name value, ...` for a log line: counts as integers, the rest to 4 decimals."""
+  fmt = lambda v: str(v) if isinstance(v, int) else f"{v:.4f}"
+  return ", ".join(f"{k} {fmt(v)}" for k, v in metrics.items()
+                   if isinstance(v, (int, float)) and not isinstance(v, bool))
+
+
 def _plain(v: Any) -> Any:
   return v.item() if hasattr(v, "item") else v
 

@@ -3,7 +3,8 @@
 `open_run` restores the latest checkpoint of a workdir, or loads the
 pretrained model for a new one; `restore` reopens a finished run for `eval`,
 `export` and `generate --workdir`. A workdir keeps the resolved config
-(`config.json`), a classifier's class names (`labels.json`), `metrics.jsonl`
+(`config.json`, plus one file per resume that changed it: `run_record`), a
+classifier's class names (`labels.json`), `metrics.jsonl`
 and `checkpoints/`, locally or at a gs:// URL (`storage`); a resumed run must
 split its parameters as the saved one did. A run with frozen parameters
 checkpoints only what trains and its optimizer state: on resume the frozen
@@ -28,6 +29,7 @@ from jaxft import config as config_lib
 from jaxft import metrics
 from jaxft import sharding
 from jaxft import steps
+from jaxft.runtime import run_record
 from jaxft.runtime import storage
 from jaxft import tasks
 from jaxft.errors import UserError
@@ -55,19 +57,27 @@ class Run:
   # The base checkpoint's fingerprint when frozen weights are re-read from it on
   # resume (checkpoints then skip them), else None.
   base: dict | None = None
+  meta: dict = dataclasses.field(default_factory=dict)  # The restored checkpoint's metadata.
+  # Params initialised at random: neither in the base checkpoint nor trained (no checkpoint).
+  untrained: tuple[str, ...] = ()
 
   @property
   def step(self) -> int:
     return int(self.state["step"])
 
-  def save(self, step: int) -> None:
+  def save(self, step: int, metrics: dict[str, float] | None = None,
+           meta: dict | None = None) -> None:
     """Starts saving the state at `step`: what trains and its optimizer state, plus the
-    frozen weights only when they cannot be re-read from the base checkpoint."""
-    state, meta = self.state, {"step": step}
+    frozen weights only when they cannot be re-read from the base checkpoint.
+
+    `metrics`: the eval results at `step` (for the best checkpoint); `meta`: more
+    JSON metadata to keep with it.
+    """
+    state, meta = self.state, {**(meta or {}), "step": step}
     if self.base is not None:
       state = {k: v for k, v in state.items() if k != "frozen"}
       meta["base"] = self.base
-    self.checkpointer.save(step, state, meta)
+    self.checkpointer.save(step, state, meta, metrics)
 
   def model(self) -> nnx.Module:
     """The current model, frozen and trained parameters together."""
@@ -118,10 +128,6 @@ def labels_file(workdir: str) -> str:
   return storage.join(workdir, "labels.json")
 
 
-def config_file(workdir: str) -> str:
-  return storage.join(workdir, "config.json")
-
-
 def read_labels(workdir: str) -> list[str] | None:
   """The label names a run in `workdir` trained with, or None for a new workdir."""
   path = labels_file(workdir)
@@ -146,10 +152,11 @@ def open_run(config: ml_collections.ConfigDict, workdir: str, model_path: str,
   t = config.train
   sharding.check_fits(mesh, batch_size=t.batch_size, grad_accum=t.grad_accum,
                       eval_batch_size=t.eval_batch_size, num_heads=hf_config.num_attention_heads)
-  ckpt = checkpoint.Checkpointer(workdir, keep=config.checkpoint.keep,
-                                 every=config.checkpoint.every)
+  ckpt = checkpoint.Checkpointer.of(workdir, config)
   latest = ckpt.latest_step()
-  saved_base = None if latest is None else ckpt.meta(latest).get("base")
+  meta = {} if latest is None else ckpt.meta(latest)
+  saved_base = meta.get("base")
+  untrained = ()
   if latest is not None:
     _check_same_partition(config, workdir)
   if latest is None or saved_base is not None:
@@ -164,6 +171,7 @@ def open_run(config: ml_collections.ConfigDict, workdir: str, model_path: str,
                        quantized=quantized)
     if latest is None:
       _report_load(loaded.report)
+      untrained = tuple(loaded.report.missing)
     model = trainable.with_adapters(loaded.model, config)
   else:
     # The checkpoint holds every parameter: build the model's shapes only.
@@ -185,7 +193,7 @@ def open_run(config: ml_collections.ConfigDict, workdir: str, model_path: str,
       state["frozen"] = jax.device_put(split.frozen, where.state["frozen"])
     log(f"restored checkpoint at step {latest} from {ckpt.directory}")
   base = _base_fingerprint(config, model_path, split)
-  return Run(split, state, tx, hf_config, ckpt, where, task, base)
+  return Run(split, state, tx, hf_config, ckpt, where, task, base, meta, untrained)
 
 
 def _base_fingerprint(config: ml_collections.ConfigDict, model_path: str,
@@ -218,25 +226,18 @@ _PARTITION_KEYS = ("optim.rules", "optim.layer_decay", "optim.optimizer", "lora"
 
 def _check_same_partition(config: ml_collections.ConfigDict, workdir: str) -> None:
   """Raises UserError if the run in `workdir` split its parameters differently."""
-  path = config_file(workdir)
-  if not storage.exists(path):
+  last = run_record.latest_config(workdir)
+  if last is None:
     return
-  saved = json.loads(storage.read_text(path))
-  now = json.loads(config_lib.to_json(config))
-
-  def get(tree: dict, key: str) -> Any:
-    for part in key.split("."):
-      tree = tree.get(part, {})
-    return tree
-
-  defaults = json.loads(config_lib.to_json(config_lib.base()))
-  for key in _PARTITION_KEYS:
-    # A key newer than the workdir's config had its default then.
-    was = get(saved, key) if get(saved, key) != {} else get(defaults, key)
-    if was != get(now, key):
-      raise UserError(f"{workdir} was trained with config.{key}={was!r}, not "
-                      f"{get(now, key)!r}; its checkpoints cannot resume with other "
-                      "trainable parameters. Use a new --workdir.")
+  defaults = run_record.changes(ml_collections.ConfigDict(), config_lib.base())
+  for key, (was, now) in run_record.changes(last, config).items():
+    if not any(key == k or key.startswith(k + ".") for k in _PARTITION_KEYS):
+      continue
+    if was is None and key in defaults and defaults[key][1] == now:
+      continue  # A key newer than the workdir's config: it had its default then.
+    raise UserError(f"{workdir} was trained with config.{key}={was!r}, not {now!r}: its "
+                    "checkpoints hold other trainable parameters. Leave out --config to use "
+                    "the run's own config, repeat its overrides, or train in a new --workdir.")
 
 
 def _report_load(report: hf.LoadReport) -> None:
@@ -256,18 +257,6 @@ def prepare(config: ml_collections.ConfigDict, workdir: str, *,
   return model_path, task, data
 
 
-def saved_config(workdir: str) -> ml_collections.ConfigDict:
-  """The config the run in `workdir` trained with (DIR/config.json).
-
-  Raises:
-    UserError: `workdir` holds no config.json.
-  """
-  path = config_file(workdir)
-  if not storage.exists(path):
-    raise UserError(f"{workdir} is not a jaxft workdir (no config.json)")
-  return config_lib.from_json(storage.read_text(path))
-
-
 def restore(workdir: str) -> tuple[ml_collections.ConfigDict, Run, str]:
   """(the run's config, its latest checkpoint opened, the local model path) for a workdir.
 
@@ -275,7 +264,7 @@ def restore(workdir: str) -> tuple[ml_collections.ConfigDict, Run, str]:
     UserError: not a jaxft workdir, or no checkpoint in it yet.
   """
   storage.check_shared(workdir)
-  config = saved_config(workdir)
+  config = run_record.saved_config(workdir)
   labels = read_labels(workdir)
   task = tasks.of(config)
   if labels is None and task.has_labels:

@@ -2,19 +2,28 @@
 
 Steps a run from its current step to `train.num_steps`: batches built ahead
 on a thread, one jitted step each, train metrics every `log_every` steps,
-evals, checkpoints, a JAX trace on request, and a clean stop (saved, exit
-128 + N) on SIGTERM / SIGINT. The math is in `steps.py` and the task's
-module; opening and resuming a run is `run.py`.
+evals, checkpoints (and the best one), early stopping, a JAX trace on
+request, and a clean stop (saved, exit 128 + N) on SIGTERM / SIGINT at any
+moment. The math is in `steps.py` and the task's module; opening and
+resuming a run is `run.py`.
+
+Rerunning a run: at `num_steps` (or stopped early) it is a no-op that prints
+the recorded final eval; with a larger `num_steps` it trains on, and the
+learning-rate schedule becomes the one the new `num_steps` gives from step 0
+(logged with the rate at the resumed step); a checkpoint past `num_steps` is
+an error. Each rerun's config changes are kept (`runtime/run_record.py`).
 """
 
 from __future__ import annotations
 
 import json
+import os
+import time
 
 import jax
 import ml_collections
 
-from jaxft import config as config_lib
+from jaxft import checkpoint
 from jaxft import metrics as metrics_lib
 from jaxft import mfu
 from jaxft import run as run_lib
@@ -22,42 +31,151 @@ from jaxft import sharding
 from jaxft.runtime import storage
 from jaxft.data import batches as batches_lib
 from jaxft.data import prefetch
+from jaxft.errors import UserError
 from jaxft.runtime import host_memory
 from jaxft.runtime import preemption
 from jaxft.runtime import profiling
+from jaxft.runtime import run_record
 from jaxft.tasks import Data
 from jaxft.tuning import optimizer
 
 log = metrics_lib.log
+# Seconds to sleep after each step: tests slow a tiny run down so that a signal
+# sent at a chosen moment lands mid-training without burning CPU.
+STEP_DELAY_ENV = "JAXFT_TEST_STEP_DELAY"
 
 
 def train(config: ml_collections.ConfigDict, workdir: str,
-          profile_steps: int = 0) -> dict[str, float] | None:
-  """Trains (or resumes) to `train.num_steps`; returns the final eval metrics if any.
+          profile_steps: int = 0) -> dict[str, float]:
+  """Trains (or resumes) to `train.num_steps`; returns the step and the final eval metrics.
 
   `profile_steps` > 0 writes a JAX trace of that many steps to DIR/profile.
+  A run already at `num_steps` (or stopped early) is a no-op that returns its
+  recorded final eval; a checkpoint past `num_steps` is a UserError.
   """
-  # Before anything starts JAX's backend: its threads must not have allocated yet.
-  host_memory.apply(config.train.get("host_memory", "auto"))
-  profiling.use_compilation_cache(config.train.get("compilation_cache", ""))
-  model_path, task, data = run_lib.prepare(config, workdir, need_train=True)
-  storage.makedirs(workdir)
-  storage.check_shared(workdir)
-  run = run_lib.open_run(config, workdir, model_path, data.labels, task=task)
+  run = None
+  try:
+    # Before anything starts JAX's backend: its threads must not have allocated yet.
+    host_memory.apply(config.train.get("host_memory", "auto"))
+    profiling.use_compilation_cache(config.train.get("compilation_cache", ""))
+    model_path, task, data = run_lib.prepare(config, workdir, need_train=True)
+    preemption.check()  # One the handler could not raise: stop before the slow part.
+    storage.makedirs(workdir)
+    storage.check_shared(workdir)
+    run = run_lib.open_run(config, workdir, model_path, data.labels, task=task)
+    finished = _finished(config, workdir, run, data)
+    if finished is not None:
+      return finished
+    _record_start(config, workdir, run, data)
+    preemption.check()
+    return _loop(config, workdir, run, data, profile_steps)
+  except preemption.Interrupted as e:
+    if e.detail:
+      raise
+    at = f"before step {run.step + 1}" if run is not None else "before any step"
+    raise preemption.Interrupted(e.signum, f"during start-up, {at}: nothing new to save; "
+                                 "rerun the same command to go on") from None
+  finally:
+    if run is not None:
+      run.checkpointer.close()  # Waits for a pending async save.
+
+
+def _finished(config: ml_collections.ConfigDict, workdir: str, run: run_lib.Run,
+              data: Data) -> dict[str, float] | None:
+  """The result of a run with nothing left to train, else None; UserError past num_steps."""
+  t = config.train
+  if run.step > t.num_steps:
+    raise UserError(
+        f"the checkpoint in {workdir} is at step {run.step}, past config.train.num_steps="
+        f"{t.num_steps}: a run cannot go back; set num_steps >= {run.step} to train on, "
+        "export an earlier kept step (jaxft export --step=N), or use a new --workdir")
+  patience = _Patience.of(config, run.meta)
+  if run.step < t.num_steps and not patience.exhausted:
+    return None
+  why = (f"stopped early at step {run.step} ({patience})" if run.step < t.num_steps
+         else f"is at config.train.num_steps={t.num_steps}")
+  log(f"nothing to train: {workdir} {why}; raise config.train.num_steps"
+      f"{' or early_stop_patience' if patience.exhausted else ''} to train on")
+  result = metrics_lib.recorded_eval(workdir, run.step)
+  if result is None and data.eval is not None:  # Killed between the last save and its eval.
+    result = run.task.evaluate(run, data, workdir)
+    metrics_lib.JsonlWriter(workdir).write(run.step, "eval", result)
+  return {"step": run.step, **(result or {})}
+
+
+def _record_start(config: ml_collections.ConfigDict, workdir: str, run: run_lib.Run,
+                  data: Data) -> None:
+  """Writes config.json (never over an earlier one), labels.json and the resume record."""
+  was, changed = None, {}
   if metrics_lib.is_primary():
     # Other processes may read these meanwhile: storage writes are never half-done.
-    storage.write_text(run_lib.config_file(workdir), config_lib.to_json(config))
+    was, changed = run_record.record_start(workdir, config, run.step)
     if data.labels is not None:
       storage.write_text(run_lib.labels_file(workdir), json.dumps(data.labels))
-  log(f"{task.describe(data)}; step {run.step} -> {config.train.num_steps}")
-  try:
-    return _loop(config, workdir, run, data, profile_steps)
-  finally:
-    run.checkpointer.close()  # Waits for a pending async save.
+  log(f"{run.task.describe(data)}; step {run.step} -> {config.train.num_steps}")
+  if was is None:
+    return
+  log(f"resuming {workdir} at step {run.step}" + ("; config changes: " + ", ".join(
+      f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items()) if changed else ""))
+  old, new = (optimizer.schedule(optimizer.Schedule.of(c)) for c in (was, config))
+  if float(old(run.step)) != float(new(run.step)):
+    # The schedule is a function of num_steps (and optim.*): a longer run decays over
+    # the new total from step 0, so the rate at the resumed step changes.
+    log(f"learning-rate schedule recomputed for {config.train.num_steps} steps: lr at step "
+        f"{run.step + 1} is {float(new(run.step)):.3g} (the old schedule gave "
+        f"{float(old(run.step)):.3g})")
+
+
+class _Patience:
+  """The best eval value of the tracked metric so far and the evals since (early stopping).
+
+  The metric is config.checkpoint.best_metric, else the eval loss; the state
+  travels in each checkpoint's metadata, so a resumed run counts on exactly.
+  """
+
+  def __init__(self, metric: str, mode: str, limit: int, state: dict):
+    self.metric, self.mode, self.limit = metric, mode, limit
+    self.best = state.get("value")
+    self.best_step = state.get("step")
+    self.evals_since = state.get("evals_since", 0) if state.get("metric") == metric else 0
+    if state.get("metric") != metric:
+      self.best = self.best_step = None
+
+  @classmethod
+  def of(cls, config: ml_collections.ConfigDict, meta: dict) -> "_Patience":
+    metric = config.checkpoint.get("best_metric", "") or "loss"
+    mode = checkpoint.best_mode(metric, config.checkpoint.get("best_mode", "auto"))
+    return cls(metric, mode, config.train.get("early_stop_patience", 0), meta.get("best", {}))
+
+  @property
+  def exhausted(self) -> bool:
+    return self.limit > 0 and self.evals_since >= self.limit
+
+  def update(self, step: int, result: dict[str, float], required: bool) -> None:
+    """Counts one eval; `required`: a missing metric is a UserError, not skipped."""
+    if self.metric not in result:
+      if not required:
+        return
+      raise UserError(f"config.checkpoint.best_metric={self.metric!r} is not an eval metric; "
+                      f"eval reports {sorted(result)}")
+    value = float(result[self.metric])
+    better = self.best is None or (value > self.best if self.mode == "max" else value < self.best)
+    if better:
+      self.best, self.best_step, self.evals_since = value, step, 0
+    else:
+      self.evals_since += 1
+
+  def meta(self) -> dict:
+    return {"best": {"metric": self.metric, "value": self.best, "step": self.best_step,
+                     "evals_since": self.evals_since}}
+
+  def __str__(self) -> str:
+    return (f"best {self.metric} {self.best:.4f} at step {self.best_step}, "
+            f"then {self.evals_since} evals without improvement")
 
 
 def _loop(config: ml_collections.ConfigDict, workdir: str, run: run_lib.Run, data: Data,
-          profile_steps: int = 0) -> dict[str, float] | None:
+          profile_steps: int = 0) -> dict[str, float]:
   t = config.train
   step_fn = run_lib.make_step_fn(config, run.split, run.tx, run.placement, run.task.objective)
   batches = batches_lib.TrainBatches(data.train, t.batch_size, t.seed)
@@ -68,11 +186,10 @@ def _loop(config: ml_collections.ConfigDict, workdir: str, run: run_lib.Run, dat
   tokens = run.task.tokens_per_example(run.hf_config)
   flops_per_example = tokens * run.task.flops_per_token(run.split.sizes, run.hf_config)
   peak = _total_peak() if t.log_every else 0.0  # Measured on CPU: only when it is logged.
-
-  def run_eval() -> dict[str, float]:
-    result = run.task.evaluate(run, data, workdir)
-    writer.write(run.step, "eval", result)
-    return result
+  patience = _Patience.of(config, run.meta)
+  best_metric = config.checkpoint.get("best_metric", "")
+  result: dict[str, float] = {}
+  delay = float(os.environ.get(STEP_DELAY_ENV) or 0)
 
   make_batch = lambda step: sharding.global_batch(batches.lazy(step - 1), run.placement.batch)
   with preemption.StopRequest() as stop, prefetch.Prefetch(
@@ -84,6 +201,8 @@ def _loop(config: ml_collections.ConfigDict, workdir: str, run: run_lib.Run, dat
         trace.before(step)
         run.state, m = step_fn(run.state, batch)
         trace.after(step, run.state)
+      if delay:
+        time.sleep(delay)
       loss = None
       if t.log_every and step % t.log_every == 0:
         m = {k: float(v) for k, v in m.items()}
@@ -94,25 +213,29 @@ def _loop(config: ml_collections.ConfigDict, workdir: str, run: run_lib.Run, dat
                                      "mfu": rate * flops_per_example / peak})
         loss = m["loss"]
       progress.update(step, loss)
-      if step == t.num_steps:
-        break
-      if data.eval is not None and t.eval_every and step % t.eval_every == 0:
-        run_eval()
-      if run.checkpointer.should_save(step) or stop.signum is not None:
-        run.save(step)
+      last = step == t.num_steps
+      evaluated = None
+      # A stop request skips the eval: saving comes first (a rerun evaluates).
+      if (data.eval is not None and stop.signum is None
+          and (last or (t.eval_every and step % t.eval_every == 0))):
+        evaluated = result = run.task.evaluate(run, data, workdir)
+        writer.write(step, "eval", evaluated)
+        patience.update(step, evaluated, required=bool(best_metric or patience.limit))
+      if (last or stop.signum is not None or patience.exhausted
+          or run.checkpointer.should_save(step) or (evaluated is not None and best_metric)):
+        run.save(step, metrics=evaluated, meta=patience.meta())
       if stop.signum is not None:
         progress.close()
-        raise preemption.Interrupted(stop.signum, step)
+        raise preemption.Interrupted(stop.signum, f"at step {step}; checkpoint saved, rerun the "
+                                     "same command to resume")
+      if patience.exhausted:
+        log(f"early stop at step {step}: {patience}")
+        break
   progress.close()
   trace.stop(run.state)  # A run shorter than the trace still gets one.
-  if run.checkpointer.latest_step() != run.step:
-    run.save(run.step)
-  if data.eval is None:
-    return None
-  result = run_eval()
-  log(f"held-out eval at step {run.step}: " + ", ".join(
-      f"{k} {v:.4f}" for k, v in result.items() if isinstance(v, (int, float))))
-  return result
+  if result:
+    log(f"held-out eval at step {run.step}: {metrics_lib.summary(result)}")
+  return {"step": run.step, **result}
 
 
 def _total_peak() -> float:

@@ -106,12 +106,6 @@ def test_eval_and_export_agree_with_transformers(tiny_setup, tmp_path):
   assert acc == pytest.approx(metrics["accuracy"])
 
 
-def test_eval_without_checkpoint_uses_the_pretrained_model(tiny_setup, tmp_path):
-  ev = jaxft_in_process("eval", *tiny_flags(tiny_setup, tmp_path / "fresh"))
-  assert ev.returncode == 0, ev.stderr
-  assert json.loads(ev.stdout.strip().splitlines()[-1])["step"] == 0
-
-
 def test_sigterm_saves_a_checkpoint_and_exits_143(tiny_setup, tmp_path):
   workdir = tmp_path / "w"
   args = [sys.executable, "-m", "jaxft.cli", "train",

@@ -36,11 +36,15 @@ def tiny_sft_config(root, **train_overrides):
 
 
 def test_sft_lowers_the_assistant_loss_writes_samples_and_resumes_the_eval(tiny_chat_lm,
-                                                                           tmp_path):
+                                                                           tmp_path, capsys):
   config = tiny_sft_config(tiny_chat_lm)
+  (tmp_path / "fresh").mkdir()
   before = commands.eval_command(config, str(tmp_path / "fresh"))
+  # A language model means something untrained: evaluated, and said so.
+  assert (f"no checkpoint in {tmp_path / 'fresh'}: evaluating the pretrained model "
+          f"{config.model.path}") in capsys.readouterr().err
   result = train.train(config, str(tmp_path / "run"))
-  assert set(result) == {"tokens", "loss", "perplexity"}
+  assert set(result) == {"step", "tokens", "loss", "perplexity"} and result["step"] == 8
   assert result["tokens"] == before["tokens"] > 100
   assert result["loss"] < 0.9 * before["loss"]
   assert result["perplexity"] == pytest.approx(math.exp(result["loss"]))
@@ -57,6 +61,7 @@ def test_packing_on_and_off_give_the_same_eval_loss(tiny_chat_lm, tmp_path):
   for packing in (True, False):
     config = tiny_sft_config(tiny_chat_lm)
     config.data.packing = packing
+    (tmp_path / str(packing)).mkdir()
     losses[packing] = commands.eval_command(config, str(tmp_path / str(packing)))
   assert losses[True]["tokens"] == losses[False]["tokens"]
   assert losses[True]["loss"] == pytest.approx(losses[False]["loss"], rel=1e-5)

@@ -26,7 +26,7 @@ def _params(workdir, config):
 
 def test_training_writes_metrics_config_and_checkpoints(tiny_setup, tmp_path):
   result = train.train(tiny_config(tiny_setup), str(tmp_path))
-  assert set(result) == {"loss", "accuracy", "f1"}
+  assert set(result) == {"step", "loss", "accuracy", "f1"} and result["step"] == 6
   events = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
   assert [e["step"] for e in events if e["split"] == "train"] == [2, 4, 6]
   assert events[-1]["split"] == "eval" and events[-1]["step"] == 6
@@ -116,5 +116,5 @@ def test_resuming_with_other_rules_is_a_clear_error(tiny_setup, tmp_path):
   train.train(tiny_config(tiny_setup, num_steps=2), str(tmp_path))
   config = tiny_config(tiny_setup, num_steps=4)
   config.optim.rules = (("embeddings/.*", None), (".*", 1.0))
-  with pytest.raises(UserError, match="trained with config.optim.rules=.*new --workdir"):
+  with pytest.raises(UserError, match="trained with config.optim.rules=.*in a new --workdir"):
     train.train(config, str(tmp_path))

@@ -125,6 +125,15 @@ def makedirs(path: str) -> None:
     os.makedirs(path, exist_ok=True)
 
 
+def listdir(path: str) -> list[str]:
+  """The names directly under the folder `path` ([] if it does not exist)."""
+  try:
+    p = _path(path)
+    return sorted(c.name for c in p.iterdir()) if p.exists() else []
+  except Exception as e:  # gcsfs raises many types for a bucket it cannot reach.
+    raise _io_error("list", path, e) from e
+
+
 def remove(path: str) -> None:
   """Deletes the file `path` if it exists."""
   with contextlib.suppress(FileNotFoundError):
