@@ -197,6 +197,8 @@ def _topology():
 def _generate(command: str) -> None:
   """`generate`: one completion per prompt on stdout; `chat`: a turn per stdin line."""
   from jaxft import generate  # pylint: disable=g-import-not-at-top
+  from jaxft.runtime import profiling  # pylint: disable=g-import-not-at-top
+  profiling.use_default_compilation_cache()
   model, tokenizer = _causal_lm()
   kw = dict(max_new_tokens=_MAX_NEW.value, stop=_STOP.value, seed=_SEED.value,
             sampling=generate.Sampling(_TEMPERATURE.value, _TOP_K.value, _TOP_P.value))

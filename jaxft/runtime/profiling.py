@@ -60,6 +60,17 @@ def use_compilation_cache(directory: str) -> None:
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
+# `generate` and `chat` keep compiled programs here unless JAX_COMPILATION_CACHE_DIR says
+# where: their start-up is mostly compiling the same prefill and decode steps each call.
+DEFAULT_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "jaxft", "xla")
+
+
+def use_default_compilation_cache() -> None:
+  """`use_compilation_cache(DEFAULT_CACHE)`, unless a cache folder is already configured."""
+  if not jax.config.jax_compilation_cache_dir:
+    use_compilation_cache(DEFAULT_CACHE)
+
+
 def _check_profiler_safe() -> None:
   """Raises UserError where JAX's profiler would crash the process.
 
