@@ -1,4 +1,4 @@
-"""`jaxft train | eval | export`: absl flags + ml_collections config files.
+"""`jaxft train | eval | export | ...`: absl flags + ml_collections config files.
 
   jaxft train  --config=configs/classify.py --workdir=DIR [--profile=N] [--config.KEY=VALUE ...]
   jaxft eval   [--config=configs/classify.py] --workdir=DIR [--config.KEY=VALUE ...]
@@ -10,6 +10,9 @@
   jaxft plan --config=configs/sft.py --topology=v5p-128 [--num_slices=N] [--max_compiles=6]
   jaxft generate --model=HF_DIR|HUB_ID|FILE.gguf|--workdir=DIR --prompt=TEXT [--prompt ...] [--chat]
   jaxft chat --model=HF_DIR|HUB_ID|FILE.gguf|--workdir=DIR   (one user turn per stdin line)
+  jaxft config --config=configs/classify.py|--workdir=DIR [--config.KEY=VALUE ...]
+               (prints every config key, its value and what it does)
+  jaxft COMMAND --help   (that command's flags)
   (--workdir, --out and model / data paths may be gs://BUCKET/PATH URLs.
    many hosts: add --coordinator_address=HOST:PORT --num_processes=N --process_id=I
    where JAX does not find them itself, as it does on TPU VMs and under SLURM)
@@ -32,18 +35,20 @@ whose `overrides` are the chosen config keys.
 from __future__ import annotations
 
 import json
+import re
 import signal
 import sys
 from typing import Sequence
 
 from absl import flags
+import ml_collections
 from ml_collections import config_flags
 
 from jaxft import config as config_lib
 from jaxft.errors import UserError
 from jaxft.runtime import preemption
 
-COMMANDS = ("train", "eval", "export", "inspect", "plan", "generate", "chat")
+COMMANDS = ("train", "eval", "export", "inspect", "plan", "generate", "chat", "config")
 USAGE = __doc__.split("\n\n")[1]
 
 FLAGS = flags.FLAGS
@@ -80,21 +85,67 @@ _PROFILE = flags.DEFINE_integer("profile", 0, "train: write a JAX trace of this 
 
 def _flag_error(e: Exception, argv: Sequence[str]) -> str:
   """A one-line explanation of why flag parsing failed."""
-  if isinstance(e, (AttributeError, KeyError)):
-    name = str(e).strip("'\"")
-    for arg in argv:
-      key = arg.lstrip("-").split("=", 1)[0]
-      if key.startswith("config.") and key.split(".")[-1] == name:
-        return f"unknown config key {key!r}"
-    return f"unknown config key {name!r}"
+  # A wrong key fails as an AttributeError or KeyError, or a TypeError below a tuple.
+  unknown = _unknown_key(argv) if isinstance(e, (AttributeError, KeyError, TypeError)) else None
+  if unknown:
+    return unknown
+  if isinstance(e, (AttributeError, KeyError)):  # The config did not load again: its bare name.
+    innermost = e  # KeyError('num_step'), whose str is the quoted name.
+    while innermost.__cause__ or innermost.__context__:
+      innermost = innermost.__cause__ or innermost.__context__
+    name = str(innermost).splitlines()[0].strip("'\"")
+    return f"unknown config key {name}"
+  syntax = _cause(e, SyntaxError)
+  flag = re.match(r"flag --(config\.[\w.]+)=", str(e))
+  if syntax is not None and syntax.text is not None and flag:
+    # ml_collections' tuple parser would advise quoting, which only hides the typo.
+    problem = config_lib.literal_error(syntax.text) or syntax.msg
+    return f"{flag.group(1)} is not a Python literal ({problem})"
   lines = [l.strip() for l in str(e).splitlines() if l.strip()]
   if isinstance(e, OSError):  # A config file that failed to load: the cause is last.
     return f"cannot load --config: {lines[-1]}"
   return lines[0]
 
 
+def _cause(e: BaseException | None, kind: type[BaseException]) -> BaseException | None:
+  """The first exception of type `kind` in `e`'s chain of causes, or None."""
+  while e is not None and not isinstance(e, kind):
+    e = e.__cause__ or e.__context__
+  return e
+
+
+def _unknown_key(argv: Sequence[str]) -> str | None:
+  """`unknown config key KEY (did you mean KEY2?)` for the first --config.KEY the config lacks.
+
+  ml_collections' own message is the KeyError's repr inside an AttributeError,
+  with a suggestion of its own; the config itself is loaded again to name the
+  whole key and to find the closest one.
+  """
+  keys = [a.lstrip("-").split("=", 1)[0][len("config."):] for a in argv[1:]
+          if a.lstrip("-").startswith("config.")]
+  config = _load_config_file(argv)
+  for key in keys if config is not None else ():
+    problem = config_lib.unknown_key(config, key)
+    if problem:
+      return problem
+  return None
+
+
+def _load_config_file(argv: Sequence[str]) -> ml_collections.ConfigDict | None:
+  """The config that `--config=FILE[:ARG]` in argv names, without overrides; None if it fails."""
+  for i, a in enumerate(argv[1:], 1):
+    name, eq, value = a.lstrip("-").partition("=")
+    if name == "config":
+      value = value if eq else (argv[i + 1] if i + 1 < len(argv) else "")
+      try:
+        return FLAGS["config"].parser.parse(value)
+      except Exception:  # pylint: disable=broad-except  # The caller falls back to less detail.
+        return None
+  return None
+
+
 # Commands that, given --workdir and no --config, use the config that run trained with.
-_WORKDIR_CONFIG = ("eval", "export", "inspect", "plan")
+_WORKDIR_CONFIG = ("eval", "export", "inspect", "plan", "config")
 
 
 def _with_workdir_config(command: str, argv: Sequence[str]) -> list[str]:
@@ -141,7 +192,7 @@ def _parse(command: str, argv: Sequence[str]) -> None:
     if command == "generate" and not _PROMPT.value:
       raise UserError("generate needs --prompt=TEXT")
     return
-  if command not in ("inspect", "plan") and not _WORKDIR.value:
+  if command not in ("inspect", "plan", "config") and not _WORKDIR.value:
     raise UserError("--workdir is required")
   if config is None:
     raise UserError("--config is required, e.g. --config=configs/classify.py" + (
@@ -154,12 +205,19 @@ def _parse(command: str, argv: Sequence[str]) -> None:
 def run(argv: Sequence[str]) -> int:
   """Runs one command; returns the process exit code."""
   help_asked = bool({"-h", "--help"} & set(argv))
+  unknown = len(argv) > 1 and not argv[1].startswith("-") and argv[1] not in COMMANDS
+  if unknown:
+    print(f"jaxft: error: unknown command {argv[1]}", file=sys.stderr)
   if len(argv) < 2 or argv[1] not in COMMANDS or help_asked:
-    print(f"usage:\n{USAGE}\n\nConfig keys: see the recipe file and jaxft/config.py.",
+    help_asked = help_asked and not unknown
+    print(_help(argv[1] if help_asked and len(argv) > 1 else ""),
           file=sys.stdout if help_asked else sys.stderr)
     return 0 if help_asked else 2
   command = argv[1]
   _parse(command, [argv[0], *argv[2:]])
+  if command == "config":  # Before JAX starts: printing a config needs none of it.
+    _print_config(_CONFIG.value)
+    return 0
   # Deferred: JAX start-up is slow and --help should not pay it.
   from jaxft.runtime import distributed  # pylint: disable=g-import-not-at-top
   distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
@@ -182,6 +240,44 @@ def run(argv: Sequence[str]) -> int:
       raise UserError("export needs --out=HF_DIR")
     commands.export_command(_WORKDIR.value, _OUT.value, _FORMAT.value)
   return 0
+
+
+# The flags each command reads (besides --config.KEY=VALUE overrides), for `COMMAND --help`.
+_MULTI_PROCESS = ("coordinator_address", "num_processes", "process_id")
+_SAMPLING = ("max_new_tokens", "temperature", "top_k", "top_p", "stop", "seed")
+_COMMAND_FLAGS = {
+    "train": ("config", "workdir", "profile", *_MULTI_PROCESS),
+    "eval": ("config", "workdir", *_MULTI_PROCESS),
+    "export": ("workdir", "out", "format", *_MULTI_PROCESS),
+    "inspect": ("config", "workdir", "params", "topology", "num_slices"),
+    "plan": ("config", "workdir", "topology", "num_slices", "max_compiles"),
+    "generate": ("model", "workdir", "prompt", "chat", *_SAMPLING),
+    "chat": ("model", "workdir", *_SAMPLING),
+    "config": ("config", "workdir"),
+}
+
+
+def _help(command: str = "") -> str:
+  """The usage text; for a command, followed by its flags and their help."""
+  text = f"usage:\n{USAGE}\n\nConfig keys: `jaxft config --config=FILE` lists them all."
+  if command not in _COMMAND_FLAGS:
+    return text
+  # absl adds ";\n    repeat this option ..." to a multi flag's help: one line each here.
+  rows = [(f"--[no]{n}" if FLAGS[n].boolean else f"--{n}", FLAGS[n].help.split(";\n")[0])
+          for n in _COMMAND_FLAGS[command]]
+  if "config" in _COMMAND_FLAGS[command]:
+    rows.append(("--config.KEY=VALUE", "Override one config key (repeatable)."))
+  width = max(len(name) for name, _ in rows)
+  return "\n".join([text, "", f"jaxft {command} flags:",
+                    *(f"  {name:<{width}}  {doc}" for name, doc in rows)])
+
+
+def _print_config(config: ml_collections.ConfigDict) -> None:
+  """`jaxft config`: each key = its value, then its doc from jaxft/config.py's comments."""
+  docs = config_lib.key_docs()
+  for key, value in config_lib.flat_items(config):
+    doc = docs.get(key, "")
+    print(f"{key} = {value!r}" + (f"  # {doc}" if doc else ""))
 
 
 def _topology():
@@ -250,6 +346,9 @@ def main() -> None:
     signum = getattr(e, "signum", signal.SIGINT)
     print(f"jaxft: {e or 'stopped by SIGINT'}", file=sys.stderr)
     sys.exit(128 + signum)  # The shell's convention for "killed by signal N".
+  except BrokenPipeError:  # `jaxft config ... | head`: the reader left; nothing to say.
+    sys.stderr.close()
+    sys.exit(1)
   finally:
     preemption.restore(previous)  # For callers in-process (tests); a no-op at exit.
 

@@ -11,8 +11,14 @@ JAX backend. The modules that act on a key import its vocabulary from here.
 
 from __future__ import annotations
 
+import ast
+import difflib
+import inspect
+import io
 import json
 import re
+import sys
+import tokenize
 from typing import Any
 
 import ml_collections
@@ -65,18 +71,18 @@ def base() -> ml_collections.ConfigDict:
   c.data = ml_collections.ConfigDict()
   c.data.train = ""  # csv/json/jsonl/parquet file, or a hub dataset name.
   c.data.train_split = "train"  # Split to read when `train` is a hub name.
-  c.data.eval = ""
-  c.data.eval_split = "test"
+  c.data.eval = ""  # Eval data, as `train`; "": no eval.
+  c.data.eval_split = "test"  # Split to read when `eval` is a hub name.
   c.data.max_length = 128  # Tokens per example; every batch has this fixed shape.
 
   c.train = ml_collections.ConfigDict()
   c.train.batch_size = 32  # Global batch: examples per optimizer update.
   c.train.grad_accum = 1  # Micro-batches per update; batch_size must divide by it.
-  c.train.num_steps = 1000
+  c.train.num_steps = 1000  # Optimizer updates in the run.
   c.train.eval_every = 0  # Steps between evals; 0: only at the end.
   c.train.log_every = 20  # Steps between train-metric lines in metrics.jsonl.
   c.train.seed = 0  # Seeds the head init, the data order and dropout.
-  c.train.eval_batch_size = 64
+  c.train.eval_batch_size = 64  # Examples per eval batch.
   c.train.prefetch = 2  # Batches built ahead on a background thread; 0: inline.
   c.train.compilation_cache = ""  # Folder for compiled programs (reruns skip compiling); "" off.
   # Freed host buffers: reuse (no per-step page faults on CPU) | release | auto
@@ -91,11 +97,11 @@ def base() -> ml_collections.ConfigDict:
   c.optim.lr = 5e-5  # Peak learning rate (after warmup).
   c.optim.schedule = "linear"  # Decay after warmup: linear | cosine | constant.
   c.optim.warmup_steps = 0  # If 0, warmup_frac of num_steps is used.
-  c.optim.warmup_frac = 0.1
+  c.optim.warmup_frac = 0.1  # Warmup as a fraction of num_steps.
   c.optim.weight_decay = 0.01  # AdamW decay; never applied to biases or LayerNorm.
-  c.optim.b1 = 0.9
-  c.optim.b2 = 0.999
-  c.optim.eps = 1e-8
+  c.optim.b1 = 0.9  # Adam decay of the gradient mean.
+  c.optim.b2 = 0.999  # Adam decay of the squared-gradient mean.
+  c.optim.eps = 1e-8  # Adam denominator epsilon.
   c.optim.momentum = 0.0  # SGD momentum (optimizer=sgd only).
   c.optim.clip_norm = 1.0  # Global-norm gradient clipping; 0 turns it off.
   # Ordered (regex, value) pairs over param paths; first match wins. value:
@@ -159,7 +165,7 @@ def image_classify() -> ml_collections.ConfigDict:
   c.data.crop_scale = (0.08, 1.0)  # Area fraction range of random resized crops.
   c.data.label_names = ()  # Class names for IDX files (whose labels are numbers).
   c.data.image_key = "image"  # Columns of table / hub data (parquet, json, `datasets`).
-  c.data.label_key = "label"
+  c.data.label_key = "label"  # The label column of that data.
   return c
 
 
@@ -261,6 +267,12 @@ def rule_entries(rules: Any) -> list[tuple[str, dict[str, Any], str]]:
   out = []
   for i, entry in enumerate(rules):
     where = f"optim.rules[{i}]"
+    # A command-line value that Python cannot parse arrives as one string (the flag
+    # parser keeps text it cannot read): say why it did not parse, not that it is no pair.
+    attempt = isinstance(entry, str) and entry.lstrip().startswith(("(", "["))
+    problem = literal_error(entry) if attempt else None
+    if problem:
+      raise UserError(f"config.optim.rules is not a Python literal ({problem})")
     if not isinstance(entry, (tuple, list)) or len(entry) != 2 or not isinstance(entry[0], str):
       raise UserError(f"config.{where} must be a (regex, value) pair, got {entry!r}")
     try:
@@ -293,6 +305,88 @@ def _rule_fields(value: Any, where: str) -> dict[str, Any]:
     raise UserError(f"config.{where}: schedule must be one of "
                     f"{SCHEDULES}, got {value['schedule']!r}")
   return {"trainable": True, **value}
+
+
+def literal_error(text: str) -> str | None:
+  """Why `text` is not a Python literal (as `--config.KEY=VALUE` takes one), or None if it is."""
+  try:
+    ast.literal_eval(text)
+    return None
+  except SyntaxError as e:
+    return f"{e.msg} at column {e.offset}" if e.offset else e.msg
+  except ValueError:
+    # literal_eval names only the AST node; the offending name is what the user typed.
+    names = [n for n in ast.walk(ast.parse(text, mode="eval"))
+             if isinstance(n, (ast.Name, ast.Call, ast.Attribute))]
+    return (f"{ast.unparse(names[0])} is not a literal; quote strings" if names
+            else "not a literal value")
+
+
+def unknown_key(config: ml_collections.ConfigDict, key: str) -> str | None:
+  """`unknown config key KEY (did you mean KEY2?)` if `config` has no dotted `key`, else None.
+
+  The suggestion is the closest name (difflib) among the keys of the sub-config
+  where the path first goes wrong; no parenthesis when none is close.
+  """
+  parts = key.split(".")
+  node: Any = config
+  for i, part in enumerate(parts):
+    if isinstance(node, ml_collections.ConfigDict) and part in node:
+      node = node[part]
+      continue
+    close = (difflib.get_close_matches(part, list(node.keys()), n=1)
+             if isinstance(node, ml_collections.ConfigDict) else [])
+    if not close:
+      return f"unknown config key {key}"
+    guess = ".".join([*parts[:i], close[0], *parts[i + 1:]])
+    if unknown_key(config, guess):  # The rest of the path is wrong too: suggest the prefix.
+      guess = ".".join([*parts[:i], close[0]])
+    return f"unknown config key {key} (did you mean {guess}?)"
+  return None
+
+
+def flat_items(config: ml_collections.ConfigDict, prefix: str = "") -> list[tuple[str, Any]]:
+  """[(dotted key, value)] for every leaf of `config`, sections and keys sorted."""
+  out = []
+  for key, value in config.items():
+    if isinstance(value, ml_collections.ConfigDict):
+      out += flat_items(value, f"{prefix}{key}.")
+    else:
+      out.append((prefix + key, value))
+  return out
+
+
+_ASSIGNMENT = re.compile(r"\s*c\.([\w.]+)\s*=[^=]")
+
+
+def key_docs() -> dict[str, str]:
+  """{dotted key: one-line doc}, read from the `#` comments of this file.
+
+  The comments beside each `c.SECTION.KEY = ...` line above are the one
+  source of the keys' docs: a key's doc is the comment ending its line, else
+  the comment lines right above it, joined. The first documented setting of
+  a key wins (`base()` before the task variants).
+  """
+  source = inspect.getsource(sys.modules[__name__])
+  comments = {}  # line number -> (whether the comment has the line to itself, its text)
+  for tok in tokenize.generate_tokens(io.StringIO(source).readline):
+    if tok.type == tokenize.COMMENT:
+      alone = not tok.line[:tok.start[1]].strip()
+      comments[tok.start[0]] = (alone, tok.string.lstrip("#").strip())
+  docs: dict[str, str] = {}
+  for n, line in enumerate(source.splitlines(), 1):
+    match = _ASSIGNMENT.match(line)
+    if not match or docs.get(match.group(1)):
+      continue
+    alone, doc = comments.get(n, (True, ""))
+    if alone:  # No comment ending the line: the block right above it.
+      above, k = [], n - 1
+      while comments.get(k, (False,))[0]:
+        above.insert(0, comments[k][1])
+        k -= 1
+      doc = " ".join(above)
+    docs[match.group(1)] = doc
+  return docs
 
 
 def to_json(config: ml_collections.ConfigDict) -> str:

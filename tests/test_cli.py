@@ -22,7 +22,7 @@ from tests.helpers import ROOT, jaxft, jaxft_in_process, tiny_flags
 
 
 @pytest.mark.parametrize("extra, message", [
-    (["--config.train.bogus=1"], "unknown config key 'config.train.bogus'"),
+    (["--config.train.bogus=1"], "unknown config key train.bogus"),
     (["--config.train.batch_size=abc"], "config.train.batch_size"),
     (["--config.model.path=/no/such/model"], "/no/such/model"),
     (["--config.data.train=/no/such/file.jsonl"], "not found: /no/such/file.jsonl"),

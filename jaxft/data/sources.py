@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
+import logging
 import os
+from typing import Iterator
 
 import datasets
 
@@ -17,13 +21,78 @@ def _looks_like_path(spec: str) -> bool:
   return spec.startswith((".", "/", "~")) or os.path.splitext(spec)[1].lower() in _BUILDERS
 
 
+@contextlib.contextmanager
+def _no_error_logs(name: str) -> Iterator[None]:
+  """Silences logger `name` below CRITICAL: its errors come back as the exception we report."""
+  logger = logging.getLogger(name)
+  level = logger.level
+  logger.setLevel(logging.CRITICAL)
+  try:
+    yield
+  finally:
+    logger.setLevel(level)
+
+
+def _detail(error: BaseException) -> str:
+  """The first line of what `error` says, or of its cause where it says nothing useful.
+
+  `datasets` wraps the reader's error (the one that says what is wrong) in a
+  generic "An error occurred while generating the dataset", or in an empty one.
+  """
+  messages, seen, e = [], set(), error
+  while e is not None and id(e) not in seen:
+    seen.add(id(e))
+    if str(e).strip():
+      messages.append(str(e).strip())
+    e = e.__cause__ or e.__context__
+  if not messages:
+    return type(error).__name__
+  top = messages[0]
+  if "error occurred while generating" in top:
+    top = messages[-1]
+  return top.splitlines()[0]
+
+
 def _load(what: str, *args, **kwargs) -> datasets.Dataset:
   try:
-    return datasets.load_dataset(*args, **kwargs)
+    with _no_error_logs("datasets.packaged_modules.json.json"):
+      return datasets.load_dataset(*args, **kwargs)
   except Exception as e:  # datasets and the hub raise many types; all mean "cannot use this".
     if "corresponds to no data" in str(e):
       raise UserError(f"dataset {what} is empty") from e
-    raise UserError(f"cannot load dataset {what}: {e}") from e
+    raise UserError(f"cannot load dataset {what}: {_detail(e)}") from e
+
+
+def _is_blank(path: str) -> bool:
+  """Whether the file holds nothing but whitespace (read until the first other byte)."""
+  with open(path, "rb") as f:
+    return not any(chunk.strip() for chunk in iter(lambda: f.read(1 << 16), b""))
+
+
+def _json_problem(spec: str, path: str) -> str | None:
+  """`FILE line N: <json error>` for the first line of a JSON / JSON Lines file that
+  json.loads rejects, or None when it finds none.
+
+  `datasets` names the row only in a log line, and not for every error.
+  """
+  with open(path, encoding="utf-8", errors="replace") as f:
+    text = f.read()
+  try:
+    json.loads(text)
+    return None  # One JSON document: the problem is not its syntax.
+  except json.JSONDecodeError as whole:
+    first = text.lstrip().split("\n", 1)[0]
+    try:
+      json.loads(first)
+    except json.JSONDecodeError:  # Not JSON Lines (or line 1 is bad): the document's error.
+      return f"{spec} line {whole.lineno}: {whole.msg} (column {whole.colno})"
+  for n, line in enumerate(text.split("\n"), 1):  # Not splitlines: JSON strings may hold U+2028.
+    try:
+      if line.strip():
+        json.loads(line)
+    except json.JSONDecodeError as e:
+      return f"{spec} line {n}: {e.msg} (column {e.colno})"
+  return None
 
 
 def load_split(spec: str, split: str) -> datasets.Dataset:
@@ -31,8 +100,9 @@ def load_split(spec: str, split: str) -> datasets.Dataset:
   dataset name.
 
   Raises:
-    UserError: the file is missing or of an unknown type, the hub dataset
-      cannot be read, or the split is empty.
+    UserError: the file is missing, empty, of an unknown type or (JSON) not
+      well formed (naming the line), the hub dataset cannot be read, or the
+      split is empty.
   """
   datasets.disable_progress_bars()
   path = os.path.expanduser(storage.local_copy(spec))
@@ -40,8 +110,16 @@ def load_split(spec: str, split: str) -> datasets.Dataset:
     ext = os.path.splitext(path)[1].lower()
     if ext not in _BUILDERS:
       raise UserError(f"cannot read {spec!r}: expected one of {sorted(_BUILDERS)}")
+    if _is_blank(path):  # `datasets` fails on it with an empty message.
+      raise UserError(f"data file {spec} is empty")
     kwargs = {"delimiter": "\t"} if ext == ".tsv" else {}
-    ds = _load(spec, _BUILDERS[ext], data_files=path, split="train", **kwargs)
+    try:
+      ds = _load(spec, _BUILDERS[ext], data_files=path, split="train", **kwargs)
+    except UserError as e:
+      problem = _json_problem(spec, path) if _BUILDERS[ext] == "json" else None
+      if problem:
+        raise UserError(problem) from e
+      raise
   elif _looks_like_path(spec):
     raise UserError(f"data file not found: {spec}")
   else:

@@ -7,6 +7,7 @@ causal LM, a llama.cpp `.gguf` file. Remote code is never executed.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 
@@ -79,7 +80,14 @@ def _download(repo_id: str, allow_pickle: bool, weights: bool) -> str:
   try:
     return huggingface_hub.snapshot_download(
         repo_id, allow_patterns=patterns, ignore_patterns=_HUB_IGNORE)
-  except Exception as e:  # every failure means the same to the user
+  except huggingface_hub.errors.LocalEntryNotFoundError as e:  # Offline, or no network.
+    why = ("HF_HUB_OFFLINE is set" if huggingface_hub.constants.is_offline_mode()
+           else "no network")
+    raise UserError(
+        f"{repo_id} is not in the local Hugging Face cache and the hub cannot be reached "
+        f"({why}): give the path of a local checkpoint folder, or go online to download it"
+    ) from e
+  except Exception as e:  # every other failure means the same to the user
     raise UserError(
         f"{repo_id!r} is not a local folder, and downloading it from the "
         f"Hugging Face hub failed ({type(e).__name__}: {e}). Check the path, "
@@ -104,6 +112,7 @@ def load_hf_config(path: str, *, num_labels: int | None = None,
     config = gguf.read_config(path)
   else:
     folder = resolve_path(path)
+    _check_model_type(folder)
     try:
       config = transformers.AutoConfig.from_pretrained(folder, trust_remote_code=False)
     except (OSError, ValueError, KeyError) as e:
@@ -115,6 +124,24 @@ def load_hf_config(path: str, *, num_labels: int | None = None,
   # transformers 5 does not derive label2id when id2label changes.
   config.label2id = {name: i for i, name in config.id2label.items()}
   return config
+
+
+def _check_model_type(folder: str) -> None:
+  """UserError naming config.json's model_type when transformers does not know it.
+
+  transformers would say so in several lines advising an upgrade; what matters
+  here is which types jaxft reads (a type transformers knows but jaxft does not
+  reaches `registry.lookup`, which names the task's types).
+  """
+  try:
+    with open(os.path.join(folder, "config.json"), encoding="utf-8") as f:
+      model_type = json.load(f).get("model_type")
+  except (OSError, ValueError, AttributeError):
+    return  # No readable config.json: AutoConfig's error says so.
+  if model_type and model_type not in transformers.CONFIG_MAPPING:
+    from jaxft.models import registry  # pylint: disable=g-import-not-at-top
+    raise UserError(f"unknown model_type {model_type!r} in {folder}/config.json; jaxft "
+                    f"supports: {registry.supported()}")
 
 
 def _set_labels(config: transformers.PretrainedConfig,
@@ -133,6 +160,7 @@ def load_tokenizer(path: str) -> transformers.PreTrainedTokenizerBase:
   if gguf.is_gguf(path):
     return gguf.load_tokenizer(path)
   folder = resolve_path(path)
+  _check_model_type(folder)  # AutoTokenizer reads config.json too, warning first.
   try:
     tokenizer = transformers.AutoTokenizer.from_pretrained(
         folder, use_fast=True, trust_remote_code=False)

@@ -71,6 +71,11 @@ MODELS: dict[str, dict[str, ModelSpec]] = {
 }
 
 
+def supported() -> str:
+  """The model types jaxft reads, per task kind: `bert, distilbert, roberta (classify); ...`."""
+  return "; ".join(f"{', '.join(sorted(types))} ({task})" for task, types in MODELS.items())
+
+
 def lookup(model_type: str, task: str) -> ModelSpec:
   """The spec for an HF `model_type` and a task kind; UserError if jaxft does not support it."""
   try:
