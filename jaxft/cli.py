@@ -2,7 +2,8 @@
 
   jaxft train  --config=configs/classify.py --workdir=DIR [--profile=N] [--config.KEY=VALUE ...]
   jaxft eval   [--config=configs/classify.py] --workdir=DIR [--config.KEY=VALUE ...]
-  jaxft export --workdir=DIR --out=HF_DIR [--format=hf|peft]
+  jaxft export --workdir=DIR --out=HF_DIR [--format=hf|peft] [--step=best|latest|N]
+               [--overwrite] [--base_model=HUB_ID]
   (eval, export, inspect, plan: without --config, the config the run in DIR
    last trained with; --config.KEY=VALUE overrides apply on top)
   jaxft inspect --config=configs/classify.py|--workdir=DIR [--params]
@@ -57,6 +58,12 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Run folder: checkpoints, metric
 _OUT = flags.DEFINE_string("out", None, "export: the Hugging Face folder to write.")
 _FORMAT = flags.DEFINE_enum("format", "hf", list(config_lib.EXPORT_FORMATS),
                             "export: hf (full checkpoint, LoRA merged) or peft (LoRA adapter).")
+_STEP = flags.DEFINE_string("step", None, "export: the checkpoint: latest (default), best "
+                            "(config.checkpoint.best_metric) or a kept step number.")
+_OVERWRITE = flags.DEFINE_bool("overwrite", False, "export: empty a non-empty --out that holds "
+                               "no earlier export first (an earlier export is always replaced).")
+_BASE_MODEL = flags.DEFINE_string("base_model", None, "export --format=peft: the base model id "
+                                  "adapter_config.json records (default: its hub id if known).")
 _COORDINATOR = flags.DEFINE_string(
     "coordinator_address", None, "Multi-process: HOST:PORT of process 0 (jax.distributed).")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Multi-process: how many.")
@@ -238,7 +245,9 @@ def run(argv: Sequence[str]) -> int:
   else:
     if not _OUT.value:
       raise UserError("export needs --out=HF_DIR")
-    commands.export_command(_WORKDIR.value, _OUT.value, _FORMAT.value)
+    commands.export_command(_WORKDIR.value, _OUT.value, _FORMAT.value, config=_CONFIG.value,
+                            step=_STEP.value, overwrite=_OVERWRITE.value,
+                            base_model=_BASE_MODEL.value)
   return 0
 
 
@@ -248,7 +257,8 @@ _SAMPLING = ("max_new_tokens", "temperature", "top_k", "top_p", "stop", "seed")
 _COMMAND_FLAGS = {
     "train": ("config", "workdir", "profile", *_MULTI_PROCESS),
     "eval": ("config", "workdir", *_MULTI_PROCESS),
-    "export": ("workdir", "out", "format", *_MULTI_PROCESS),
+    "export": ("config", "workdir", "out", "format", "step", "overwrite", "base_model",
+               *_MULTI_PROCESS),
     "inspect": ("config", "workdir", "params", "topology", "num_slices"),
     "plan": ("config", "workdir", "topology", "num_slices", "max_compiles"),
     "generate": ("model", "workdir", "prompt", "chat", *_SAMPLING),

@@ -138,12 +138,13 @@ def read_labels(workdir: str) -> list[str] | None:
 
 def open_run(config: ml_collections.ConfigDict, workdir: str, model_path: str,
              labels: list[str] | None, *, quiet: bool = False,
-             task: tasks.Task | None = None) -> Run:
+             task: tasks.Task | None = None, step: int | None = None) -> Run:
   """Restores the latest checkpoint in `workdir`, or loads the pretrained model.
 
   `labels` are the class names of a classifier (None for a language model).
   Prints the rules table (which parameters train, how fast) unless `quiet`.
-  `task` is the config's task when the caller already has it.
+  `task` is the config's task when the caller already has it; `step` a kept
+  checkpoint to restore instead of the latest.
   """
   task = task or tasks.of(config)
   mesh = sharding.make_mesh(config)
@@ -153,7 +154,7 @@ def open_run(config: ml_collections.ConfigDict, workdir: str, model_path: str,
   sharding.check_fits(mesh, batch_size=t.batch_size, grad_accum=t.grad_accum,
                       eval_batch_size=t.eval_batch_size, num_heads=hf_config.num_attention_heads)
   ckpt = checkpoint.Checkpointer.of(workdir, config)
-  latest = ckpt.latest_step()
+  latest = ckpt.latest_step() if step is None else step
   meta = {} if latest is None else ckpt.meta(latest)
   saved_base = meta.get("base")
   untrained = ()
@@ -257,25 +258,48 @@ def prepare(config: ml_collections.ConfigDict, workdir: str, *,
   return model_path, task, data
 
 
-def restore(workdir: str) -> tuple[ml_collections.ConfigDict, Run, str]:
-  """(the run's config, its latest checkpoint opened, the local model path) for a workdir.
+def restore(workdir: str, *, config: ml_collections.ConfigDict | None = None,
+            step: str | int | None = None) -> tuple[ml_collections.ConfigDict, Run, str]:
+  """(the run's config, a checkpoint of it opened, the local model path) for a workdir.
+
+  `config`: the run's own (`run_record.saved_config`) when None. `step`: None
+  or "latest", "best" (config.checkpoint.best_metric's best) or a kept step.
 
   Raises:
-    UserError: not a jaxft workdir, or no checkpoint in it yet.
+    UserError: not a jaxft workdir, no checkpoint in it yet, or no such step.
   """
   storage.check_shared(workdir)
-  config = run_record.saved_config(workdir)
+  config = config if config is not None else run_record.saved_config(workdir)
   labels = read_labels(workdir)
   task = tasks.of(config)
   if labels is None and task.has_labels:
     raise UserError(f"{workdir} is not a jaxft workdir (no labels.json)")
-  checkpointer = checkpoint.Checkpointer(workdir)
-  if checkpointer.latest_step() is None:
-    raise UserError(f"no checkpoint in {checkpointer.directory}: train first")
-  checkpointer.close()
+  checkpointer = checkpoint.Checkpointer.of(workdir, config)
+  try:
+    chosen = _choose_step(checkpointer, step, workdir)
+  finally:
+    checkpointer.close()
   model_path = hub.resolve_model(config.model.path, allow_pickle=config.model.allow_pickle)
-  run = open_run(config, workdir, model_path, labels, quiet=True, task=task)
+  run = open_run(config, workdir, model_path, labels, quiet=True, task=task, step=chosen)
   run.checkpointer.close()  # Callers only read the restored state.
   return config, run, model_path
 
 
+def _choose_step(checkpointer: checkpoint.Checkpointer, step: str | int | None,
+                 workdir: str) -> int:
+  """The kept step that `step` (None, "latest", "best" or a number) names."""
+  kept = checkpointer.all_steps()
+  if not kept:
+    raise UserError(f"no checkpoint in {checkpointer.directory}: train first")
+  if step in (None, "latest"):
+    return kept[-1]
+  if step == "best":
+    best = checkpointer.best_step()
+    if best is None:
+      raise UserError(f"no best checkpoint in {workdir}: train with "
+                      "config.checkpoint.best_metric (and evals: train.eval_every)")
+    return best
+  if not str(step).isdigit() or int(step) not in kept:
+    raise UserError(f"--step={step}: {workdir} keeps checkpoints at steps "
+                    f"{', '.join(map(str, kept))} (or use best or latest)")
+  return int(step)

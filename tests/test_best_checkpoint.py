@@ -27,6 +27,10 @@ def test_the_best_eval_checkpoint_is_kept_beside_the_last(tiny_setup, tmp_path):
     assert ckpt.best_step() == best
   finally:
     ckpt.close()
+  exported = jaxft_in_process("export", f"--workdir={w}", f"--out={tmp_path / 'best'}",
+                              "--step=best")
+  assert exported.returncode == 0, exported.stderr
+  assert json.loads((tmp_path / "best" / "jaxft_export.json").read_text())["step"] == best
 
 
 def test_early_stopping_stops_saves_and_a_rerun_is_a_no_op(tiny_setup, tmp_path):

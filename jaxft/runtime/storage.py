@@ -17,8 +17,6 @@ import logging
 import os
 import secrets
 import shutil
-import tempfile
-from typing import Iterator
 
 from etils import epath
 
@@ -129,9 +127,19 @@ def listdir(path: str) -> list[str]:
   """The names directly under the folder `path` ([] if it does not exist)."""
   try:
     p = _path(path)
-    return sorted(c.name for c in p.iterdir()) if p.exists() else []
+    names = sorted(c.name for c in p.iterdir()) if p.exists() else []
   except Exception as e:  # gcsfs raises many types for a bucket it cannot reach.
     raise _io_error("list", path, e) from e
+  if is_remote(path):
+    _forget_listings(path)
+  return names
+
+
+def _forget_listings(path: str) -> None:
+  """Drops gcsfs's cached listings: reading a file another host wrote since a listing
+  would otherwise fail as missing (check_shared's token)."""
+  from etils.epath import backend  # pylint: disable=g-import-not-at-top
+  backend.fsspec_backend.fs(path).invalidate_cache()
 
 
 def remove(path: str) -> None:
@@ -199,23 +207,6 @@ def local_copy(path: str, skip: tuple[str, ...] = ()) -> str:
   return local
 
 
-@contextlib.contextmanager
-def writable_dir(path: str) -> Iterator[str]:
-  """A local folder to write into, whose files end up in `path`.
-
-  For a local `path`, `path` itself; for a URL, a temporary folder that
-  process 0 uploads (file by file) when the block ends without an error.
-  """
-  if not is_remote(path):
-    os.makedirs(path, exist_ok=True)
-    yield path
-    return
-  with tempfile.TemporaryDirectory(prefix="jaxft-upload-") as local:
-    yield local
-    if _process_index() == 0:
-      upload_tree(local, path)
-
-
 def upload_tree(local: str, url: str) -> None:
   """Copies every file under the folder `local` to the same names under `url`."""
   for root, _, files in os.walk(local):
@@ -254,6 +245,8 @@ def check_shared(workdir: str) -> None:
     makedirs(workdir)
     write_text(path, token)
   multihost_utils.sync_global_devices("jaxft: shared-workdir token written")
+  if is_remote(workdir):
+    _forget_listings(workdir)
   try:
     seen = read_text(path) == token
   except (FileNotFoundError, UserError):
