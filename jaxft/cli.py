@@ -186,7 +186,12 @@ def _parse(command: str, argv: Sequence[str]) -> None:
     FLAGS.unparse_flags()
     for name in [n for n in FLAGS if n.startswith("config.")]:
       delattr(FLAGS, name)
-    FLAGS(list(argv))
+    # ml_collections finds the --config.KEY overrides in sys.argv, not in what FLAGS parses.
+    saved, sys.argv = sys.argv, list(argv)
+    try:
+      FLAGS(list(argv))
+    finally:
+      sys.argv = saved
     config = _CONFIG.value
     if config is not None:
       config.to_dict()  # A config file that failed to load raises only when used.
