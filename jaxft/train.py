@@ -213,17 +213,23 @@ def _loop(config: ml_collections.ConfigDict, workdir: str, run: run_lib.Run, dat
                                      "mfu": rate * flops_per_example / peak})
         loss = m["loss"]
       progress.update(step, loss)
-      last = step == t.num_steps
-      evaluated = None
-      # A stop request skips the eval: saving comes first (a rerun evaluates).
-      if (data.eval is not None and stop.signum is None
-          and (last or (t.eval_every and step % t.eval_every == 0))):
-        evaluated = result = run.task.evaluate(run, data, workdir)
-        writer.write(step, "eval", evaluated)
-        patience.update(step, evaluated, required=bool(best_metric or patience.limit))
-      if (last or stop.signum is not None or patience.exhausted
-          or run.checkpointer.should_save(step) or (evaluated is not None and best_metric)):
-        run.save(step, metrics=evaluated, meta=patience.meta())
+      last, stopping = step == t.num_steps, stop.signum is not None
+      save = last or stopping or run.checkpointer.should_save(step)
+      # A stop request skips the eval (a rerun at num_steps evaluates).
+      evaluate = data.eval is not None and not stopping and (
+          last or (t.eval_every and step % t.eval_every == 0))
+      # The best checkpoint and early stopping keep eval results with the checkpoint, so
+      # those evaluate first; otherwise the save comes first, and a kill mid-eval loses
+      # no training.
+      ranked = bool(best_metric or patience.limit)
+      if save and not (evaluate and ranked):
+        run.save(step, meta=patience.meta())
+      if evaluate:
+        result = run.task.evaluate(run, data, workdir)
+        writer.write(step, "eval", result)
+        patience.update(step, result, required=ranked)
+        if ranked and (save or best_metric or patience.exhausted):
+          run.save(step, metrics=result, meta=patience.meta())
       if stop.signum is not None:
         progress.close()
         raise preemption.Interrupted(stop.signum, f"at step {step}; checkpoint saved, rerun the "

@@ -11,8 +11,8 @@ Python runs a handler between bytecodes of the main thread, and an exception
 raised while a finaliser or gc callback runs (JAX's `_xla_gc_callback`) is
 printed as "Exception ignored" and dropped. So there the handler only
 remembers the signal, and `check()` (called where a run changes phase, and by
-the CLI after each command) raises it: no signal is lost. `Interrupted` is a KeyboardInterrupt, which `except
-Exception` does not catch.
+the CLI after each command) raises it: no signal is lost. `Interrupted` is a
+KeyboardInterrupt, which `except Exception` does not catch.
 """
 
 from __future__ import annotations
@@ -68,11 +68,6 @@ def restore(handlers: dict) -> None:
   """Puts back handlers `install` returned."""
   for s, handler in handlers.items():
     signal.signal(s, handler)
-
-
-def pending() -> int | None:
-  """The stop signal received and not yet acted on, if any."""
-  return _pending
 
 
 def check(detail: str = "") -> None:
