@@ -61,7 +61,8 @@ _FORMAT = flags.DEFINE_enum("format", "hf", list(config_lib.EXPORT_FORMATS),
 _STEP = flags.DEFINE_string("step", None, "export: the checkpoint: latest (default), best "
                             "(config.checkpoint.best_metric) or a kept step number.")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "export: empty a non-empty --out that holds "
-                               "no earlier export first (an earlier export is always replaced).")
+                               "no earlier export first (an earlier export is always replaced; "
+                               "never a folder holding or inside the workdir, a root or home).")
 _BASE_MODEL = flags.DEFINE_string("base_model", None, "export --format=peft: the base model id "
                                   "adapter_config.json records (default: its hub id if known).")
 _COORDINATOR = flags.DEFINE_string(

@@ -65,7 +65,7 @@ def export_command(workdir: str, out_dir: str, fmt: str = "hf", *,
   if fmt == "peft" and not config_lib.lora_enabled(config):
     raise UserError(f"--format=peft needs a LoRA run; {workdir} trained without "
                     "config.lora.rank (use --format=hf)")
-  info = {"format": fmt, "step": run.step, "workdir": workdir}
+  info = {"format": fmt, "step": run.step, "workdir": storage.resolve(workdir)}
   with export_dir.staged(out_dir, workdir, overwrite=overwrite, info=info,
                          primary=jax.process_index() == 0) as local:
     if fmt == "peft":

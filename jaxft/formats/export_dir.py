@@ -4,7 +4,9 @@ An export leaves `jaxft_export.json` (format, step, workdir, the files it
 wrote) in OUT. Exporting again into OUT removes exactly the files the old
 manifest lists, so no stale file (an adapter beside merged weights) survives,
 while files a user added stay. A non-empty OUT without a manifest is refused
-unless `overwrite`, which empties it first. Files get the normal mode
+unless `overwrite`, which empties it first (`check_target` says which folders
+never are emptied: the workdir's, a root, home or bucket). A manifest entry
+never reaches outside OUT. Files get the normal mode
 (0666 less the umask), whatever the writer used. OUT may be a gs:// URL.
 """
 
@@ -23,23 +25,62 @@ from jaxft.runtime import storage
 MANIFEST = "jaxft_export.json"
 
 
-def _inside(path: str, folder: str) -> bool:
-  path, folder = os.path.realpath(path), os.path.realpath(folder)
-  return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+def _contains(folder: str, path: str) -> bool:
+  """Whether `path` is `folder` or lies below it (local paths resolved, URLs as written)."""
+  if storage.is_remote(folder) != storage.is_remote(path):
+    return False
+  if storage.is_remote(folder):
+    folder, path, sep = storage.resolve(folder), storage.resolve(path), "/"
+  else:
+    folder, path, sep = os.path.realpath(folder), os.path.realpath(path), os.sep
+  return path == folder or path.startswith(folder.rstrip(sep) + sep)
+
+
+def _is_root(out: str) -> bool:
+  """A filesystem root, the home folder, or a whole bucket."""
+  if storage.is_remote(out):
+    return storage.resolve(out).count("/") <= 2  # gs://BUCKET
+  return os.path.realpath(out) in ("/", os.path.realpath(os.path.expanduser("~")))
+
+
+def _safe_name(name: object) -> bool:
+  """A manifest entry names a file below OUT: nothing a hand-edited manifest says escapes it."""
+  return (isinstance(name, str) and bool(name) and not name.startswith(("/", "\\"))
+          and ".." not in name.split("/") and name != MANIFEST)
+
+
+def _manifest_files(out: str) -> list[str] | None:
+  """The files OUT's earlier export wrote; None without a readable manifest."""
+  try:
+    files = json.loads(storage.read_text(storage.join(out, MANIFEST)))["files"]
+  except (FileNotFoundError, ValueError, KeyError, TypeError):
+    return None
+  return [f for f in files if _safe_name(f)] if isinstance(files, list) else None
 
 
 def check_target(out: str, workdir: str, overwrite: bool) -> None:
-  """Raises UserError unless exporting into `out` can lose nothing it should not."""
+  """Raises UserError unless exporting into `out` can lose nothing it should not.
+
+  An empty or missing `out`, or one holding an earlier export, is fine. Any
+  other folder needs `overwrite`, which empties it, and is refused even then
+  if it holds the workdir or lies inside it (checkpoints, metrics) or is a
+  root, home folder or whole bucket.
+  """
   names = storage.listdir(out)
-  if not names or MANIFEST in names:
+  if not names or (MANIFEST in names and _manifest_files(out) is not None):
     return
   if not overwrite:
     raise UserError(f"{out} is not empty and holds no earlier jaxft export ({MANIFEST}): "
                     "pass --overwrite to replace its contents, or choose another --out")
-  if not storage.is_remote(out) and (
-      _inside(workdir, out) or os.path.realpath(out) in ("/", os.path.expanduser("~"))):
-    raise UserError(f"--overwrite would empty {out}, which holds the workdir {workdir} "
-                    "or is a root or home folder; choose another --out")
+  if _contains(out, workdir):
+    raise UserError(f"--overwrite would empty {out}, which holds the workdir {workdir}; "
+                    "choose another --out")
+  if _contains(workdir, out):
+    raise UserError(f"--overwrite would empty {out}, inside the workdir {workdir} (its "
+                    "checkpoints and records); choose another --out")
+  if _is_root(out):
+    raise UserError(f"--overwrite would empty {out}, a root, home folder or bucket; "
+                    "choose another --out")
 
 
 def _normal_modes(folder: str) -> None:
@@ -57,19 +98,15 @@ def _relative_files(folder: str) -> list[str]:
 
 def _old_files(out: str, overwrite: bool) -> list[str]:
   """What must go before the new export goes in: the old manifest's files, or everything."""
-  manifest = storage.join(out, MANIFEST)
-  if storage.exists(manifest):
-    return json.loads(storage.read_text(manifest))["files"] + [MANIFEST]
+  listed = _manifest_files(out)
+  if listed is not None:
+    return listed + [MANIFEST]
   return storage.listdir(out) if overwrite else []
 
 
 def _remove(out: str, names: list[str]) -> None:
   for name in names:
-    path = storage.join(out, *name.split("/"))
-    if not storage.is_remote(out) and os.path.isdir(path):
-      shutil.rmtree(path)
-    else:
-      storage.remove(path)
+    storage.remove_tree(storage.join(out, *name.split("/")))
 
 
 def _install(local: str, out: str, overwrite: bool, info: dict) -> None:
@@ -82,7 +119,8 @@ def _install(local: str, out: str, overwrite: bool, info: dict) -> None:
   # folder that the next export still recognises and cleans.
   pending = sorted(set(files) | set(f for f in old if f != MANIFEST))
   storage.write_text(storage.join(out, MANIFEST), json.dumps({**info, "files": pending}))
-  _remove(out, [f for f in old if f != MANIFEST])
+  # A file the new export also writes is replaced in one step, never missing in between.
+  _remove(out, [f for f in old if f != MANIFEST and f not in files])
   if storage.is_remote(out):
     storage.upload_tree(local, out)
   else:
@@ -104,7 +142,8 @@ def staged(out: str, workdir: str, *, overwrite: bool, info: dict,
   check_target(out, workdir, overwrite)
   parent = None
   if not storage.is_remote(out):
-    parent = os.path.dirname(os.path.abspath(out)) or "."
+    # Beside where OUT really is (through a link): files are renamed in, within one filesystem.
+    parent = os.path.dirname(os.path.realpath(out))
     os.makedirs(parent, exist_ok=True)
   local = tempfile.mkdtemp(prefix=".jaxft-export-", dir=parent)
   try:

@@ -148,6 +148,20 @@ def remove(path: str) -> None:
     _path(path).unlink()
 
 
+def remove_tree(path: str) -> None:
+  """Deletes the file or folder `path` and all it holds, if there; a link goes, not its target."""
+  if is_remote(path):
+    p = _path(path)
+    if p.is_dir():
+      p.rmtree()
+    else:
+      remove(path)
+  elif os.path.isdir(path) and not os.path.islink(path):
+    shutil.rmtree(path)
+  else:
+    remove(path)
+
+
 def _cache_root() -> str:
   return os.environ.get(CACHE_ENV) or os.path.join(os.path.expanduser("~"), ".cache", "jaxft",
                                                    "gcs")
