@@ -94,8 +94,9 @@ def _finished(config: ml_collections.ConfigDict, workdir: str, run: run_lib.Run,
     return None
   why = (f"stopped early at step {run.step} ({patience})" if run.step < t.num_steps
          else f"is at config.train.num_steps={t.num_steps}")
-  log(f"nothing to train: {workdir} {why}; raise config.train.num_steps"
-      f"{' or early_stop_patience' if patience.exhausted else ''} to train on")
+  fix = ("raise config.train.early_stop_patience (or set it to 0)" if patience.exhausted
+         else "raise config.train.num_steps")
+  log(f"nothing to train: {workdir} {why}; {fix} to train on")
   result = metrics_lib.recorded_eval(workdir, run.step)
   if result is None and data.eval is not None:  # Killed between the last save and its eval.
     result = run.task.evaluate(run, data, workdir)

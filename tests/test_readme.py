@@ -5,6 +5,9 @@ NEEDS. Every command's flags are parsed by `cli._parse` (unknown flags and
 config keys are UserErrors). The unmarked ones are run in README order, in
 this process, at tiny sizes: `runs/...` paths moved into tmp_path, the
 recipe's model and data swapped for the tiny fixtures, step counts shrunk.
+The `# needs: make sft` ones run too, after the Makefile's own `make sft`
+train line at tiny sizes (the tiny chat Llama in place of the SmolLM2 GGUF);
+`make vit` needs Fashion-MNIST, which the tests do not fetch.
 
 `eval`, `export`, `inspect`, `plan` and `config` with `--workdir` and no
 `--config` load the config saved in that workdir while parsing. For the
@@ -17,10 +20,12 @@ saved config, nothing else is read.
 
 from __future__ import annotations
 
+import io
 import json
 import pathlib
 import re
 import shlex
+import sys
 
 import pytest
 
@@ -121,28 +126,54 @@ def test_a_wrong_key_fails_the_parse_check(monkeypatch, tmp_path):
 _SHRINK = {"--config.train.num_steps": {"500": "4"}, "--config.train.eval_every": {"50": "2"}}
 
 
+def _recipe_overrides(recipe: str, setup: pathlib.Path) -> dict[str, object]:
+  """The overrides that make a README recipe tiny: `setup`'s model and data, small sizes."""
+  data = {"--config.model.path": setup / "model", "--config.data.train": setup / "train.jsonl",
+          "--config.data.eval": setup / "test.jsonl"}
+  if recipe.startswith("configs/classify.py"):  # setup: tiny_setup.
+    tiny = {**data, "--config.data.max_length": 16, "--config.optim.lr": 1e-3,
+            "--config.train.batch_size": 8, "--config.train.eval_batch_size": 16}
+  elif recipe.startswith("configs/sft.py"):  # setup: tiny_chat_lm.
+    tiny = {**data, "--config.data.max_length": 64, "--config.train.batch_size": 4,
+            "--config.train.eval_batch_size": 4, "--config.eval.num_samples": 1,
+            "--config.eval.max_new_tokens": 4}
+  else:  # configs/vit.py:scratch: its own small ViT and the bundled digits.
+    tiny = {"--config.train.batch_size": 8, "--config.train.eval_batch_size": 100}
+  return {**tiny, "--config.train.num_steps": 2, "--config.train.log_every": 1}
+
+
 def _tiny_flags(command, flags, tmp, setup):
-  """flags with runs/ paths in tmp and, for a recipe, the tiny model, data and sizes."""
+  """flags with runs/ paths in tmp and, for a recipe, the tiny model, data and sizes.
+
+  generate and chat get `setup`'s model in place of a .gguf file and make
+  4 new tokens at most (a later flag wins).
+  """
   out, given = [], set()
   for f in flags:
     name, eq, value = f.partition("=")
     value = _SHRINK.get(name, {}).get(value, value)
     if value.startswith("runs/"):
       value = str(tmp / value)
+    if name == "--model" and value.endswith(".gguf"):
+      value = str(setup / "model")
     given.add(name)
     out.append(name + eq + value)
+  if command in ("generate", "chat"):
+    return out + ["--max_new_tokens=4"]
   recipe = next((f.split("=", 1)[1] for f in flags if f.startswith("--config=")), None)
   if command in ("config", "inspect") or recipe is None or "--help" in flags:
     return out
-  if recipe.startswith("configs/classify.py"):
-    tiny = {"--config.model.path": setup / "model", "--config.data.train": setup / "train.jsonl",
-            "--config.data.eval": setup / "test.jsonl", "--config.data.max_length": 16,
-            "--config.optim.lr": 1e-3, "--config.train.eval_batch_size": 16}
-  else:  # configs/vit.py:scratch: its own small ViT and the bundled digits.
-    tiny = {"--config.train.eval_batch_size": 100}
-  tiny.update({"--config.train.batch_size": 8, "--config.train.num_steps": 2,
-               "--config.train.log_every": 1})
+  tiny = _recipe_overrides(recipe, setup)
   return out + [f"{k}={v}" for k, v in tiny.items() if k not in given]
+
+
+def _run(command, flags, line, tmp, setup):
+  """Runs one README command at tiny sizes in this process; asserts exit code 0."""
+  args = _tiny_flags(command, flags, tmp, setup)
+  result = jaxft_in_process(command, *args)
+  assert result.returncode == 0, f"{line}\n{args}\n{result.stderr[-3000:]}"
+  if command == "train" and "--help" not in flags:  # `jaxft train` ends with a JSON line.
+    assert "step" in json.loads(result.stdout.strip().splitlines()[-1]), line
 
 
 def test_unmarked_readme_commands_run(tiny_setup, tmp_path, monkeypatch):
@@ -151,11 +182,7 @@ def test_unmarked_readme_commands_run(tiny_setup, tmp_path, monkeypatch):
   for command, flags, needs, line in COMMANDS:
     if needs:
       continue
-    args = _tiny_flags(command, flags, tmp_path, tiny_setup)
-    result = jaxft_in_process(command, *args)
-    assert result.returncode == 0, f"{line}\n{args}\n{result.stderr[-3000:]}"
-    if command == "train" and "--help" not in flags:  # `jaxft train` ends with a JSON line.
-      assert "step" in json.loads(result.stdout.strip().splitlines()[-1]), line
+    _run(command, flags, line, tmp_path, tiny_setup)
     ran.append(command)
   assert ran.count("train") >= 3 and {"eval", "export", "inspect", "config"} <= set(ran)
   # The rerun with a larger num_steps trained on and recorded the change.
@@ -163,6 +190,29 @@ def test_unmarked_readme_commands_run(tiny_setup, tmp_path, monkeypatch):
              .splitlines()]
   assert any(m.get("split") == "resume" and m.get("changes") for m in metrics)
   assert (tmp_path / "runs" / "demo-hf" / "config.json").exists()
+
+
+def make_target_commands(makefile: str, target: str) -> list[str]:
+  """The `jaxft ...` command lines of a Makefile target's recipe, `$(BIN)/` and env dropped."""
+  recipe = makefile.split(f"\n{target}:", 1)[1].split("\n\n", 1)[0]
+  return [m.group(1) for m in re.finditer(r"\$\(BIN\)/(jaxft [^\n]+)", recipe)]
+
+
+def test_make_sft_commands_run_after_a_tiny_make_sft(tiny_chat_lm, tmp_path, monkeypatch):
+  """`make sft`'s own train line at tiny sizes, then README's `# needs: make sft` commands."""
+  monkeypatch.chdir(ROOT)
+  [make_sft] = make_target_commands((ROOT / "Makefile").read_text(), "sft")
+  (command, flags, _, line), = readme_commands(f"```bash\n{make_sft}\n```\n")
+  _run(command, flags, line, tmp_path, tiny_chat_lm)
+  ran = []
+  for command, flags, needs, line in COMMANDS:
+    if needs != {"make sft"}:
+      continue
+    monkeypatch.setattr(sys, "stdin", io.StringIO("Hi! How are you?\n"))  # chat: one turn.
+    _run(command, flags, line, tmp_path, tiny_chat_lm)
+    ran.append(command)
+  assert sorted(ran) == ["chat", "export", "generate", "generate"]
+  assert (tmp_path / "runs" / "sft-hf" / "config.json").exists()
 
 
 def test_cli_synopsis_names_only_real_flags():
