@@ -81,13 +81,9 @@ class Checkpointer:
     `metrics` (eval results at `step`) rank it for `best_step`.
     """
     storage.makedirs(self.directory)
-    if metrics is not None and self.best_metric:
-      if self.best_metric not in metrics:
-        raise UserError(f"config.checkpoint.best_metric={self.best_metric!r} is not an eval "
-                        f"metric; eval reports {sorted(metrics)}")
-      metrics = {self.best_metric: float(metrics[self.best_metric])}
-    else:
-      metrics = None
+    # The caller checked that eval reports best_metric (train._Patience.update).
+    metrics = ({self.best_metric: float(metrics[self.best_metric])}
+               if metrics is not None and self.best_metric else None)
     self._manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), metrics=metrics,
                        force=True)

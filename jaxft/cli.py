@@ -139,17 +139,26 @@ def _unknown_key(argv: Sequence[str]) -> str | None:
   return None
 
 
-def _load_config_file(argv: Sequence[str]) -> ml_collections.ConfigDict | None:
-  """The config that `--config=FILE[:ARG]` in argv names, without overrides; None if it fails."""
+def _raw_flag(argv: Sequence[str], flag: str) -> str | None:
+  """The value of `--flag=V` (or `--flag V`) in argv as typed, before absl parses it; the last
+  one given wins, as in absl. None if absent."""
+  found = None
   for i, a in enumerate(argv[1:], 1):
     name, eq, value = a.lstrip("-").partition("=")
-    if name == "config":
-      value = value if eq else (argv[i + 1] if i + 1 < len(argv) else "")
-      try:
-        return FLAGS["config"].parser.parse(value)
-      except Exception:  # pylint: disable=broad-except  # The caller falls back to less detail.
-        return None
-  return None
+    if name == flag:
+      found = value if eq else (argv[i + 1] if i + 1 < len(argv) else "")
+  return found
+
+
+def _load_config_file(argv: Sequence[str]) -> ml_collections.ConfigDict | None:
+  """The config that `--config=FILE[:ARG]` in argv names, without overrides; None if it fails."""
+  value = _raw_flag(argv, "config")
+  if value is None:
+    return None
+  try:
+    return FLAGS["config"].parser.parse(value)
+  except Exception:  # pylint: disable=broad-except  # The caller falls back to less detail.
+    return None
 
 
 # Commands that, given --workdir and no --config, use the config that run trained with.
@@ -163,15 +172,8 @@ def _with_workdir_config(command: str, argv: Sequence[str]) -> list[str]:
   overrides exactly as a recipe does.
   """
   argv = list(argv)
-  if command not in _WORKDIR_CONFIG or any(
-      a.lstrip("-").split("=", 1)[0] == "config" for a in argv[1:]):
-    return argv
-  workdir = None
-  for i, a in enumerate(argv[1:], 1):
-    name, eq, value = a.lstrip("-").partition("=")
-    if name == "workdir":
-      workdir = value if eq else (argv[i + 1] if i + 1 < len(argv) else None)
-  if not workdir:
+  workdir = _raw_flag(argv, "workdir")
+  if command not in _WORKDIR_CONFIG or _raw_flag(argv, "config") is not None or not workdir:
     return argv
   from jaxft.runtime import run_record  # pylint: disable=g-import-not-at-top
   # First: parsing --config defines the --config.KEY override flags that follow.

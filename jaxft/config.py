@@ -345,11 +345,12 @@ def unknown_key(config: ml_collections.ConfigDict, key: str) -> str | None:
   return None
 
 
-def flat_items(config: ml_collections.ConfigDict, prefix: str = "") -> list[tuple[str, Any]]:
-  """[(dotted key, value)] for every leaf of `config`, sections and keys sorted."""
+def flat_items(config: ml_collections.ConfigDict | dict,
+               prefix: str = "") -> list[tuple[str, Any]]:
+  """[(dotted key, value)] for every leaf of `config` (or of its JSON dict), keys sorted."""
   out = []
-  for key, value in config.items():
-    if isinstance(value, ml_collections.ConfigDict):
+  for key, value in sorted(config.items()):
+    if isinstance(value, (ml_collections.ConfigDict, dict)):
       out += flat_items(value, f"{prefix}{key}.")
     else:
       out.append((prefix + key, value))

@@ -94,7 +94,8 @@ def hub_id(path_or_hub_id: str, local: str) -> str:
     return shipped[os.path.realpath(local)]
   config = os.path.join(local, "config.json")
   if os.path.isfile(config):
-    name = json.loads(open(config, encoding="utf-8").read()).get("_name_or_path", "")
+    with open(config, encoding="utf-8") as f:
+      name = json.load(f).get("_name_or_path", "")
     if isinstance(name, str) and _is_hub_id(name):
       return name
   return path_or_hub_id

@@ -26,30 +26,20 @@ FIRST = "config.json"
 _RESUME = re.compile(r"config\.resume-(\d+)\.json")
 
 
-def _flat(tree: dict, prefix: str = "") -> dict[str, Any]:
-  out = {}
-  for k, v in tree.items():
-    if isinstance(v, dict):
-      out.update(_flat(v, f"{prefix}{k}."))
-    else:
-      out[prefix + k] = v
-  return out
-
-
 def changes(was: ml_collections.ConfigDict, now: ml_collections.ConfigDict
             ) -> dict[str, list[Any]]:
   """{dotted key: [was, now]} for every key whose value differs (a new key: was None)."""
-  old = _flat(json.loads(config_lib.to_json(was)))
-  new = _flat(json.loads(config_lib.to_json(now)))
+  # Through JSON, as config.json holds them: a tuple and the list it was saved as are equal.
+  old, new = (dict(config_lib.flat_items(json.loads(config_lib.to_json(c)))) for c in (was, now))
   return {k: [old.get(k), new.get(k)] for k in sorted(old.keys() | new.keys())
           if old.get(k) != new.get(k)}
 
 
 def latest_file(workdir: str) -> str | None:
   """The newest config file of the run in `workdir` (None for a new workdir)."""
-  if not storage.exists(storage.join(workdir, FIRST)):
-    return None
   names = storage.listdir(workdir)
+  if FIRST not in names:
+    return None
   resumes = sorted((int(m.group(1)), n) for n in names if (m := _RESUME.fullmatch(n)))
   return storage.join(workdir, resumes[-1][1] if resumes else FIRST)
 
