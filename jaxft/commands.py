@@ -37,6 +37,7 @@ def eval_command(config: ml_collections.ConfigDict, workdir: str) -> dict[str, f
     if run.checkpointer.latest_step() is None:
       metrics.log(f"no checkpoint in {workdir}: evaluating the pretrained model "
                   f"{config.model.path}")
+    task.before_run(run, data, model_path)
     result = task.evaluate(run, data)
   finally:
     run.checkpointer.close()
@@ -70,7 +71,7 @@ def export_command(workdir: str, out_dir: str, fmt: str = "hf", *,
                          primary=jax.process_index() == 0) as local:
     if fmt == "peft":
       task = run.task
-      peft.export_peft(run.model(), run.hf_config, task.name, local, lora_config=config.lora,
+      peft.export_peft(run.model(), run.hf_config, task.model_kind, local, lora_config=config.lora,
                        trainable=run.split.assignment.trainable(),
                        heads=task.fresh_heads(run.hf_config), task_type=task.peft_task_type,
                        base_model=base_model or hub.hub_id(config.model.path, model_path))

@@ -26,7 +26,7 @@ import ml_collections
 from jaxft.errors import UserError  # The one exception type; errors.py imports nothing.
 
 # The values each enumerated key takes.
-TASKS = ("classify", "causal_lm", "image_classify")  # config.task
+TASKS = ("classify", "causal_lm", "image_classify", "dpo", "grpo")  # config.task
 DTYPES = ("float32", "bfloat16")  # model.dtype, model.frozen_dtype
 QUANTIZED = ("int8", "nf4")  # model.frozen_dtype's quantized kinds (QLoRA; tuning/quantize.py)
 FROZEN_DTYPES = DTYPES + QUANTIZED  # model.frozen_dtype
@@ -39,6 +39,7 @@ LOSS_ON = ("assistant", "last", "all")  # data.loss_on
 EVAL_METRICS = ("", "pass@1", "rouge_l")  # eval.metric
 EXPORT_FORMATS = ("hf", "peft")  # jaxft export --format
 BEST_MODES = ("auto", "max", "min")  # checkpoint.best_mode
+DPO_LOSSES = ("sigmoid", "ipo", "hinge", "simpo", "orpo")  # dpo.loss (tasks/preference_loss.py)
 
 # Keys a rule's dict value may hold, and the types they take.
 RULE_KEYS = {"lr_mult": (int, float), "weight_decay": (int, float), "schedule": (str,),
@@ -48,7 +49,8 @@ RULE_KEYS = {"lr_mult": (int, float), "weight_decay": (int, float), "schedule": 
 def base() -> ml_collections.ConfigDict:
   """Defaults common to every recipe; each field is documented where it is set."""
   c = ml_collections.ConfigDict()
-  # classify (text) | causal_lm (SFT, see causal_lm()) | image_classify (see image_classify()).
+  # classify (text) | causal_lm (SFT, see causal_lm()) | image_classify (see
+  # image_classify()) | dpo (preference pairs, see dpo()) | grpo (RL, see grpo()).
   c.task = "classify"
 
   c.model = ml_collections.ConfigDict()
@@ -153,6 +155,55 @@ def causal_lm() -> ml_collections.ConfigDict:
   return c
 
 
+def dpo() -> ml_collections.ConfigDict:
+  """`base()` for preference tuning of a causal LM on chosen / rejected pairs (configs/dpo.py)."""
+  c = base()
+  c.task = "dpo"
+  # Pairs: `prompt` + `chosen` + `rejected` (strings, or chat messages), or `chosen` +
+  # `rejected` whole conversations / "\n\nHuman: ... \n\nAssistant: ..." transcripts.
+  # Tokens per response row (prompt + response): prompts are cut from the left,
+  # responses from the right.
+  c.data.max_length = 256
+  c.train.batch_size = 8  # Pairs per optimizer update (2 rows each: chosen, rejected).
+  c.dpo = ml_collections.ConfigDict()
+  c.dpo.loss = "sigmoid"  # sigmoid (DPO) | ipo | hinge | simpo | orpo (the last two: no reference).
+  # Scale of the implicit reward; ORPO's weight (lambda) of the odds-ratio term.
+  c.dpo.beta = 0.1
+  c.dpo.label_smoothing = 0.0  # sigmoid and simpo: assumed label-noise rate (cDPO), in [0, 0.5).
+  c.dpo.simpo_gamma = 0.5  # simpo: the target reward margin.
+  # Compute the reference's log-probs of every pair once, before training (always so
+  # without LoRA; with LoRA the reference is otherwise the model with its adapters off).
+  c.dpo.precompute_reference = False
+  return c
+
+
+def grpo() -> ml_collections.ConfigDict:
+  """`base()` for RL of a causal LM with rewards a program checks: GRPO (configs/grpo.py)."""
+  c = base()
+  c.task = "grpo"
+  # Prompts: `messages` (chat, up to the reply), `prompt` (chat-templated as one user
+  # turn when the tokenizer has a template) or `question`; plus what the reward reads
+  # (e.g. `answer`, or HumanEval's `test` and `entry_point`).
+  c.data.max_length = 128  # Prompt tokens (cut from the left); completions add max_new_tokens.
+  c.train.batch_size = 4  # Prompts per generated batch (x num_generations completions).
+  c.grpo = ml_collections.ConfigDict()
+  c.grpo.num_generations = 8  # Completions sampled per prompt: the group of the advantage.
+  c.grpo.max_new_tokens = 64  # Tokens per completion (sampled and greedy at eval).
+  c.grpo.temperature = 1.0  # Sampling temperature of the generated batches (> 0).
+  c.grpo.top_p = 1.0  # Nucleus sampling of the generated batches.
+  # numeric_match (the last number equals `answer`) | unit_tests (HumanEval `test`) |
+  # package.module:function (fn(prompts, completions, records) -> list of floats; runs
+  # in-process).
+  c.grpo.reward = "numeric_match"
+  c.grpo.beta = 0.04  # Weight of the KL to the reference (k3 estimator); 0: no reference.
+  c.grpo.epsilon = 0.2  # Clip range of the policy ratio: [1 - epsilon, 1 + epsilon_high].
+  c.grpo.epsilon_high = 0.2
+  c.grpo.num_iterations = 1  # Policy updates (train steps) per generated batch.
+  c.grpo.scale_rewards = True  # Divide group advantages by the group's reward std.
+  c.grpo.timeout = 10.0  # unit_tests: seconds per program.
+  return c
+
+
 def image_classify() -> ml_collections.ConfigDict:
   """`base()` for image classification with a ViT (configs/vit.py)."""
   c = base()
@@ -232,6 +283,34 @@ def validate(config: ml_collections.ConfigDict) -> None:
            "> 0 when train.early_stop_patience is set", t.eval_every)
   validate_lora(config)
   rule_entries(o.rules)
+  if "dpo" in config:
+    _validate_dpo(config)
+  if "grpo" in config:
+    _validate_grpo(config)
+
+
+def _validate_dpo(config: ml_collections.ConfigDict) -> None:
+  p = config.dpo
+  _require(p.loss in DPO_LOSSES, "dpo.loss", f"one of {DPO_LOSSES}", p.loss)
+  _require(p.beta > 0, "dpo.beta", "> 0", p.beta)
+  _require(0 <= p.label_smoothing < 0.5, "dpo.label_smoothing", "in [0, 0.5)", p.label_smoothing)
+
+
+def _validate_grpo(config: ml_collections.ConfigDict) -> None:
+  g = config.grpo
+  _require(g.num_generations > 1, "grpo.num_generations", "> 1 (a group to compare)",
+           g.num_generations)
+  _require(g.max_new_tokens > 0, "grpo.max_new_tokens", "> 0", g.max_new_tokens)
+  _require(g.temperature > 0, "grpo.temperature", "> 0 (the group must differ)", g.temperature)
+  _require(0 < g.top_p <= 1, "grpo.top_p", "in (0, 1]", g.top_p)
+  _require(g.beta >= 0, "grpo.beta", ">= 0", g.beta)
+  _require(g.epsilon > 0 and g.epsilon_high > 0, "grpo.epsilon",
+           "> 0 (and epsilon_high too)", (g.epsilon, g.epsilon_high))
+  _require(g.num_iterations > 0, "grpo.num_iterations", "> 0", g.num_iterations)
+  _require(bool(g.reward), "grpo.reward", "a built-in reward or module:function", g.reward)
+  _require(not g.beta or lora_enabled(config), "grpo.beta",
+           "0 without LoRA (the KL reference is the model with its adapters off; set "
+           "config.lora.rank > 0)", g.beta)
 
 
 def lora_enabled(config: ml_collections.ConfigDict) -> bool:

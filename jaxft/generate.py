@@ -97,8 +97,8 @@ def generate(model: nnx.Module, input_ids: np.ndarray, attention_mask: np.ndarra
                               eos, max_new_tokens=max_new_tokens, sampling=sampling))
 
 
-def _prompts_to_ids(tokenizer, prompts: Sequence[str],
-                    pad_multiple: int = 1) -> tuple[np.ndarray, np.ndarray]:
+def prompts_to_ids(tokenizer, prompts: Sequence[str],
+                   pad_multiple: int = 1) -> tuple[np.ndarray, np.ndarray]:
   """Left-padded token ids and mask for a batch of prompt texts."""
   tokenizer.padding_side = "left"
   if tokenizer.pad_token_id is None:
@@ -116,16 +116,19 @@ def complete(model: nnx.Module, tokenizer, prompts: Sequence[str], *, max_new_to
   `pad_multiple` rounds the padded prompt length up (fewer distinct shapes to
   compile when many batches are generated).
   """
-  ids, mask = _prompts_to_ids(tokenizer, prompts, pad_multiple)
+  ids, mask = prompts_to_ids(tokenizer, prompts, pad_multiple)
   eos = tokenizer.eos_token_id
   tokens = generate(model, ids, mask, max_new_tokens=max_new_tokens,
                     eos_ids=[] if eos is None else [eos], sampling=sampling, seed=seed)
-  out = []
-  for row in tokens:
-    if eos is not None and (row == eos).any():
-      row = row[:int(np.argmax(row == eos))]
-    out.append(cut_at_stop(tokenizer.decode(row, skip_special_tokens=True), stop))
-  return out
+  return [cut_at_stop(decode(tokenizer, row), stop) for row in tokens]
+
+
+def decode(tokenizer, tokens: np.ndarray) -> str:
+  """The text of one row of `generate`'s new tokens, up to its first EOS."""
+  eos = tokenizer.eos_token_id
+  if eos is not None and (tokens == eos).any():
+    tokens = tokens[:int(np.argmax(tokens == eos))]
+  return tokenizer.decode(tokens, skip_special_tokens=True)
 
 
 def cut_at_stop(text: str, stop: Sequence[str]) -> str:

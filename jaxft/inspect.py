@@ -129,7 +129,7 @@ class Model:
     model_path = hub.resolve_model(config.model.path, weights=False)
     task = tasks.of(config)
     hf_config = task.hf_config(model_path, task.class_names())
-    split = trainable.split(trainable.abstract_model(hf_config, config, task.name), config,
+    split = trainable.split(trainable.abstract_model(hf_config, config, task.model_kind), config,
                             task.fresh_heads(hf_config))
     return cls(task, model_path, hf_config, split)
 

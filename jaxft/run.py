@@ -165,7 +165,7 @@ def open_run(config: ml_collections.ConfigDict, workdir: str, model_path: str,
       _check_same_base(saved_base, model_path, ckpt.directory, latest)
     # A QLoRA base is quantized tensor by tensor as it is read: never whole and dense.
     quantized = trainable.quantized_linears(
-        trainable.abstract_model(hf_config, config, task.name), config,
+        trainable.abstract_model(hf_config, config, task.model_kind), config,
         task.fresh_heads(hf_config))
     loaded = task.load(model_path, hf_config,
                        shardings=lambda s: sharding.tree_shardings(s, mesh, rules_),
@@ -176,7 +176,7 @@ def open_run(config: ml_collections.ConfigDict, workdir: str, model_path: str,
     model = trainable.with_adapters(loaded.model, config)
   else:
     # The checkpoint holds every parameter: build the model's shapes only.
-    model = trainable.abstract_model(hf_config, config, task.name)
+    model = trainable.abstract_model(hf_config, config, task.model_kind)
   split = trainable.split(model, config, task.fresh_heads(hf_config))
   if not quiet:
     log(rules.table(split.assignment, split.sizes, config.optim.weight_decay))

@@ -29,7 +29,6 @@ from jaxft import mfu
 from jaxft import run as run_lib
 from jaxft import sharding
 from jaxft.runtime import storage
-from jaxft.data import batches as batches_lib
 from jaxft.data import prefetch
 from jaxft.errors import UserError
 from jaxft.runtime import host_memory
@@ -63,9 +62,10 @@ def train(config: ml_collections.ConfigDict, workdir: str,
     storage.makedirs(workdir)
     storage.check_shared(workdir)
     run = run_lib.open_run(config, workdir, model_path, data.labels, task=task)
-    finished = _finished(config, workdir, run, data)
+    finished = _finished(config, workdir, run, data, model_path)
     if finished is not None:
       return finished
+    task.before_run(run, data, model_path)
     _record_start(config, workdir, run, data)
     preemption.check()
     return _loop(config, workdir, run, data, profile_steps)
@@ -81,7 +81,7 @@ def train(config: ml_collections.ConfigDict, workdir: str,
 
 
 def _finished(config: ml_collections.ConfigDict, workdir: str, run: run_lib.Run,
-              data: Data) -> dict[str, float] | None:
+              data: Data, model_path: str) -> dict[str, float] | None:
   """The result of a run with nothing left to train, else None; UserError past num_steps."""
   t = config.train
   if run.step > t.num_steps:
@@ -99,6 +99,7 @@ def _finished(config: ml_collections.ConfigDict, workdir: str, run: run_lib.Run,
   log(f"nothing to train: {workdir} {why}; {fix} to train on")
   result = metrics_lib.recorded_eval(workdir, run.step)
   if result is None and data.eval is not None:  # Killed between the last save and its eval.
+    run.task.before_run(run, data, model_path)
     result = run.task.evaluate(run, data, workdir)
     metrics_lib.JsonlWriter(workdir).write(run.step, "eval", result)
   return {"step": run.step, **(result or {})}
@@ -179,7 +180,7 @@ def _loop(config: ml_collections.ConfigDict, workdir: str, run: run_lib.Run, dat
           profile_steps: int = 0) -> dict[str, float]:
   t = config.train
   step_fn = run_lib.make_step_fn(config, run.split, run.tx, run.placement, run.task.objective)
-  batches = batches_lib.TrainBatches(data.train, t.batch_size, t.seed)
+  source = run.task.train_batches(run, data)
   writer = metrics_lib.JsonlWriter(workdir)
   lr = optimizer.schedule(optimizer.Schedule.of(config))
   progress = metrics_lib.Progress(run.step, t.num_steps, t.batch_size, t.log_every)
@@ -192,9 +193,10 @@ def _loop(config: ml_collections.ConfigDict, workdir: str, run: run_lib.Run, dat
   result: dict[str, float] = {}
   delay = float(os.environ.get(STEP_DELAY_ENV) or 0)
 
-  make_batch = lambda step: sharding.global_batch(batches.lazy(step - 1), run.placement.batch)
+  make_batch = lambda step: sharding.global_batch(source(step), run.placement.batch)
+  ahead = 0 if run.task.online else t.get("prefetch", 0)
   with preemption.StopRequest() as stop, prefetch.Prefetch(
-      make_batch, run.step + 1, t.num_steps, t.get("prefetch", 0)) as upcoming:
+      make_batch, run.step + 1, t.num_steps, ahead) as upcoming:
     for step in range(run.step + 1, t.num_steps + 1):
       batch = upcoming.get(step)
       # Between log steps nothing waits for the device: dispatch runs ahead of it.

@@ -10,6 +10,8 @@ import ml_collections
 from jaxft.tasks.base import Data, Task
 from jaxft.tasks.causal_lm import CausalLM
 from jaxft.tasks.classify import Classify
+from jaxft.tasks.dpo import DPO
+from jaxft.tasks.grpo import GRPO
 from jaxft.tasks.image_classify import ImageClassify
 
 # config.task -> its Task class (config.TASKS lists the same names).
@@ -17,6 +19,8 @@ REGISTRY: dict[str, type[Task]] = {
     Classify.name: Classify,
     CausalLM.name: CausalLM,
     ImageClassify.name: ImageClassify,
+    DPO.name: DPO,
+    GRPO.name: GRPO,
 }
 
 __all__ = ["Data", "Task", "REGISTRY", "of"]

@@ -96,7 +96,7 @@ def eval_step(params: nnx.State, frozen: nnx.State, batch: dict, *, graphdef: nn
 
 class CausalLM(base.Task):
   """Supervised fine-tuning of a decoder-only LM (Llama, Mistral, Qwen2/3, GPT-2)."""
-  name = "causal_lm"
+  name = model_kind = "causal_lm"
   generates_text = True
   per_example_eval = False
   peft_task_type = "CAUSAL_LM"
@@ -164,7 +164,7 @@ class CausalLM(base.Task):
     return {**result, "loss": loss, "perplexity": math.exp(min(loss, 80.0))}
 
   def export(self, run: Any, model_path: str, out_dir: str) -> None:
-    hf.export(lora.merge(run.model()), run.hf_config, self.name, out_dir,
+    hf.export(lora.merge(run.model()), run.hf_config, self.model_kind, out_dir,
               tokenizer_path=model_path)
 
 

@@ -62,7 +62,7 @@ class Classifier(base.Task):
                               id2label=dict(enumerate(labels)))
 
   def fresh_heads(self, hf_config: Any) -> tuple[str, ...]:
-    return registry.lookup(hf_config.model_type, self.name).layout.head_modules
+    return registry.lookup(hf_config.model_type, self.model_kind).layout.head_modules
 
   def describe(self, data: base.Data) -> str:
     return (f"{batches_lib.num_examples(data.train)} train examples, "
@@ -91,7 +91,7 @@ class Classifier(base.Task):
 
 class Classify(Classifier):
   """Sequence classification (BERT, RoBERTa, DistilBERT encoders with a fresh head)."""
-  name = "classify"
+  name = model_kind = "classify"
 
   objective = OBJECTIVE
   eval_step = staticmethod(eval_step)
@@ -117,5 +117,5 @@ class Classify(Classifier):
     return batch
 
   def export(self, run: Any, model_path: str, out_dir: str) -> None:
-    hf.export(lora.merge(run.model()), run.hf_config, self.name, out_dir,
+    hf.export(lora.merge(run.model()), run.hf_config, self.model_kind, out_dir,
               tokenizer_path=model_path)

@@ -56,7 +56,7 @@ def _image_forward(model, batch, deterministic, rngs, *, input_: ImageInput):
 
 class ImageClassify(classify.Classifier):
   """Image classification (ViT): accuracy, macro-F1, per-class recall, confusion PNG."""
-  name = "image_classify"
+  name = model_kind = "image_classify"
   peft_task_type = None  # PEFT has no image-classification task type.
 
   @functools.cached_property
@@ -154,5 +154,5 @@ class ImageClassify(classify.Classifier):
     return {**result, "recall": recall}
 
   def export(self, run: Any, model_path: str, out_dir: str) -> None:
-    hf.export(lora.merge(run.model()), run.hf_config, self.name, out_dir,
+    hf.export(lora.merge(run.model()), run.hf_config, self.model_kind, out_dir,
               processor_path=model_path)

@@ -86,6 +86,21 @@ def _delta(m: layers.Linear) -> jax.Array:
   return m.lora_scale * (a @ b)
 
 
+def without_adapters(model: nnx.Module) -> nnx.Module:
+  """A view of `model` with its adapters off: the base model, sharing its arrays.
+
+  The reference model of preference and RL tuning with LoRA: the same
+  weights, no second copy in memory, and exactly the base model's outputs
+  (the adapter terms are skipped, not multiplied by zero). Works under jit.
+  """
+  graphdef, state = nnx.split(model)
+  view = nnx.merge(graphdef, state)
+  for _, m in linear_modules(view):
+    m.lora_a = m.lora_b = None
+    m.lora_scale = 0.0
+  return view
+
+
 def merge(model: nnx.Module) -> nnx.Module:
   """Folds every adapter into its kernel (dense float32, dequantized) and removes it, in place.
 

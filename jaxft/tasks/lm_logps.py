@@ -1,0 +1,36 @@
+"""Per-token log-probs of a causal LM on its own rows: what preference and RL losses read.
+
+SFT needs only the summed loss (`lm_loss` never holds the logits); DPO and
+GRPO need each response's log-probs apart, per row or per token, so these
+compute the float32 logits of the rows and gather the target tokens.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from jaxft.tasks import causal_lm
+
+
+def token_logps(model: Any, rows: dict, deterministic: bool = True,
+                rngs: Any = None) -> jax.Array:
+  """float32 [rows, length - 1]: log p(token i + 1 | tokens ..i) at position i.
+
+  `rows` holds `input_ids`, `positions`, `segment_ids` and `loss_mask`
+  [rows, length] (tasks/causal_lm.py's layout); positions that are not loss
+  targets (`causal_lm.loss_targets`) are 0.
+  """
+  logits = model(rows["input_ids"], None, rows["positions"], rows["segment_ids"],
+                 deterministic=deterministic, rngs=rngs)[:, :-1].astype(jnp.float32)
+  targets = rows["input_ids"][:, 1:]
+  picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+  logps = picked - jax.nn.logsumexp(logits, axis=-1)
+  return jnp.where(causal_lm.loss_targets(rows), logps, 0.0)
+
+
+def target_counts(rows: dict) -> jax.Array:
+  """float32 [rows]: how many positions of each row `token_logps` scores."""
+  return jnp.sum(causal_lm.loss_targets(rows), axis=-1).astype(jnp.float32)
