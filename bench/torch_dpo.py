@@ -128,8 +128,8 @@ def make_config(recipe: str, sets: Sequence[str], steps: int | None
   if steps is not None and steps > 0:
     config.train.num_steps = steps
   config_lib.validate(config)
-  if config.task != "dpo":
-    raise SystemExit(f"config.task is {config.task!r}; this loop runs DPO")
+  if "dpo" not in config:
+    raise SystemExit("the config has no dpo section; this loop runs DPO")
   d = config.dpo
   if d.loss != "sigmoid":
     raise SystemExit(f"dpo.loss={d.loss!r}: only the sigmoid (DPO) loss is implemented here")
