@@ -124,7 +124,7 @@ def parse_set(item: str) -> tuple[str, Any]:
   return key.strip(), value
 
 
-def _assign(config: ml_collections.ConfigDict, key: str, value: Any) -> None:
+def assign(config: ml_collections.ConfigDict, key: str, value: Any) -> None:
   """config.<key> = value; the key must exist (a typo must not pass silently)."""
   *parents, leaf = key.split(".")
   node = config
@@ -134,8 +134,12 @@ def _assign(config: ml_collections.ConfigDict, key: str, value: Any) -> None:
     node = node[part]
   if leaf not in node:
     raise KeyError(f"unknown config key {key!r}")
-  if isinstance(node[leaf], str) and not isinstance(value, str):
+  old = node[leaf]
+  # What `--config.KEY=VALUE` does on the jaxft side: the value takes the field's type.
+  if isinstance(old, str) and not isinstance(value, str):
     value = str(value)  # e.g. --set model.remat=1 where the field is a string.
+  elif isinstance(old, float) and isinstance(value, int) and not isinstance(value, bool):
+    value = float(value)
   node[leaf] = value
 
 
@@ -161,7 +165,7 @@ def jaxft_config(row: Row, model_path: str,
   config.optim.weight_decay = 0.01
   config.optim.clip_norm = 1.0
   for key, value in (*row.overrides, *sets):
-    _assign(config, key, value)
+    assign(config, key, value)
   config_lib.validate(config)
   return config
 

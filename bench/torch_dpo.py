@@ -46,7 +46,6 @@ one this loop exists to check. JAX is imported (grain, which
 from __future__ import annotations
 
 import argparse
-import ast
 import json
 import math
 import os
@@ -72,6 +71,7 @@ from jaxft.data import batches as batches_lib  # noqa: E402
 from jaxft.data import preference  # noqa: E402
 from jaxft.formats import gguf  # noqa: E402
 from jaxft.formats import hub  # noqa: E402
+from bench import rows as bench_rows  # noqa: E402
 
 ROW_KEYS = ("input_ids", "positions", "segment_ids", "loss_mask")
 
@@ -88,43 +88,12 @@ def emit(record: dict[str, Any]) -> None:
 # --- config ------------------------------------------------------------------
 
 
-def parse_set(item: str) -> tuple[str, Any]:
-  """`KEY=VALUE` of --set: VALUE as a Python literal, else as a string (as bench/rows.py)."""
-  key, sep, text = item.partition("=")
-  if not sep or not key:
-    raise ValueError(f"--set needs KEY=VALUE, got {item!r}")
-  try:
-    value = ast.literal_eval(text)
-  except (ValueError, SyntaxError):
-    value = text  # dpo.loss=sigmoid: a bare word is a string.
-  return key.strip(), value
-
-
-def assign(config: ml_collections.ConfigDict, key: str, value: Any) -> None:
-  """config.<key> = value, with the field's type; the key must exist (a typo must not pass)."""
-  *parents, leaf = key.split(".")
-  node = config
-  for part in parents:
-    if part not in node:
-      raise KeyError(f"unknown config key {key!r}")
-    node = node[part]
-  if leaf not in node:
-    raise KeyError(f"unknown config key {key!r}")
-  old = node[leaf]
-  # What `--config.KEY=VALUE` does on the jaxft side: the value takes the field's type.
-  if isinstance(old, str) and not isinstance(value, str):
-    value = str(value)
-  elif isinstance(old, float) and isinstance(value, int) and not isinstance(value, bool):
-    value = float(value)
-  node[leaf] = value
-
-
 def make_config(recipe: str, sets: Sequence[str], steps: int | None
                 ) -> ml_collections.ConfigDict:
   """The recipe, the --set overrides, then --steps as train.num_steps (the schedule's total)."""
   config = defaults.recipe(recipe)
   for item in sets:
-    assign(config, *parse_set(item))
+    bench_rows.assign(config, *bench_rows.parse_set(item))
   if steps is not None and steps > 0:
     config.train.num_steps = steps
   config_lib.validate(config)
