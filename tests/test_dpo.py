@@ -234,6 +234,29 @@ def test_dpo_run_raises_preference_accuracy_logs_trl_metrics_and_evals_again(
   again = commands.eval_command(config, str(tmp_path / "run"))
   assert again["preference_accuracy"] == result["preference_accuracy"]
   assert again["reward_margin"] == pytest.approx(result["reward_margin"], rel=1e-5)
+  _check_exports(config, tmp_path, tiny_chat_lm / "model", again["logps/chosen"])
+
+
+def _check_exports(config, tmp_path, base, policy_logps):
+  """A DPO run exports like SFT: the merged folder is the trained policy, the PEFT adapter
+  over the base computes the same logits in transformers."""
+  import peft
+  from jaxft import commands
+  merged, adapter = tmp_path / "merged", tmp_path / "adapter"
+  commands.export_command(str(tmp_path / "run"), str(merged))
+  commands.export_command(str(tmp_path / "run"), str(adapter), "peft", base_model=str(base))
+  # jaxft reading the merged folder as a full model scores the eval pairs as the run did.
+  full = config.copy_and_resolve_references()
+  full.model.path, full.lora.rank = str(merged), 0
+  (tmp_path / "fresh_full").mkdir()
+  scored = commands.eval_command(full, str(tmp_path / "fresh_full"))
+  assert scored["logps/chosen"] == pytest.approx(policy_logps, rel=1e-4)
+  ids = torch.tensor([[1, 42, 7, 300, 5, 9]])
+  want = transformers.AutoModelForCausalLM.from_pretrained(merged).eval()(ids).logits
+  tuned = peft.PeftModel.from_pretrained(
+      transformers.AutoModelForCausalLM.from_pretrained(base), adapter).eval()
+  np.testing.assert_allclose(tuned(ids).logits.detach().numpy(), want.detach().numpy(),
+                             atol=1e-4, rtol=0)
 
 
 def test_a_reference_free_loss_trains_and_evals_through_the_cli(tiny_chat_lm, tiny_pairs,

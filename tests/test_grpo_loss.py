@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from jaxft.errors import UserError
-from jaxft.tasks import grpo_loss
+from jaxft.tasks import grpo_loss, lm_logps
 
 EPS, EPS_HIGH, BETA = 0.2, 0.28, 0.04
 
@@ -86,7 +86,7 @@ def test_token_logps_are_log_softmax_at_the_tokens():
   shifted = logits.astype(np.float64) - logits.max(-1, keepdims=True)
   log_softmax = shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
   want = np.take_along_axis(log_softmax, tokens[..., None], -1)[..., 0]
-  got = jax.jit(grpo_loss.token_logps)(jnp.asarray(logits), jnp.asarray(tokens))
+  got = jax.jit(lm_logps.logps_at)(jnp.asarray(logits), jnp.asarray(tokens))
   assert got.dtype == jnp.float32
   np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
 

@@ -51,13 +51,6 @@ def group_advantages(rewards: jax.Array, group_size: int, eps: float = 1e-4,
   return centred.reshape(-1)
 
 
-def token_logps(logits: jax.Array, tokens: jax.Array) -> jax.Array:
-  """log p(token) [B, T] from logits [B, T, V] that already predict `tokens` [B, T]."""
-  logits = logits.astype(jnp.float32)
-  picked = jnp.take_along_axis(logits, tokens[..., None].astype(jnp.int32), axis=-1)[..., 0]
-  return picked - jax.nn.logsumexp(logits, axis=-1)
-
-
 def kl_k3(logps: jax.Array, ref_logps: jax.Array) -> jax.Array:
   """Per-token k3 estimate of KL(policy || ref): exp(d) - d - 1, d = ref - logp.
 

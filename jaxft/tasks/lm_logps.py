@@ -24,11 +24,16 @@ def token_logps(model: Any, rows: dict, deterministic: bool = True,
   targets (`causal_lm.loss_targets`) are 0.
   """
   logits = model(rows["input_ids"], None, rows["positions"], rows["segment_ids"],
-                 deterministic=deterministic, rngs=rngs)[:, :-1].astype(jnp.float32)
-  targets = rows["input_ids"][:, 1:]
-  picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-  logps = picked - jax.nn.logsumexp(logits, axis=-1)
+                 deterministic=deterministic, rngs=rngs)[:, :-1]
+  logps = logps_at(logits, rows["input_ids"][:, 1:])
   return jnp.where(causal_lm.loss_targets(rows), logps, 0.0)
+
+
+def logps_at(logits: jax.Array, tokens: jax.Array) -> jax.Array:
+  """float32 log p(token) [B, T] from logits [B, T, V] that already predict `tokens` [B, T]."""
+  logits = logits.astype(jnp.float32)
+  picked = jnp.take_along_axis(logits, tokens[..., None].astype(jnp.int32), axis=-1)[..., 0]
+  return picked - jax.nn.logsumexp(logits, axis=-1)
 
 
 def target_counts(rows: dict) -> jax.Array:
