@@ -253,10 +253,10 @@ def _check_exports(config, tmp_path, base, policy_logps):
   assert scored["logps/chosen"] == pytest.approx(policy_logps, rel=1e-4)
   ids = torch.tensor([[1, 42, 7, 300, 5, 9]])
   want = transformers.AutoModelForCausalLM.from_pretrained(merged).eval()(ids).logits
-  untuned = transformers.AutoModelForCausalLM.from_pretrained(base).eval()(ids).logits
+  base_model = transformers.AutoModelForCausalLM.from_pretrained(base).eval()
+  untuned = base_model(ids).logits
   assert not np.allclose(untuned.detach().numpy(), want.detach().numpy(), atol=1e-4)
-  tuned = peft.PeftModel.from_pretrained(
-      transformers.AutoModelForCausalLM.from_pretrained(base), adapter).eval()
+  tuned = peft.PeftModel.from_pretrained(base_model, adapter).eval()
   np.testing.assert_allclose(tuned(ids).logits.detach().numpy(), want.detach().numpy(),
                              atol=1e-4, rtol=0)
 
