@@ -39,6 +39,7 @@ LOSS_ON = ("assistant", "last", "all")  # data.loss_on
 EVAL_METRICS = ("", "pass@1", "rouge_l")  # eval.metric
 EXPORT_FORMATS = ("hf", "peft")  # jaxft export --format
 BEST_MODES = ("auto", "max", "min")  # checkpoint.best_mode
+ON_CORRUPT = ("fallback", "error")  # checkpoint.on_corrupt
 DPO_LOSSES = ("sigmoid", "ipo", "hinge", "simpo", "orpo")  # dpo.loss (tasks/preference_loss.py)
 
 # Keys a rule's dict value may hold, and the types they take.
@@ -133,6 +134,10 @@ def base() -> ml_collections.ConfigDict:
   # beside the last `keep` (`jaxft export --step=best`). "": no best checkpoint.
   c.checkpoint.best_metric = ""
   c.checkpoint.best_mode = "auto"  # max | min | auto (min for losses and perplexity, else max).
+  # When the newest checkpoint is unreadable (truncated, a file missing, bytes flipped):
+  # "fallback" resumes from the newest intact one, moving the damaged ones to
+  # DIR/checkpoints_corrupt/ (nothing is deleted); "error" stops with exit 2.
+  c.checkpoint.on_corrupt = "fallback"
   return c
 
 
@@ -277,6 +282,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _require(config.checkpoint.keep > 0, "checkpoint.keep", "> 0", config.checkpoint.keep)
   mode = config.checkpoint.get("best_mode", "auto")
   _require(mode in BEST_MODES, "checkpoint.best_mode", f"one of {BEST_MODES}", mode)
+  corrupt = config.checkpoint.get("on_corrupt", "fallback")
+  _require(corrupt in ON_CORRUPT, "checkpoint.on_corrupt", f"one of {ON_CORRUPT}", corrupt)
   patience = t.get("early_stop_patience", 0)
   _require(patience >= 0, "train.early_stop_patience", ">= 0", patience)
   _require(not patience or t.eval_every > 0, "train.eval_every",

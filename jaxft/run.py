@@ -138,13 +138,16 @@ def read_labels(workdir: str) -> list[str] | None:
 
 def open_run(config: ml_collections.ConfigDict, workdir: str, model_path: str,
              labels: list[str] | None, *, quiet: bool = False,
-             task: tasks.Task | None = None, step: int | None = None) -> Run:
+             task: tasks.Task | None = None, step: int | None = None,
+             move_damaged: bool = False) -> Run:
   """Restores the latest checkpoint in `workdir`, or loads the pretrained model.
 
   `labels` are the class names of a classifier (None for a language model).
   Prints the rules table (which parameters train, how fast) unless `quiet`.
   `task` is the config's task when the caller already has it; `step` a kept
-  checkpoint to restore instead of the latest.
+  checkpoint to restore instead of the latest (else the newest intact one, see
+  config.checkpoint.on_corrupt); `move_damaged`: move damaged newer checkpoints
+  aside (training, whose next saves reuse their steps).
   """
   task = task or tasks.of(config)
   mesh = sharding.make_mesh(config)
@@ -154,7 +157,11 @@ def open_run(config: ml_collections.ConfigDict, workdir: str, model_path: str,
   sharding.check_fits(mesh, batch_size=t.batch_size, grad_accum=t.grad_accum,
                       eval_batch_size=t.eval_batch_size, num_heads=hf_config.num_attention_heads)
   ckpt = checkpoint.Checkpointer.of(workdir, config)
-  latest = ckpt.latest_step() if step is None else step
+  latest = step
+  if step is None:
+    latest, skipped = ckpt.newest_intact(move_aside=move_damaged)
+    for line in skipped:
+      log(f"skipping {line}")
   meta = {} if latest is None else ckpt.meta(latest)
   saved_base = meta.get("base")
   untrained = ()
@@ -292,7 +299,10 @@ def _choose_step(checkpointer: checkpoint.Checkpointer, step: str | int | None,
   if not kept:
     raise UserError(f"no checkpoint in {checkpointer.directory}: train first")
   if step in (None, "latest"):
-    return kept[-1]
+    latest, skipped = checkpointer.newest_intact()
+    for line in skipped:
+      log(f"skipping {line}")
+    return latest
   if step == "best":
     best = checkpointer.best_step()
     if best is None:

@@ -61,7 +61,8 @@ def train(config: ml_collections.ConfigDict, workdir: str,
     preemption.check()  # One the handler could not raise: stop before the slow part.
     storage.makedirs(workdir)
     storage.check_shared(workdir)
-    run = run_lib.open_run(config, workdir, model_path, data.labels, task=task)
+    run = run_lib.open_run(config, workdir, model_path, data.labels, task=task,
+                           move_damaged=True)
     finished = _finished(config, workdir, run, data, model_path)
     if finished is not None:
       return finished

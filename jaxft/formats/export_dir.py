@@ -19,6 +19,8 @@ import shutil
 import tempfile
 from typing import Iterator
 
+import safetensors
+
 from jaxft.errors import UserError
 from jaxft.runtime import storage
 
@@ -147,7 +149,11 @@ def staged(out: str, workdir: str, *, overwrite: bool, info: dict,
     os.makedirs(parent, exist_ok=True)
   local = tempfile.mkdtemp(prefix=".jaxft-export-", dir=parent)
   try:
-    yield local
+    try:
+      yield local
+    except (OSError, safetensors.SafetensorError) as e:  # A full disk, a file too large...
+      raise UserError(f"writing the export for {out} failed: {e}; {out} is unchanged (an "
+                      "export is built aside and put in place only when whole)") from e
     if primary:
       _install(local, out, overwrite, info)
   finally:
