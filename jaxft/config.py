@@ -94,6 +94,13 @@ def base() -> ml_collections.ConfigDict:
   # Stop after this many evals in a row without a better checkpoint.best_metric (default: eval
   # loss); needs eval_every > 0. 0: never stop early.
   c.train.early_stop_patience = 0
+  # A step whose loss or gradient norm is not finite is skipped (params and optimizer state
+  # unchanged; metrics.jsonl counts skipped_steps); after this many in a row the run stops,
+  # saved, with exit 2: a model that only makes NaNs needs a fix, not more steps. 0: never stop.
+  c.train.max_skipped_steps = 10
+  # k > 1: also skip a step whose loss exceeds k x the median of the last 32 applied losses
+  # (once 8 are in), a bad batch or a blow-up kept out of the weights. 0: off.
+  c.train.skip_spikes = 0.0
 
   c.optim = ml_collections.ConfigDict()
   c.optim.optimizer = "adamw"  # adamw | sgd.
@@ -288,6 +295,13 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _require(patience >= 0, "train.early_stop_patience", ">= 0", patience)
   _require(not patience or t.eval_every > 0, "train.eval_every",
            "> 0 when train.early_stop_patience is set", t.eval_every)
+  skips = t.get("max_skipped_steps", 10)
+  _require(skips >= 0, "train.max_skipped_steps", ">= 0 (0: never stop)", skips)
+  spikes = t.get("skip_spikes", 0.0)
+  _require(spikes == 0 or spikes > 1, "train.skip_spikes", "0 (off) or > 1", spikes)
+  # GRPO's loss is an advantage-weighted ratio, near 0 and of either sign: no spike scale.
+  _require(not spikes or config.get("task") != "grpo", "train.skip_spikes",
+           "0 for task grpo (its loss is not a positive quantity)", spikes)
   validate_lora(config)
   rule_entries(o.rules)
   if "dpo" in config:

@@ -77,6 +77,7 @@ class Run:
     if self.base is not None:
       state = {k: v for k, v in state.items() if k != "frozen"}
       meta["base"] = self.base
+    meta["state_keys"] = sorted(state)  # What `open_run` may restore (older ones lack "skip").
     self.checkpointer.save(step, state, meta, metrics)
 
   def model(self) -> nnx.Module:
@@ -118,7 +119,8 @@ def make_step_fn(config: ml_collections.ConfigDict, split: trainable.Split,
   t = config.train
   fn = traced(functools.partial(
       steps.train_step, objective=objective, graphdef=split.graphdef,
-      rest=split.rest, tx=tx, grad_accum=t.grad_accum, dropout_key=jax.random.key(t.seed)),
+      rest=split.rest, tx=tx, grad_accum=t.grad_accum, dropout_key=jax.random.key(t.seed),
+      max_skipped_steps=t.get("max_skipped_steps", 10), skip_spikes=t.get("skip_spikes", 0.0)),
       where, config.model.get("attention", "auto"))
   return jax.jit(fn, in_shardings=(where.state, where.batch),
                  out_shardings=(where.state, where.replicated), donate_argnums=0)
@@ -194,11 +196,16 @@ def open_run(config: ml_collections.ConfigDict, workdir: str, model_path: str,
     state = jax.device_put(steps.init_state(split.params, split.frozen, tx), where.state)
   else:
     targets = sharding.with_shardings(abstract, where.state)
-    if saved_base is None:
-      state, _ = ckpt.restore(targets, latest)
-    else:
-      state, _ = ckpt.restore({k: v for k, v in targets.items() if k != "frozen"}, latest)
+    # Not in the checkpoint: frozen weights re-read from the base; the skipped-step
+    # counters of one saved before they existed (it gets a new run's).
+    counted = "skip" in meta.get("state_keys", ())
+    absent = {"frozen"} if saved_base is not None else set()
+    absent |= set() if counted else {"skip"}
+    state, _ = ckpt.restore({k: v for k, v in targets.items() if k not in absent}, latest)
+    if saved_base is not None:
       state["frozen"] = jax.device_put(split.frozen, where.state["frozen"])
+    if not counted:
+      state["skip"] = jax.device_put(steps.init_skip(), where.state["skip"])
     log(f"restored checkpoint at step {latest} from {ckpt.directory}")
   base = _base_fingerprint(config, model_path, split)
   return Run(split, state, tx, hf_config, ckpt, where, task, base, meta, untrained)

@@ -1,10 +1,17 @@
 """The pure, jittable train step, shared by every task.
 
-The train state is a plain dict {"step", "params", "frozen", "opt_state"}: a
-pytree that optax updates, `jax.jit` donates and Orbax saves without adapters.
-`params` holds the trainable parameters, `frozen` the rest; only `params` is
-differentiated and has optimizer state, so frozen layers cost no gradient
-matmuls, no optimizer memory and no update.
+The train state is a plain dict {"step", "params", "frozen", "opt_state",
+"skip"}: a pytree that optax updates, `jax.jit` donates and Orbax saves
+without adapters. `params` holds the trainable parameters, `frozen` the rest;
+only `params` is differentiated and has optimizer state, so frozen layers cost
+no gradient matmuls, no optimizer memory and no update.
+
+A step whose loss or gradient norm is not finite (or, with `skip_spikes`, whose
+loss is a spike over the running median) is skipped inside the step: params
+and optimizer state stay bitwise as they were, only `step` and the counters
+in `skip` (`init_skip`) move on. The counters live in the state so that they
+are checkpointed, resume exactly and cost no host sync; the loop reads them
+where it already waits for the device (train.py).
 
 A task plugs in through an `Objective`: how to call the model on a batch, the
 summed loss of a batch, and how many loss units (examples, or tokens for a
@@ -27,6 +34,11 @@ from jaxft.models import stack
 
 State = dict[str, Any]
 
+# Accepted losses the running median of `skip_spikes` looks back on, and how many
+# must be in before any step counts as a spike: a median of fewer is noise.
+SPIKE_WINDOW = 32
+SPIKE_MIN_LOSSES = 8
+
 
 @dataclasses.dataclass(frozen=True)
 class Objective:
@@ -46,7 +58,67 @@ class Objective:
 
 def init_state(params: nnx.State, frozen: nnx.State, tx: optax.GradientTransformation) -> State:
   return {"step": jnp.zeros((), jnp.int32), "params": params, "frozen": frozen,
-          "opt_state": tx.init(params)}
+          "opt_state": tx.init(params), "skip": init_skip()}
+
+
+def init_skip() -> dict[str, jax.Array]:
+  """The skipped-step counters of a new run (state["skip"]), all replicated scalars but one.
+
+  total: steps skipped so far (metrics.jsonl `skipped_steps`).
+  in_row: skipped steps in a row up to the current one (0 after an applied step).
+  limit_step: the step at which `in_row` reached `max_skipped_steps`, 0 if it has
+    not (a latch: the loop sees it at its next sync, however late).
+  limit_loss, limit_grad_norm: that step's loss and gradient norm, for the message.
+  losses: the last SPIKE_WINDOW applied losses, a ring written at (step - total)
+    % SPIKE_WINDOW; NaN where none yet.
+  """
+  i32, f32 = lambda: jnp.zeros((), jnp.int32), lambda: jnp.zeros((), jnp.float32)
+  return {"total": i32(), "in_row": i32(), "limit_step": i32(), "limit_loss": f32(),
+          "limit_grad_norm": f32(), "losses": jnp.full((SPIKE_WINDOW,), jnp.nan, jnp.float32)}
+
+
+def clear_limit(state: State) -> State:
+  """`state` with the in-row count and its latch (`limit_step`) reset.
+
+  A run stopped on a streak saves this, so that its rerun gets
+  `max_skipped_steps` fresh tries. Eager jnp ops: each leaf keeps its sharding.
+  """
+  skip = state["skip"]
+  return {**state, "skip": {**skip, "in_row": jnp.zeros_like(skip["in_row"]),
+                            "limit_step": jnp.zeros_like(skip["limit_step"])}}
+
+
+def accepted(loss: jax.Array, grad_norm: jax.Array, skip: dict[str, jax.Array], step: jax.Array,
+             skip_spikes: float) -> jax.Array:
+  """Whether a step's update applies: a finite loss and gradient norm and, with
+  `skip_spikes` k > 0, a loss at most k x the median of the recent applied losses.
+
+  The spike test waits for SPIKE_MIN_LOSSES applied losses, and passes while their
+  median is <= 0 (a loss that is not a positive quantity has no ratio to spike by).
+  """
+  ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  if skip_spikes > 0:
+    median = jnp.nanmedian(skip["losses"])
+    enough = step - skip["total"] >= SPIKE_MIN_LOSSES
+    ok &= ~(enough & (median > 0) & (loss > skip_spikes * median))
+  return ok
+
+
+def _count_skip(skip: dict[str, jax.Array], ok: jax.Array, step: jax.Array, loss: jax.Array,
+                grad_norm: jax.Array, max_skipped_steps: int) -> dict[str, jax.Array]:
+  """The counters once step `step` + 1 applied (`ok`) or was skipped."""
+  loss, grad_norm = loss.astype(jnp.float32), grad_norm.astype(jnp.float32)
+  in_row = jnp.where(ok, 0, skip["in_row"] + 1)
+  at = (step - skip["total"]) % SPIKE_WINDOW  # The next slot of the ring of applied losses.
+  out = {**skip, "total": skip["total"] + jnp.where(ok, 0, 1), "in_row": in_row,
+         "losses": skip["losses"].at[at].set(jnp.where(ok, loss, skip["losses"][at]))}
+  if max_skipped_steps > 0:
+    hit = (skip["limit_step"] == 0) & (in_row >= max_skipped_steps)
+    latch = lambda new, old: jnp.where(hit, new, old)
+    out.update(limit_step=latch(step + 1, skip["limit_step"]),
+               limit_loss=latch(loss, skip["limit_loss"]),
+               limit_grad_norm=latch(grad_norm, skip["limit_grad_norm"]))
+  return out
 
 
 def model_outputs(objective: Objective, graphdef: nnx.GraphDef, params: nnx.State,
@@ -71,11 +143,16 @@ def loss_and_grads(objective: Objective, graphdef, rest, params, frozen, batch, 
 
 def train_step(state: State, batch: dict, *, objective: Objective, graphdef: nnx.GraphDef,
                rest: nnx.State, tx: optax.GradientTransformation, grad_accum: int,
-               dropout_key: jax.Array) -> tuple[State, dict]:
+               dropout_key: jax.Array, max_skipped_steps: int = 0,
+               skip_spikes: float = 0.0) -> tuple[State, dict]:
   """One optimizer update on a global batch, split into `grad_accum` micro-batches.
 
   Every micro-batch divides its summed loss by the units of the whole batch,
-  so the accumulated loss and gradients are those of the full batch.
+  so the accumulated loss and gradients are those of the full batch. A step
+  that is not `accepted` leaves params and optimizer state bitwise unchanged
+  (so optax's step count, and the schedule it drives, stays behind `step` by
+  one per skip); `max_skipped_steps` (0: never) sets state["skip"]["limit_step"]
+  when that many are skipped in a row. Metrics add `skipped_steps` (the total).
   """
   params, frozen = state["params"], state["frozen"]
   key = jax.random.fold_in(dropout_key, state["step"])
@@ -97,7 +174,14 @@ def train_step(state: State, batch: dict, *, objective: Objective, graphdef: nnx
                                jax.tree.map(lambda x: x[0], micro), key, units)))
     (loss, metrics, grads), _ = jax.lax.scan(accumulate, zeros,
                                              (micro, jnp.arange(grad_accum)))
+  grad_norm = optax.tree_utils.tree_norm(grads)
   updates, opt_state = tx.update(grads, state["opt_state"], params)
-  new_state = {"step": state["step"] + 1, "params": optax.apply_updates(params, updates),
-               "frozen": frozen, "opt_state": opt_state}
-  return new_state, {"loss": loss, **metrics, "grad_norm": optax.tree_utils.tree_norm(grads)}
+  ok = accepted(loss, grad_norm, state["skip"], state["step"], skip_spikes)
+  # A select rather than lax.cond: elementwise, so XLA fuses it into the update itself.
+  keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
+  skip = _count_skip(state["skip"], ok, state["step"], loss, grad_norm, max_skipped_steps)
+  new_state = {"step": state["step"] + 1,
+               "params": keep(optax.apply_updates(params, updates), params),
+               "frozen": frozen, "opt_state": keep(opt_state, state["opt_state"]), "skip": skip}
+  return new_state, {"loss": loss, **metrics, "grad_norm": grad_norm,
+                     "skipped_steps": skip["total"]}

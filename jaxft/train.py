@@ -5,7 +5,10 @@ on a thread, one jitted step each, train metrics every `log_every` steps,
 evals, checkpoints (and the best one), early stopping, a JAX trace on
 request, and a clean stop (saved, exit 128 + N) on SIGTERM / SIGINT at any
 moment. The math is in `steps.py` and the task's module; opening and
-resuming a run is `run.py`.
+resuming a run is `run.py`. A step whose loss or gradient norm is not finite
+(or a loss spike, `train.skip_spikes`) is skipped inside the step and counted
+(`skipped_steps` in metrics.jsonl); `train.max_skipped_steps` in a row stop
+the run, saved, with exit 2 (`_check_skipped`).
 
 Rerunning a run: at `num_steps` (or stopped early) it is a no-op that prints
 the recorded final eval; with a larger `num_steps` it trains on, and the
@@ -16,18 +19,22 @@ an error. Each rerun's config changes are kept (`runtime/run_record.py`).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
 
 import jax
+import jax.numpy as jnp
 import ml_collections
+import numpy as np
 
 from jaxft import checkpoint
 from jaxft import metrics as metrics_lib
 from jaxft import mfu
 from jaxft import run as run_lib
 from jaxft import sharding
+from jaxft import steps
 from jaxft.runtime import storage
 from jaxft.data import prefetch
 from jaxft.errors import UserError
@@ -42,6 +49,9 @@ log = metrics_lib.log
 # Seconds to sleep after each step: tests slow a tiny run down so that a signal
 # sent at a chosen moment lands mid-training without burning CPU.
 STEP_DELAY_ENV = "JAXFT_TEST_STEP_DELAY"
+# Steps whose batch is poisoned, e.g. "3" or "3,4,5": tests make the loss and every
+# gradient of those steps NaN through the data, as a bad batch would (`_poison`).
+NAN_STEPS_ENV = "JAXFT_TEST_NAN_STEPS"
 
 
 def train(config: ml_collections.ConfigDict, workdir: str,
@@ -180,8 +190,12 @@ class _Patience:
 def _loop(config: ml_collections.ConfigDict, workdir: str, run: run_lib.Run, data: Data,
           profile_steps: int = 0) -> dict[str, float]:
   t = config.train
-  step_fn = run_lib.make_step_fn(config, run.split, run.tx, run.placement, run.task.objective)
+  nan_steps = {int(s) for s in os.environ.get(NAN_STEPS_ENV, "").split(",") if s.strip()}
+  objective = _poison(run.task.objective) if nan_steps else run.task.objective
+  step_fn = run_lib.make_step_fn(config, run.split, run.tx, run.placement, objective)
   source = run.task.train_batches(run, data)
+  if nan_steps:
+    source = _with_nan_column(source, nan_steps)
   writer = metrics_lib.JsonlWriter(workdir)
   lr = optimizer.schedule(optimizer.Schedule.of(config))
   progress = metrics_lib.Progress(run.step, t.num_steps, t.batch_size, t.log_every)
@@ -193,6 +207,7 @@ def _loop(config: ml_collections.ConfigDict, workdir: str, run: run_lib.Run, dat
   best_metric = config.checkpoint.get("best_metric", "")
   result: dict[str, float] = {}
   delay = float(os.environ.get(STEP_DELAY_ENV) or 0)
+  skipped = 0  # Steps skipped so far, as last read from the device.
 
   make_batch = lambda step: sharding.global_batch(source(step), run.placement.batch)
   ahead = 0 if run.task.online else t.get("prefetch", 0)
@@ -209,7 +224,7 @@ def _loop(config: ml_collections.ConfigDict, workdir: str, run: run_lib.Run, dat
         time.sleep(delay)
       loss = None
       if t.log_every and step % t.log_every == 0:
-        m = {k: float(v) for k, v in m.items()}
+        m = {k: v.item() for k, v in jax.device_get(m).items()}  # skipped_steps stays an int.
         rate = progress.examples_per_sec(step)
         # Row tokens, padding included: a packed LM batch is nearly all real tokens.
         writer.write(step, "train", {**m, "lr": float(lr(step - 1)), "examples_per_sec": rate,
@@ -222,6 +237,9 @@ def _loop(config: ml_collections.ConfigDict, workdir: str, run: run_lib.Run, dat
       # A stop request skips the eval (a rerun at num_steps evaluates).
       evaluate = data.eval is not None and not stopping and (
           last or (t.eval_every and step % t.eval_every == 0))
+      if save or evaluate or loss is not None:  # Where the loop waits for the device anyway.
+        skipped = _check_skipped(run, step, t.get("max_skipped_steps", 10), skipped,
+                                 patience.meta(), progress)
       # The best checkpoint and early stopping keep eval results with the checkpoint, so
       # those evaluate first; otherwise the save comes first, and a kill mid-eval loses
       # no training.
@@ -246,6 +264,59 @@ def _loop(config: ml_collections.ConfigDict, workdir: str, run: run_lib.Run, dat
   if result:
     log(f"held-out eval at step {run.step}: {metrics_lib.summary(result)}")
   return {"step": run.step, **result}
+
+
+def _check_skipped(run: run_lib.Run, step: int, limit: int, seen: int, meta: dict,
+                   progress: metrics_lib.Progress) -> int:
+  """The steps skipped so far (logged when more than `seen`); after `limit` in a row, saves
+  and stops with a UserError (exit 2) that names them.
+
+  Reading the counters waits for the device, so the loop calls this only where it
+  waits anyway (log, eval and save steps), never every step: the stop may come a
+  few steps after the streak, which the step latched where it happened
+  (steps.init_skip's limit_step), so the message still names its exact steps. Every
+  save is preceded by this check, so no checkpoint holds a latch unreported; the
+  stop's own clears it, and a rerun goes on from there with `limit` fresh tries.
+  """
+  skip = jax.device_get(run.state["skip"])
+  total, end = int(skip["total"]), int(skip["limit_step"])
+  if total > seen:
+    log(f"step {step}: {total} steps skipped so far (their updates not applied), "
+        f"{int(skip['in_row'])} in a row now")
+  if not end:
+    return total
+  loss, norm = float(skip["limit_loss"]), float(skip["limit_grad_norm"])
+  why = (f"loss {loss:.4g}, gradient norm {norm:.4g}: not finite" if not np.isfinite(loss + norm)
+         else f"loss {loss:.4g} above config.train.skip_spikes x its running median")
+  run.state = steps.clear_limit(run.state)
+  run.save(step, meta=meta)
+  progress.close()
+  raise UserError(
+      f"{limit} steps in a row were skipped (steps {end - limit + 1}..{end}; at step {end} "
+      f"{why}); checkpoint saved at step {step}, with the weights of the last applied step; "
+      "lower config.optim.lr (or raise optim.warmup_steps), check the data of those steps, "
+      "or raise config.train.max_skipped_steps (0: never stop); rerun the same command to "
+      "go on from the checkpoint")
+
+
+def _poison(objective: steps.Objective) -> steps.Objective:
+  """Test-only (NAN_STEPS_ENV): `objective` with its summed loss times 1 + the sum of the
+  batch's `_nan` column (0 on a clean batch: the loss is exactly the same)."""
+  def loss_sums(outputs, batch):
+    total, sums = objective.loss_sums(outputs, batch)
+    return total * (1 + jnp.sum(batch["_nan"])), sums
+  return dataclasses.replace(objective, loss_sums=loss_sums)
+
+
+def _with_nan_column(source, nan_steps: set[int]):
+  """Test-only (NAN_STEPS_ENV): `source` whose batches have a `_nan` column, NaN in the
+  first row at `nan_steps` and 0 elsewhere (every batch has it: one compiled step)."""
+  def batch(step: int) -> dict:
+    rows = source(step)
+    column = np.zeros(next(iter(rows.values())).shape[0], np.float32)
+    column[0] = np.nan if step in nan_steps else 0.0
+    return {**rows, "_nan": column}
+  return batch
 
 
 def _total_peak() -> float:
