@@ -15,9 +15,11 @@ business (`run.Run.save`: a LoRA run leaves its frozen base out).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
+import threading
 from typing import Any
 
 import jax
@@ -67,6 +69,7 @@ class Checkpointer:
     self.best_metric = best_metric
     self.on_corrupt = on_corrupt
     self._unsealed: list[int] = []  # Steps this process saved, sealed once finished.
+    self._sealer: threading.Thread | None = None
     if best_metric:
       value = lambda metrics: float(metrics[best_metric])
       policy = pp.AnyPreservationPolicy([pp.LatestN(n=keep), pp.BestN(
@@ -129,10 +132,20 @@ class Checkpointer:
     except Exception as e:
       raise self._save_failed(self._unsealed[-1] if self._unsealed else None, e) from e
     pending, self._unsealed = self._unsealed, []
-    if jax.process_index() != 0:
+    self._join_sealer()
+    if jax.process_index() != 0 or not pending:
       return
-    for step in set(pending) & set(self._manager.all_steps()):
-      integrity.seal(self.step_dir(step))
+    # Hashing reads the whole checkpoint: on a thread, so training goes on meanwhile. A kill
+    # before it ends leaves the checkpoint unsealed, which reads as before sealing existed.
+    folders = [self.step_dir(s) for s in sorted(set(pending) & set(self._manager.all_steps()))]
+    self._sealer = threading.Thread(target=_seal_all, args=(folders,), name="jaxft-seal",
+                                    daemon=True)
+    self._sealer.start()
+
+  def _join_sealer(self) -> None:
+    if self._sealer is not None:
+      self._sealer.join()
+      self._sealer = None
 
   def _save_failed(self, step: int | None, e: Exception) -> UserError:
     # From the disk: Orbax's own list may already count the failed step.
@@ -231,7 +244,15 @@ class Checkpointer:
     try:
       self._finish()
     finally:
+      self._join_sealer()
       self._manager.close()
+
+
+def _seal_all(folders: list[str]) -> None:
+  for folder in folders:
+    # Keep-last-K pruning may delete an older step meanwhile: nothing left to seal then.
+    with contextlib.suppress(OSError):
+      integrity.seal(folder)
 
 
 def _first_line(e: Exception) -> str:
