@@ -97,8 +97,11 @@ def _decode(path: str, size: Size | None) -> np.ndarray | str:
     with Image.open(path) as img:
       img.load()
       a = _to_uint8(img)
-  except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-    # Pillow signals corrupt, truncated and non-image files with these.
+  except MemoryError:
+    raise  # Not the file's fault alone: let it surface.
+  except Exception as e:  # pylint: disable=broad-except
+    # Pillow's decoders signal corrupt, truncated and non-image files with many
+    # types (OSError, SyntaxError, struct.error, EOFError, IndexError, ...).
     return f"{type(e).__name__}: {e}"
   return _fit(a, size)
 
@@ -347,8 +350,7 @@ def load_table(spec: str, split: str = "train", *, size: int | Sequence[int] | N
     UserError: unreadable or empty data, a missing column, or an unreadable
       image (named by its row) unless `skip_bad`.
   """
-  ds = sources.load_split(spec, split)
-  text.check_columns(ds, [image_key, label_key], spec)
+  ds = sources.load_split(spec, split, required=[image_key, label_key])
   names = text.label_names(ds, label_key)
   ids = text.label_ids(ds, label_key, names, spec)
   hw = layers.pair(size) if size is not None else None

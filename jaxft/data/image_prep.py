@@ -36,18 +36,22 @@ def processor_stats(model_folder: str) -> tuple[list[float], list[float], tuple[
   defaults) and size None; `do_normalize: false` gives mean 0 and std 1.
 
   Raises:
-    UserError: the file is unreadable, or its image_std has a zero.
+    UserError: naming the file (and the key): unreadable, not a JSON object,
+      a mean or std that is not numbers, a zero in image_std, or a size that
+      is not an integer in 1..65536.
   """
   path = os.path.join(os.path.expanduser(model_folder), "preprocessor_config.json")
   if not os.path.isfile(path):
     return list(DEFAULT_MEAN), list(DEFAULT_STD), None
   try:
-    with open(path) as f:
+    with open(path, encoding="utf-8") as f:
       cfg = json.load(f)
   except (OSError, ValueError) as e:
     raise UserError(f"cannot read {path}: {e}") from e
-  mean = [float(x) for x in _as_list(cfg.get("image_mean", DEFAULT_MEAN))]
-  std = [float(x) for x in _as_list(cfg.get("image_std", DEFAULT_STD))]
+  if not isinstance(cfg, dict):
+    raise UserError(f"{path} is not a JSON object of settings")
+  mean = _numbers(path, "image_mean", cfg.get("image_mean", DEFAULT_MEAN))
+  std = _numbers(path, "image_std", cfg.get("image_std", DEFAULT_STD))
   if cfg.get("do_normalize", True) is False:
     mean, std = [0.0] * len(mean), [1.0] * len(std)
   if 0.0 in std:
@@ -55,13 +59,33 @@ def processor_stats(model_folder: str) -> tuple[list[float], list[float], tuple[
   raw = cfg.get("size")
   size = None
   if isinstance(raw, int):
-    size = (raw, raw)
+    size = (_side(path, "size", raw),) * 2
   elif isinstance(raw, dict) and "height" in raw and "width" in raw:
-    size = (int(raw["height"]), int(raw["width"]))
+    size = (_side(path, "size.height", raw["height"]), _side(path, "size.width", raw["width"]))
   elif isinstance(raw, dict) and "shortest_edge" in raw:
     # Such processors resize the short side and crop; a square is the nearest fixed shape.
-    size = (int(raw["shortest_edge"]),) * 2
+    size = (_side(path, "size.shortest_edge", raw["shortest_edge"]),) * 2
   return mean, std, size
+
+
+# Larger sides than any processor uses: a corrupt size would make resizing allocate
+# its square.
+_MAX_SIDE = 65536
+
+
+def _side(path: str, key: str, value: object) -> int:
+  if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= _MAX_SIDE:
+    raise UserError(f"{path}: {key} is {value!r}; expected an integer in 1..{_MAX_SIDE}")
+  return value
+
+
+def _numbers(path: str, key: str, value: object) -> list[float]:
+  """`value` (a number or a list of them) as floats; UserError naming `key` otherwise."""
+  values = _as_list(value)
+  if not values or not all(isinstance(x, (int, float)) and not isinstance(x, bool)
+                           and math.isfinite(x) for x in values):
+    raise UserError(f"{path}: {key} is {value!r}; expected a number or a list of numbers")
+  return [float(x) for x in values]
 
 
 def _as_list(x) -> list:

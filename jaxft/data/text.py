@@ -78,9 +78,9 @@ def prepare(config, tokenizer, labels: Sequence[str] | None = None,
   keys = [d.text_key, d.label_key] + ([d.text_pair_key] if d.text_pair_key else [])
   splits = {}
   if need_train or labels is None:
-    splits["train"] = load_split(d.train, d.train_split)
+    splits["train"] = load_split(d.train, d.train_split, required=keys)
   if d.eval:
-    splits["eval"] = load_split(d.eval, d.eval_split)
+    splits["eval"] = load_split(d.eval, d.eval_split, required=keys)
   for name, ds in splits.items():
     check_columns(ds, keys, name)
   names = list(labels) if labels is not None else label_names(splits["train"], d.label_key)

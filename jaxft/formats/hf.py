@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
+import math
 import os
 import re
 import shutil
@@ -28,6 +29,7 @@ from flax import nnx
 
 from jaxft import sharding
 from jaxft.errors import UserError
+from jaxft.formats import gguf
 from jaxft.formats import hub
 from jaxft.formats import weights
 from jaxft.models import layers
@@ -81,9 +83,11 @@ def build_model(hf_config: transformers.PretrainedConfig, task: str, *,
 
 def _read_params(abstract: nnx.State, layout: naming.CheckpointLayout, ckpt: weights.Weights,
                  param_dtype: Any, places: dict[str, Any],
-                 quantized: dict[str, tuple[str, tuple[int, int]]]
+                 quantized: dict[str, tuple[str, tuple[int, int]]], built_from: str
                  ) -> tuple[dict[str, jax.Array], LoadReport]:
   """The checkpoint tensors of `abstract`'s params, placed; the report of the rest.
+
+  `built_from` names the config the model was built from, for messages.
 
   `quantized`: kernel path -> (kind, dense shape) of the kernels stored
   quantized (`_quantize_abstract`), each read dense, one at a time, and
@@ -103,13 +107,14 @@ def _read_params(abstract: nnx.State, layout: naming.CheckpointLayout, ckpt: wei
     key, transform = found[0]
     if path in quantized:
       kind, shape = quantized[path]
-      dense = _read_param(ckpt, key, transform, path, shape, param_dtype, places[path])
+      dense = _read_param(ckpt, key, transform, path, shape, param_dtype, places[path],
+                          built_from)
       values[path], values[_scale_path(path)] = jax.jit(
           functools.partial(quantize.quantize, kind=kind),
           out_shardings=(places[path], places[_scale_path(path)]))(dense)
     else:
       values[path] = _read_param(ckpt, key, transform, path, var.shape, param_dtype,
-                                 places[path])
+                                 places[path], built_from)
     used.add(key)
   if not used:
     raise UserError(
@@ -123,7 +128,7 @@ def _read_params(abstract: nnx.State, layout: naming.CheckpointLayout, ckpt: wei
 
 def _read_param(ckpt: weights.Weights, key: str, transform: naming.Transform, path: str,
                 shape: tuple[int, ...], param_dtype: Any,
-                where: jax.sharding.Sharding) -> jax.Array:
+                where: jax.sharding.Sharding, built_from: str) -> jax.Array:
   """Checkpoint tensor `key` as our param `path` of `shape`, placed by `where`.
 
   Each of this process's devices reads only its own slice when the format
@@ -134,26 +139,54 @@ def _read_param(ckpt: weights.Weights, key: str, transform: naming.Transform, pa
   (`vit._CONV`).
   """
   tensor = ckpt.tensors[key]
+  file = tensor.file or ckpt.source
+  check = functools.partial(_check_shape, file, key, path, built_from=built_from)
+  _check_rank(check, transform, tensor.shape, shape)
   ours = None if tensor.shape is None else transform.our_shape(tensor.shape)
   if tensor.sliceable and ours is not None:
-    _check_shape(key, path, tensor.shape, ours, shape)
+    _check_dtype(file, key, path, tensor.dtype)
+    check(tensor.shape, ours, shape)
     # The dtype conversion is per element, so per slice gives the same values.
     return _place(shape, where, lambda index: transform.to_ours(
         ckpt.read(key, transform.their_index(index))).astype(param_dtype))
   raw = ckpt.read(key)
+  _check_dtype(file, key, path, raw.dtype)
+  _check_rank(check, transform, raw.shape, shape)
   value = transform.to_ours(raw)
-  _check_shape(key, path, raw.shape, value.shape, shape)
+  check(raw.shape, value.shape, shape)
   value = value.astype(param_dtype)
   return _place(shape, where, lambda index: value[index])
 
 
-def _check_shape(key: str, path: str, theirs: tuple[int, ...], ours: tuple[int, ...],
-                 expected: tuple[int, ...]) -> None:
+def _check_shape(file: str, key: str, path: str, theirs: tuple[int, ...],
+                 ours: tuple[int, ...], expected: tuple[int, ...], *, built_from: str) -> None:
   if tuple(ours) != tuple(expected):
     raise UserError(
-        f"Checkpoint tensor {key!r} has shape {tuple(theirs)} (as our param "
-        f"{path!r}: {tuple(ours)}) but the model built from config.json "
+        f"Checkpoint tensor {key!r} in {file} has shape {tuple(theirs)} (as our param "
+        f"{path!r}: {tuple(ours)}) but the model built from {built_from} "
         f"expects {tuple(expected)}. Is num_labels or the config right?")
+
+
+def _check_rank(check: Callable[..., None], transform: naming.Transform,
+                theirs: tuple[int, ...] | None, expected: tuple[int, ...]) -> None:
+  """A permuting transform keeps the rank: another rank is a mismatch, caught (by
+  `check`, a `_check_shape`) before the transform, whose permutation assumes the
+  param's rank, fails on it."""
+  if theirs is not None and transform.axes is not None and len(theirs) != len(expected):
+    check(theirs, theirs, expected)
+
+
+def _check_dtype(file: str, key: str, path: str, dtype: np.dtype | None) -> None:
+  """Weights are floating point: an integer, bool or complex tensor under a weight's
+  name is a corrupt or foreign file (its values would convert to nonsense)."""
+  if dtype is not None and not _is_float(dtype):
+    raise UserError(f"Checkpoint tensor {key!r} in {file} has dtype {dtype}, but our param "
+                    f"{path!r} takes floating-point weights")
+
+
+def _is_float(dtype: np.dtype) -> bool:
+  # bfloat16 and the float8s (ml_dtypes) are numpy kind "V", but jnp knows them.
+  return np.issubdtype(dtype, np.floating) or jnp.issubdtype(dtype, jnp.floating)
 
 
 def _place(shape: tuple[int, ...], sharding: jax.sharding.Sharding,
@@ -226,6 +259,7 @@ def _materialise(build: Callable[[], nnx.Module], values: dict[str, jax.Array],
   """
   named = param_paths.named_variables(abstract)
   rest = [path for path, _ in named if path not in values]
+  _check_fits(named, rest, places)
   if rest:
     def init() -> list[jax.Array]:
       built = dict(param_paths.named_variables(nnx.split(build())[1]))
@@ -235,6 +269,40 @@ def _materialise(build: Callable[[], nnx.Module], values: dict[str, jax.Array],
   treedef = jax.tree_util.tree_structure(abstract, is_leaf=lambda x: isinstance(x, nnx.Variable))
   state = jax.tree_util.tree_unflatten(treedef, [var.replace(values[path]) for path, var in named])
   return nnx.merge(graphdef, state)
+
+
+def _device_bytes() -> int | None:
+  """Memory of one device: its allocator's limit, or the host's RAM on a CPU; None if unknown."""
+  stats = jax.devices()[0].memory_stats() or {}
+  if "bytes_limit" in stats:
+    return int(stats["bytes_limit"])
+  if jax.devices()[0].platform != "cpu":
+    return None
+  try:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+  except (ValueError, OSError):
+    return None
+
+
+def _check_fits(named: list[tuple[str, Any]], rest: list[str],
+                places: dict[str, jax.sharding.Sharding]) -> None:
+  """UserError when the params `rest` to initialise cannot fit on a device.
+
+  Their sizes come from the config alone (nothing was read to check them
+  against), so a corrupt or mistyped size would otherwise start an allocation
+  of terabytes.
+  """
+  limit = _device_bytes()
+  if limit is None or not rest:
+    return
+  shapes = dict(named)
+  need = sum(math.prod(places[p].shard_shape(tuple(shapes[p].shape)))
+             * np.dtype(shapes[p].dtype).itemsize for p in rest)
+  if need > limit:
+    raise UserError(
+        f"initialising the model's parameters needs {need / 2**30:,.1f} GiB per device, more "
+        f"than the {limit / 2**30:,.1f} GiB a device has: check the sizes in the model's "
+        "config (hidden_size, vocab_size, num_hidden_layers, intermediate_size, ...)")
 
 
 def load(path: str, task: str, *, num_labels: int | None = None,
@@ -275,19 +343,39 @@ def load(path: str, task: str, *, num_labels: int | None = None,
       tensor whose shape does not fit the config.
   """
   source = hub.resolve_model(path, allow_pickle=allow_pickle)
+  from_file = hf_config is None
   if hf_config is None:
     hf_config = hub.load_hf_config(source, num_labels=num_labels, id2label=id2label)
-  spec = registry.lookup(hf_config.model_type, task)
+  built_from = _config_source(source) if from_file else "the config given"
+  spec = _lookup(hf_config, task, built_from)
   build = lambda: build_model(hf_config, task, dtype=dtype, param_dtype=param_dtype, seed=seed)
   with weights.open_weights(source, allow_pickle) as ckpt:
     # A kernel the checkpoint lacks is initialised dense (`split` quantizes it later).
     present = {path: kind for path, kind in (quantized or {}).items()
                if any(k in ckpt.tensors for k, _ in spec.layout.candidates(f"{path}/kernel",
                                                                           ckpt.fmt))}
-    graphdef, abstract, places, kernels = _abstract(build, shardings, present)
-    values, report = _read_params(abstract, spec.layout, ckpt, param_dtype, places, kernels)
+    try:
+      graphdef, abstract, places, kernels = _abstract(build, shardings, present)
+    except UserError as e:  # A value the model cannot take (an activation, a head count).
+      raise UserError(f"{built_from}: {e}") from e
+    values, report = _read_params(abstract, spec.layout, ckpt, param_dtype, places, kernels,
+                                  built_from)
   return Loaded(model=_materialise(build, values, graphdef, abstract, places),
                 hf_config=hf_config, report=report, path=source)
+
+
+def _config_source(source: str) -> str:
+  """The file a checkpoint's config comes from: its config.json, or the GGUF file."""
+  return source if gguf.is_gguf(source) else os.path.join(source, hub.CONFIG)
+
+
+def _lookup(hf_config: transformers.PretrainedConfig, task: str, built_from: str
+            ) -> registry.ModelSpec:
+  """`registry.lookup`, its UserError naming the config the model_type came from."""
+  try:
+    return registry.lookup(hf_config.model_type, task)
+  except UserError as e:
+    raise UserError(f"{built_from}: {e}") from e
 
 
 def init_model(hf_config: transformers.PretrainedConfig, task: str, *, dtype: Any = jnp.float32,

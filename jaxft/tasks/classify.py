@@ -103,8 +103,7 @@ class Classify(Classifier):
 
   def class_names(self) -> list[str]:
     d = self.config.data
-    ds = sources.load_split(d.train, d.train_split)
-    text.check_columns(ds, [d.label_key], "train")
+    ds = sources.load_split(d.train, d.train_split, required=[d.label_key])
     return text.label_names(ds, d.label_key)
 
   def abstract_batch(self, model_path: str) -> dict[str, jax.ShapeDtypeStruct]:
