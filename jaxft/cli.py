@@ -21,6 +21,10 @@
 User mistakes (unknown config key, wrong type, missing file, empty data) exit
 with code 2 and one line naming the problem, before anything compiles.
 
+Many hosts: when a process dies, the others exit with code 75 within
+$JAXFT_PEER_TIMEOUT seconds (default 60) plus a third of that (10 s at most),
+naming the lost process; rerunning every process resumes (jaxft/runtime/distributed.py).
+
 `inspect` builds the model from shapes alone (config.json is all it reads;
 --workdir alone inspects the config that run trained with),
 compiles one train step and prints the rules table, then (last line) a JSON
@@ -235,7 +239,9 @@ def run(argv: Sequence[str]) -> int:
     return 0
   # Deferred: JAX start-up is slow and --help should not pay it.
   from jaxft.runtime import distributed  # pylint: disable=g-import-not-at-top
-  distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  # train: a survivor of a lost process names the checkpoint a rerun resumes from.
+  distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
+                         workdir=_WORKDIR.value if command == "train" else None)
   from jaxft import commands, train  # pylint: disable=g-import-not-at-top
   if command == "train":
     print(json.dumps(train.train(_CONFIG.value, _WORKDIR.value, profile_steps=_PROFILE.value)))

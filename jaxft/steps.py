@@ -70,11 +70,12 @@ def init_skip() -> dict[str, jax.Array]:
     not (a latch: the loop sees it at its next sync, however late).
   limit_loss, limit_grad_norm: that step's loss and gradient norm, for the message.
   losses: the last SPIKE_WINDOW applied losses, a ring written at (step - total)
-    % SPIKE_WINDOW; NaN where none yet.
+    % SPIKE_WINDOW; 0 where none yet (not NaN: a multi-process device_put checks that
+    every process passes equal values, and NaN equals nothing).
   """
   i32, f32 = lambda: jnp.zeros((), jnp.int32), lambda: jnp.zeros((), jnp.float32)
   return {"total": i32(), "in_row": i32(), "limit_step": i32(), "limit_loss": f32(),
-          "limit_grad_norm": f32(), "losses": jnp.full((SPIKE_WINDOW,), jnp.nan, jnp.float32)}
+          "limit_grad_norm": f32(), "losses": jnp.zeros((SPIKE_WINDOW,), jnp.float32)}
 
 
 def clear_limit(state: State) -> State:
@@ -98,8 +99,10 @@ def accepted(loss: jax.Array, grad_norm: jax.Array, skip: dict[str, jax.Array], 
   """
   ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
   if skip_spikes > 0:
-    median = jnp.nanmedian(skip["losses"])
-    enough = step - skip["total"] >= SPIKE_MIN_LOSSES
+    applied = step - skip["total"]  # The ring's slots 0..applied-1 hold losses until it wraps.
+    filled = jnp.arange(SPIKE_WINDOW) < applied
+    median = jnp.nanmedian(jnp.where(filled, skip["losses"], jnp.nan))
+    enough = applied >= SPIKE_MIN_LOSSES
     ok &= ~(enough & (median > 0) & (loss > skip_spikes * median))
   return ok
 

@@ -32,7 +32,8 @@ TINY_DISTILBERT_SIZES = dict(dim=32, n_layers=2, n_heads=4, hidden_dim=37,
 
 # The longest modules (minutes each), started first so that neither worker
 # runs one alone at the end.
-LONG_MODULES = ("test_sharding.py", "test_cli.py", "test_bench.py")
+LONG_MODULES = ("test_sharding.py", "test_cli.py", "test_bench.py", "test_dying_host.py",
+                "test_storage_faults.py", "test_chaos.py")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -273,7 +273,7 @@ def _materialise(build: Callable[[], nnx.Module], values: dict[str, jax.Array],
 
 def _device_bytes() -> int | None:
   """Memory of one device: its allocator's limit, or the host's RAM on a CPU; None if unknown."""
-  stats = jax.devices()[0].memory_stats() or {}
+  stats = jax.local_devices()[0].memory_stats() or {}  # Another host's device has no stats.
   if "bytes_limit" in stats:
     return int(stats["bytes_limit"])
   if jax.devices()[0].platform != "cpu":

@@ -1,0 +1,161 @@
+"""A dying host: one of two `jaxft train` processes killed mid-run (jaxft/runtime/distributed.py).
+
+The survivor must exit within `distributed.exit_bound` with code 75 and a line
+naming the lost process, and rerunning both must end exactly where an
+uninterrupted two-process run ends. bench/dying_host.py repeats the kill
+(five tries, for bench/RESULTS.md); here it is one try, plus the watchdog's
+rules on a fake key-value store.
+"""
+
+import time
+
+import pytest
+
+from bench import dying_host
+from jaxft.errors import UserError
+from jaxft.runtime import distributed
+
+TIMEOUT_S = 4.0  # JAXFT_PEER_TIMEOUT: the exit bound is then 5.3 s.
+STEPS = 10  # Checkpoints at 5 and 10; the kill lands at step 6-8, resumed from 5.
+SLACK_S = 3.0  # Process teardown on a loaded 2-core machine.
+
+
+def test_a_killed_process_ends_the_other_within_the_bound_and_both_rerun_to_the_same_loss(
+    tiny_setup, tmp_path):
+  workdir, port = tmp_path / "run", dying_host.free_port()
+  pair = dying_host.start_pair(tiny_setup, workdir, port, STEPS, TIMEOUT_S)
+  kill = dying_host.kill_mid_run(pair, after_step=6)
+  assert kill.code == distributed.LOST_PEER_EXIT, pair.err(0)[-3000:]
+  assert kill.exit_s <= distributed.exit_bound(TIMEOUT_S) + SLACK_S, kill
+  assert kill.message.startswith("jaxft: error: process 1 of 2 stopped responding (no "
+                                 "heartbeat for 4 s)"), kill.message
+  assert kill.checkpoint is not None and kill.checkpoint < STEPS, kill  # Mid-run, saved.
+  assert kill.message.endswith(f"Rerun all 2 processes with the same command; training "
+                               f"resumes from the newest checkpoint in {workdir} "
+                               f"(step {kill.checkpoint})")
+  assert "Check failure stack trace" not in pair.err(0)  # JAX's own abort did not come first.
+
+  # The same command again (same port); then an uninterrupted run for reference. One
+  # pair at a time: on 2 loaded cores, four processes can fall 30 s apart, gloo's limit
+  # for setting up a collective.
+  rerun = dying_host.start_pair(tiny_setup, workdir, port, STEPS, TIMEOUT_S, tag=".rerun")
+  assert rerun.wait() == [0, 0], rerun.err(0)[-3000:]
+  reference = dying_host.start_pair(tiny_setup, tmp_path / "reference", dying_host.free_port(),
+                                    STEPS, TIMEOUT_S)
+  assert reference.wait() == [0, 0], reference.err(0)[-3000:]
+  assert f"resuming {workdir} at step {kill.checkpoint}" in rerun.err(0)
+  assert dying_host.final_losses(workdir) == dying_host.final_losses(tmp_path / "reference")
+
+
+class _FakeClient:
+  """The two key-value calls the watchdog makes, on a dict shared by "processes"."""
+
+  def __init__(self, store: dict[str, str]):
+    self.store = store
+
+  def key_value_set(self, key: str, value: str, allow_overwrite: bool = False) -> None:
+    self.store[key] = value
+
+  def key_value_dir_get(self, prefix: str) -> list[tuple[str, str]]:
+    return [(k, v) for k, v in self.store.items() if k.startswith(prefix)]
+
+
+class _Recorded(distributed._Watchdog):
+  """A watchdog whose exit is recorded, not taken."""
+
+  def __init__(self, *args, **kwargs):
+    super().__init__(*args, **kwargs)
+    self.verdicts = []
+
+  def leave(self, verdict, quiet=False):
+    self.verdicts.append((verdict, quiet))
+    self._stopped.set()
+
+
+def _watchdogs(timeout: float, count: int = 2) -> list[_Recorded]:
+  store = {}
+  return [_Recorded(_FakeClient(store), me, count, timeout) for me in range(count)]
+
+
+def _wait_for(condition, seconds: float) -> None:
+  deadline = time.monotonic() + seconds
+  while not condition() and time.monotonic() < deadline:
+    time.sleep(0.05)
+
+
+def test_the_watchdog_reports_a_silent_peer_and_neither_a_beating_nor_a_finished_one():
+  dogs = _watchdogs(timeout=0.6)
+  for dog in dogs:
+    dog.start()
+  time.sleep(1.5)
+  assert dogs[0].verdicts == dogs[1].verdicts == []  # Both beat.
+  dogs[1].stop()  # Ends normally: "done".
+  _wait_for(lambda: not dogs[0]._thread.is_alive(), 2)
+  assert dogs[0].verdicts == [] and not dogs[0]._thread.is_alive()  # Nobody left to watch.
+
+  dogs = _watchdogs(timeout=0.6)
+  dogs[0].start()  # Process 1 never beats: lost.
+  _wait_for(lambda: dogs[0].verdicts, distributed.exit_bound(0.6) + 2)
+  [(verdict, quiet)] = dogs[0].verdicts
+  assert (verdict.code, quiet) == (distributed.LOST_PEER_EXIT, False)
+  assert verdict.why == "process 1 of 2 stopped responding (no heartbeat for 0.6 s)"
+
+
+def test_a_pause_of_the_watching_process_itself_is_not_a_lost_peer():
+  watcher = _watchdogs(timeout=1.0)[0]
+  # A read, then none for 10 s (this process starved), then a read where the peer moved on.
+  assert watcher._update({"jaxft/alive/1": "1"}, now=100.0) is None
+  assert watcher._update({"jaxft/alive/1": "9"}, now=110.0) is None
+  assert watcher._update({"jaxft/alive/1": "9"}, now=110.5) is None
+  assert watcher._update({"jaxft/alive/1": "9"}, now=111.1).code == distributed.LOST_PEER_EXIT
+
+
+def test_a_failed_peer_ends_the_others_with_code_1_and_a_leaving_one_passes_its_reason_on():
+  watcher = _watchdogs(timeout=60.0, count=3)[2]
+  failed = watcher._update({"jaxft/alive/0": "3", "jaxft/alive/1": "failed OSError: disk"}, 1.0)
+  assert (failed.code, failed.why) == (
+      1, "process 1 of 3 failed (OSError: disk; its log has the traceback)")
+  left = watcher._update({"jaxft/alive/0": "left 75 process 1 of 3 stopped responding (no "
+                                           "heartbeat for 60 s)"}, 2.0)
+  assert (left.code, left.why) == (
+      75, "process 1 of 3 stopped responding (no heartbeat for 60 s), found by process 0")
+  assert distributed._message(watcher, left) == (
+      "jaxft: error: process 1 of 3 stopped responding (no heartbeat for 60 s), found by "
+      "process 0; process 2 stops instead of waiting for it in a collective. Rerun all 3 "
+      "processes with the same command")
+  relayed = watcher._update({"jaxft/alive/1": "left 1 process 1 of 3 failed (OSError: disk; "
+                                              "its log has the traceback)"}, 3.0)
+  assert relayed.why == failed.why  # Its own news: no "found by".
+  assert distributed._message(watcher, failed) == (
+      "jaxft: error: process 1 of 3 failed (OSError: disk; its log has the traceback); "
+      "process 2 stops too")
+
+
+def test_the_message_names_the_newest_checkpoint_and_the_error_that_followed(tmp_path):
+  for name in ("5", "10.orbax-checkpoint-tmp-1764820000"):
+    (tmp_path / "checkpoints" / name).mkdir(parents=True)
+  watcher = _Recorded(_FakeClient({}), 0, 2, 4.0, workdir=str(tmp_path))
+  watcher.cause = "JaxRuntimeError: UNKNOWN: Gloo all-reduce failed"
+  watcher._update({"jaxft/alive/1": "7"}, now=100.0)
+  lost = watcher._update({"jaxft/alive/1": "7"}, now=110.0)
+  assert distributed._message(watcher, lost) == (
+      "jaxft: error: process 1 of 2 stopped responding (no heartbeat for 4 s); process 0 "
+      "stops instead of waiting for it in a collective (the error that followed here: "
+      "JaxRuntimeError: UNKNOWN: Gloo all-reduce failed). Rerun all 2 processes with the same "
+      f"command; training resumes from the newest checkpoint in {tmp_path} (step 5)")
+
+
+@pytest.mark.parametrize("value", ["0", "-3", "soon", "inf"])
+def test_a_bad_peer_timeout_is_a_user_error(monkeypatch, value):
+  monkeypatch.setenv(distributed.PEER_TIMEOUT_ENV, value)
+  with pytest.raises(UserError, match="JAXFT_PEER_TIMEOUT"):
+    distributed.peer_timeout()
+
+
+def test_the_bounds_keep_jax_s_own_heartbeat_second():
+  for timeout in (1.0, 4.0, 60.0, 600.0):
+    bound = distributed.exit_bound(timeout)
+    assert bound <= timeout + 10
+    # JAX notices a dead task half its timeout after the death at the earliest.
+    assert distributed.jax_heartbeat_s(timeout) / 2 > bound
+  assert distributed.exit_bound(distributed.DEFAULT_PEER_TIMEOUT_S) == 70.0
