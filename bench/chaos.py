@@ -2,16 +2,17 @@
 
 For each model, one uninterrupted run gives the reference final state. Then
 each trial starts the same command in a fresh workdir and kills it with
-SIGKILL, `--kills` times: at a random moment (uniform over the reference
-run's wall time: start-up, compile, steps, evals, saves), or, every
-`--save-every`-th kill, the instant a checkpoint save is under way (the
-driver watches DIR/checkpoints for Orbax's temporary folder). It then reruns
+SIGKILL, `--kills` times (each kill in a rerun of the killed command): every
+`--save-every`-th kill the instant a checkpoint save is under way (the
+driver watches DIR/checkpoints for Orbax's temporary folder); the others at a
+random moment (uniform over 80% of the reference run's wall time: start-up,
+compile, steps, evals, saves) or just after a random step is logged. It then reruns
 the command without a kill until it exits 0 and compares the final
 checkpoint's parameters and optimizer state with the reference, leaf by
 leaf, bitwise (CPU). Each kill's landing is classified from what the killed
 process had printed and left on disk.
 
-  .venv/bin/python -m bench.chaos --trials 8 --kills 2      # 32 kills, two models
+  .venv/bin/python -m bench.chaos --trials 8 --kills 2      # up to 32 kills, two models
 
 Models: the real MiniLM (all-MiniLM-L6-v2) as a review classifier on
 data/rotten-tomatoes, and a tiny random Llama SFT on data/chitchat with
@@ -138,7 +139,8 @@ class Attempt:
 
 def run_once(setup: Setup, workdir: pathlib.Path, kill: float | str | None = None,
              timeout: float = 900.0) -> Attempt:
-  """One `jaxft train`; `kill`: seconds after start, "save" (when one is under way), or None."""
+  """One `jaxft train`; `kill`: seconds after start, "save" (when one is under way),
+  "step K" (once step K is logged: the kill lands in the steps after it), or None."""
   log_path = workdir.with_suffix(".log")
   with open(log_path, "a") as log:
     start = time.monotonic()
@@ -153,7 +155,9 @@ def run_once(setup: Setup, workdir: pathlib.Path, kill: float | str | None = Non
         proc.kill()
         raise RuntimeError(f"{setup.name}: {workdir} ran past {timeout} s")
       in_save = kill == "save" and saving()
-      if in_save or (isinstance(kill, float) and now >= kill):
+      after_step = (isinstance(kill, str) and kill.startswith("step ") and
+                    f"\n{kill}/" in log_path.read_text().split("\n$ killed")[-1])
+      if in_save or after_step or (isinstance(kill, float) and now >= kill):
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         tail = log_path.read_text().split("\n$ killed")[-1]
@@ -226,8 +230,14 @@ def chaos(setup: Setup, root: pathlib.Path, trials: int, kills: int, save_every:
     plan = []
     for _ in range(kills):
       n += 1
-      plan.append("save" if save_every and n % save_every == 0 else
-                  rng.uniform(0.0, ref.seconds))
+      # Every save_every-th kill waits for a save; the rest alternate between a random
+      # moment (start-up and compile dominate a short run's wall time) and a random step.
+      if save_every and n % save_every == 0:
+        plan.append("save")
+      elif n % 2:
+        plan.append(rng.uniform(0.0, 0.8 * ref.seconds))
+      else:
+        plan.append(f"step {rng.randrange(1, setup.num_steps)}")
     results.append(trial(setup, root / f"{setup.name}-{i}", reference, plan))
   landed = collections.Counter(l for r in results for l in r.landings)
   return {"model": setup.name, "reference_s": round(ref.seconds, 1), "trials": trials,
