@@ -15,7 +15,7 @@ from jaxft import run as run_lib
 from jaxft import train
 from jaxft.errors import UserError
 from jaxft.runtime import integrity
-from tests.helpers import ROOT, tiny_config, tiny_flags
+from tests.helpers import ROOT, jaxft_in_process, tiny_config, tiny_flags
 
 
 def _flags(root, workdir, *extra):
@@ -116,10 +116,9 @@ def test_on_corrupt_error_names_the_checkpoint_and_file_and_exits_2(
   workdir = tmp_path / "run"
   shutil.copytree(source, workdir)
   damaged = DAMAGE[kind](workdir / "checkpoints" / "6")
-  proc = subprocess.run(
-      [sys.executable, "-m", "jaxft.cli", "train",
-       *_flags(tiny_setup, workdir, "--config.checkpoint.on_corrupt=error")],
-      cwd=ROOT, capture_output=True, text=True, timeout=300)
+  # In process: the error comes before anything compiles, as a subprocess would show it.
+  proc = jaxft_in_process("train", *_flags(tiny_setup, workdir,
+                                           "--config.checkpoint.on_corrupt=error"))
   assert proc.returncode == 2, proc.stderr[-3000:]
   last = proc.stderr.strip().splitlines()[-1]
   assert last.startswith("jaxft: error: checkpoint 6 in ") and damaged.name in last, last
