@@ -299,9 +299,6 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _require(skips >= 0, "train.max_skipped_steps", ">= 0 (0: never stop)", skips)
   spikes = t.get("skip_spikes", 0.0)
   _require(spikes == 0 or spikes > 1, "train.skip_spikes", "0 (off) or > 1", spikes)
-  # GRPO's loss is an advantage-weighted ratio, near 0 and of either sign: no spike scale.
-  _require(not spikes or config.get("task") != "grpo", "train.skip_spikes",
-           "0 for task grpo (its loss is not a positive quantity)", spikes)
   validate_lora(config)
   rule_entries(o.rules)
   if "dpo" in config:

@@ -131,18 +131,6 @@ def test_bad_skip_settings_are_config_errors(key, value, message):
   assert str(e.value) == message
 
 
-def test_skip_spikes_is_refused_for_grpo():
-  c = config_lib.grpo()
-  c.model.path, c.data.train = "model", "train.jsonl"
-  c.grpo.reward = "numeric_match"
-  c.train.skip_spikes = 3.0
-  with pytest.raises(UserError, match="config.train.skip_spikes must be 0 for task grpo"):
-    config_lib.validate(c)
-
-
-# --- whole runs -------------------------------------------------------------------------
-
-
 def test_a_nan_batch_is_skipped_and_the_run_finishes(tiny_setup, tmp_path, monkeypatch):
   monkeypatch.setenv(train.NAN_STEPS_ENV, "3")
   config = tiny_config(tiny_setup, num_steps=4, log_every=1)
