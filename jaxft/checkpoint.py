@@ -164,8 +164,8 @@ class Checkpointer:
     """Why checkpoint `step` is unreadable ("FILE: why"), or None when it reads.
 
     Checks the checksum manifest of a sealed checkpoint and the metadata JSON;
-    an unsealed one (saved before sealing existed, or killed in between) is
-    checked by restoring it.
+    an unsealed one (saved before sealing existed, or killed in between) shows
+    its damage only when restored.
     """
     why = integrity.damage(self.step_dir(step))
     if why is not None:
@@ -176,9 +176,8 @@ class Checkpointer:
       return str(e)
     return None
 
-  def newest_intact(self, at_most: int | None = None, *, move_aside: bool = False
-                    ) -> tuple[int | None, list[str]]:
-    """(the newest kept step <= `at_most` that reads, one line per damaged newer step).
+  def newest_intact(self, *, move_aside: bool = False) -> tuple[int | None, list[str]]:
+    """(the newest kept step that reads, one line per damaged newer step).
 
     With on_corrupt="fallback" a damaged checkpoint is skipped, and with
     `move_aside` (a training run, which will save those steps again) moved to
@@ -189,7 +188,7 @@ class Checkpointer:
       UserError: a damaged checkpoint with on_corrupt="error", or no intact one left.
     """
     skipped = []
-    candidates = [s for s in reversed(self.all_steps()) if at_most is None or s <= at_most]
+    candidates = list(reversed(self.all_steps()))
     for step in candidates:
       why = self.damage(step)
       if why is None:
