@@ -114,6 +114,13 @@ def logged_steps(workdir: pathlib.Path) -> list[int]:
   return [e["step"] for e in events if e["split"] == "train"]
 
 
+def train_losses(workdir: pathlib.Path) -> list[tuple[int, float]]:
+  """(step, train loss) in WORKDIR/metrics.jsonl, in order (a rerun repeats some steps)."""
+  events = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()
+            if l.endswith("}")]
+  return [(e["step"], e["loss"]) for e in events if e["split"] == "train"]
+
+
 def final_losses(workdir: pathlib.Path) -> dict[str, float]:
   """The last train loss and the final eval loss of a finished run (a rerun's, where repeated)."""
   events = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()]

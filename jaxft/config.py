@@ -183,6 +183,9 @@ def dpo() -> ml_collections.ConfigDict:
   c.dpo.beta = 0.1
   c.dpo.label_smoothing = 0.0  # sigmoid and simpo: assumed label-noise rate (cDPO), in [0, 0.5).
   c.dpo.simpo_gamma = 0.5  # simpo: the target reward margin.
+  # LD-DPO (TRL's ld_alpha): weight of the longer response's tokens past the shorter's
+  # length, in [0, 1]; 1 is plain DPO, 0 compares equally many tokens of each.
+  c.dpo.ld_alpha = 1.0
   # Compute the reference's log-probs of every pair once, before training (always so
   # without LoRA; with LoRA the reference is otherwise the model with its adapters off).
   c.dpo.precompute_reference = False
@@ -312,6 +315,7 @@ def _validate_dpo(config: ml_collections.ConfigDict) -> None:
   _require(p.loss in DPO_LOSSES, "dpo.loss", f"one of {DPO_LOSSES}", p.loss)
   _require(p.beta > 0, "dpo.beta", "> 0", p.beta)
   _require(0 <= p.label_smoothing < 0.5, "dpo.label_smoothing", "in [0, 0.5)", p.label_smoothing)
+  _require(0 <= p.ld_alpha <= 1, "dpo.ld_alpha", "in [0, 1]", p.ld_alpha)
 
 
 def _validate_grpo(config: ml_collections.ConfigDict) -> None:

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import math
 
+import numpy as np
 import pytest
 
 from bench import rows as rows_lib
@@ -104,3 +106,23 @@ def test_set_overrides_every_row_and_rejects_unknown_keys():
     rows_lib.jaxft_config(row, "/m", [rows_lib.parse_set("model.no_such_key=1")])
   with pytest.raises(ValueError, match="no rows"):
     rows_lib.suite("tiny", ["nope"])
+
+
+def test_unseen_pairs_writes_exactly_the_rows_training_never_draws(tmp_path):
+  from bench import unseen_pairs  # pylint: disable=g-import-not-at-top
+  from jaxft import defaults  # pylint: disable=g-import-not-at-top
+  from jaxft.tasks import base  # pylint: disable=g-import-not-at-top
+  train = tmp_path / "pairs.jsonl"
+  train.write_text("".join(f'{{"row": {i}}}\n' for i in range(40)))
+  out = tmp_path / "unseen.jsonl"
+  sets = ["--set", f"data.train={train}", "--set", "train.batch_size=4"]
+  assert unseen_pairs.main(["--steps", "3", "--out", str(out), *sets]) == 0
+  config = defaults.recipe("dpo")
+  config.data.train, config.train.batch_size = str(train), 4
+  task = base.Task(config)
+  draw = task.train_batches(None, base.Data(train={"row": np.arange(40)}, eval=None))
+  drawn = {int(r) for step in range(1, 4) for r in draw(step)["row"][:]}  # What training reads.
+  written = [json.loads(l)["row"] for l in out.read_text().splitlines()]
+  assert len(drawn) == 12 and not drawn & set(written)
+  # Batches 0-3 (one more than the 3 steps read) of the first epoch: 16 distinct rows.
+  assert written == sorted(written) and len(written) == 40 - 16

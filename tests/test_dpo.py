@@ -13,6 +13,7 @@ import transformers
 from flax import nnx
 
 from jaxft import config as config_lib
+from jaxft.errors import UserError
 from jaxft.formats import hf
 from jaxft.tasks import dpo
 from jaxft.tasks import lm_logps
@@ -118,8 +119,12 @@ def pair_batch(pairs=3, length=12, seed=0):
           "loss_mask": real & (np.arange(length) >= 4)}
 
 
-def torch_sequence_logps(model, batch):
-  """Summed log-probs of each response, from transformers' logits (rows chosen, rejected)."""
+def torch_sequence_logps(model, batch, ld_alpha=1.0):
+  """Summed log-probs of each response, from transformers' logits (rows chosen, rejected).
+
+  With ld_alpha < 1, LD-DPO's weighting as the paper states it: tokens past
+  the shorter response's length weigh ld_alpha.
+  """
   ids = torch.from_numpy(batch["input_ids"].reshape(-1, batch["input_ids"].shape[-1])).long()
   mask = torch.from_numpy(batch["segment_ids"].reshape(ids.shape)).long()
   loss_mask = torch.from_numpy(batch["loss_mask"].reshape(ids.shape))
@@ -127,7 +132,10 @@ def torch_sequence_logps(model, batch):
     logits = model(input_ids=ids, attention_mask=mask).logits.double()
   logp = torch.log_softmax(logits[:, :-1], -1).gather(-1, ids[:, 1:, None])[..., 0]
   valid = loss_mask[:, 1:] & mask[:, 1:].bool()
-  return (logp * valid).sum(-1).reshape(-1, 2).numpy(), valid.sum(-1).reshape(-1, 2).numpy()
+  lengths = valid.sum(-1).reshape(-1, 2)
+  public = lengths.min(-1).values.repeat_interleave(2)[:, None]
+  weight = torch.where(valid.cumsum(-1) <= public, 1.0, ld_alpha).double() * valid
+  return (logp * weight).sum(-1).reshape(-1, 2).numpy(), weight.sum(-1).reshape(-1, 2).numpy()
 
 
 @pytest.mark.parametrize("loss", LOSSES)
@@ -146,6 +154,34 @@ def test_end_to_end_loss_equals_torch_on_transformers_logps(tiny_llama, loss):
   r, n = torch.tensor(ref), torch.tensor(want_counts, dtype=torch.float64)
   theirs = torch_losses(t[:, 0], t[:, 1], r[:, 0], r[:, 1], n[:, 0], n[:, 1], loss, **SETTINGS)
   np.testing.assert_allclose(np.asarray(ours), theirs.numpy(), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("ld_alpha", [0.0, 0.5])
+def test_length_desensitised_logps_equal_torch(tiny_llama, ld_alpha):
+  path, torch_model = tiny_llama
+  model = hf.load(path, "causal_lm").model
+  batch = pair_batch()  # Responses of 8 / 5, 3 / 8 and 6 / 6 tokens.
+  logps, _, counts = dpo._forward(model, batch, True, None, inline_reference=False,
+                                  ld_alpha=ld_alpha)
+  want_logps, want_counts = torch_sequence_logps(torch_model, batch, ld_alpha)
+  np.testing.assert_allclose(np.asarray(logps), want_logps, atol=1e-5)
+  np.testing.assert_allclose(np.asarray(counts), want_counts)
+  plain = np.asarray(dpo._forward(model, batch, True, None, inline_reference=False)[0])
+  longer = [(0, 0), (1, 1)]  # Only the longer response of an unequal pair is reweighted.
+  assert all(abs(plain[i] - want_logps[i]) > 1e-3 for i in longer)
+  shorter = [(0, 1), (1, 0), (2, 0), (2, 1)]
+  np.testing.assert_allclose([plain[i] for i in shorter], [want_logps[i] for i in shorter],
+                             atol=1e-5)
+
+
+@pytest.mark.parametrize("value", [-0.1, 1.5])
+def test_ld_alpha_out_of_range_is_a_config_error(value):
+  c = config_lib.dpo()
+  c.model.path, c.data.train = "model", "pairs.jsonl"
+  config_lib.validate(c)  # The defaults pass.
+  c.dpo.ld_alpha = value
+  with pytest.raises(UserError, match=r"config.dpo.ld_alpha must be in \[0, 1\]"):
+    config_lib.validate(c)
 
 
 def test_lora_reference_is_exactly_the_base_model(tiny_llama):

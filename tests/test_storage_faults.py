@@ -184,8 +184,7 @@ def test_a_save_that_fails_to_write_keeps_the_earlier_checkpoint_and_the_run_res
     assert ckpt.newest_intact() == (3, [])
   finally:
     ckpt.close()
-  proc = subprocess.run([sys.executable, "-m", "jaxft.cli", "train", *flags], cwd=ROOT,
-                        capture_output=True, text=True, timeout=300)
+  proc = jaxft_in_process("train", *flags)  # No file size limit now: in this process.
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "restored checkpoint at step 3" in proc.stderr
   step, state = _state(workdir, config)
@@ -198,8 +197,7 @@ def test_an_export_that_fails_to_write_is_a_clear_error_and_keeps_the_earlier_ex
     finished, tmp_path):
   workdir, _, _ = finished
   out = tmp_path / "export"
-  first = subprocess.run([sys.executable, "-m", "jaxft.cli", "export", f"--workdir={workdir}",
-                          f"--out={out}"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+  first = jaxft_in_process("export", f"--workdir={workdir}", f"--out={out}")
   assert first.returncode == 0, first.stderr[-3000:]
   before = {p.name: p.read_bytes() for p in out.iterdir()}
   weights = max(p.stat().st_size for p in out.iterdir())

@@ -49,17 +49,34 @@ def _rows(batch: dict) -> dict:
   return {k: batch[k].reshape(-1, batch[k].shape[-1]) for k in ROW_KEYS}
 
 
-def _forward(model, batch, deterministic, rngs, *, inline_reference: bool):
+def length_weights(rows: dict, pairs: int, ld_alpha: float) -> jax.Array:
+  """float32 [2 x pairs, length - 1]: each scored token's weight in its response's log-prob.
+
+  LD-DPO (Liu et al. 2024, TRL's `ld_alpha`): the first min(chosen, rejected)
+  tokens of both responses weigh 1, the longer response's rest ld_alpha. At 1
+  this is the plain sum; at 0 a pair is judged on equally many tokens, so a
+  uniform drop in per-token log-prob no longer reads as "the shorter wins".
+  """
+  targets = causal_lm.loss_targets(rows)
+  counts = jnp.sum(targets, axis=-1).reshape(pairs, 2)
+  shared = jnp.repeat(jnp.min(counts, axis=-1), 2)[:, None]
+  index = jnp.cumsum(targets, axis=-1)  # 1-based position within the response.
+  return jnp.where(targets, jnp.where(index <= shared, 1.0, ld_alpha), 0.0).astype(jnp.float32)
+
+
+def _forward(model, batch, deterministic, rngs, *, inline_reference: bool, ld_alpha: float = 1.0):
   """(policy log-probs, reference log-probs, response tokens), each [pairs, 2]."""
   rows = _rows(batch)
   pairs = batch["input_ids"].shape[0]
-  logps = lm_logps.token_logps(model, rows, deterministic, rngs).sum(-1).reshape(pairs, 2)
-  counts = lm_logps.target_counts(rows).reshape(pairs, 2)
+  weights = length_weights(rows, pairs, ld_alpha)
+  def summed(m):
+    return (lm_logps.token_logps(m, rows, deterministic, rngs) * weights).sum(-1).reshape(pairs, 2)
+  logps = summed(model)
+  counts = weights.sum(-1).reshape(pairs, 2)  # The averaged losses' divisor, weighted alike.
   if REFERENCE_KEY in batch:
     ref = batch[REFERENCE_KEY]
   elif inline_reference:
-    ref = jax.lax.stop_gradient(
-        lm_logps.token_logps(lora.without_adapters(model), rows).sum(-1).reshape(pairs, 2))
+    ref = jax.lax.stop_gradient(summed(lora.without_adapters(model)))
   else:
     ref = jnp.zeros_like(logps)
   return logps, ref, counts
@@ -110,7 +127,8 @@ class DPO(base.Task):
   def objective(self) -> steps.Objective:
     inline = self.needs_reference and not self.precomputes_reference
     return steps.Objective(
-        forward=functools.partial(_forward, inline_reference=inline),
+        forward=functools.partial(_forward, inline_reference=inline,
+                                  ld_alpha=self.config.dpo.ld_alpha),
         loss_sums=functools.partial(_loss_sums, settings=self.settings),
         units=lambda batch: jnp.float32(batch["input_ids"].shape[0]))
 
@@ -118,7 +136,8 @@ class DPO(base.Task):
   def eval_step(self):
     # Eval always computes the reference inline unless the data carry it.
     objective = steps.Objective(
-        forward=functools.partial(_forward, inline_reference=self.needs_reference),
+        forward=functools.partial(_forward, inline_reference=self.needs_reference,
+                                  ld_alpha=self.config.dpo.ld_alpha),
         loss_sums=None, units=None)
     return functools.partial(eval_step, objective=objective)
 

@@ -35,7 +35,3 @@ def logps_at(logits: jax.Array, tokens: jax.Array) -> jax.Array:
   picked = jnp.take_along_axis(logits, tokens[..., None].astype(jnp.int32), axis=-1)[..., 0]
   return picked - jax.nn.logsumexp(logits, axis=-1)
 
-
-def target_counts(rows: dict) -> jax.Array:
-  """float32 [rows]: how many positions of each row `token_logps` scores."""
-  return jnp.sum(causal_lm.loss_targets(rows), axis=-1).astype(jnp.float32)
