@@ -150,3 +150,26 @@ def test_inspect_compiles_the_image_step_and_counts_the_probe(tiny_vit):
   assert out["params_trainable"] == 32 * 10 + 10  # The classifier alone.
   assert out["params_total"] > 20 * out["params_trainable"]
   assert out["step_flops"] > 0 and out["optimizer_state_bytes"] < 4 * 4 * 400
+
+
+def test_a_dicom_folder_trains_and_evals_with_clinical_scores_and_a_roc_png(tmp_path):
+  """Real chest X-rays (PneumoniaMNIST val) written as DICOM by scripts/pneumonia_to_dicom.py,
+  in per-class subfolders, train and eval where an image folder would."""
+  from tests.test_dicom import _script  # pylint: disable=g-import-not-at-top
+  tiny_vit = tmp_path / "vit"
+  torch.manual_seed(0)
+  transformers.ViTForImageClassification(transformers.ViTConfig(
+      image_size=16, patch_size=4, num_channels=1, hidden_size=32, num_hidden_layers=2,
+      num_attention_heads=4, intermediate_size=37, num_labels=2)).save_pretrained(tiny_vit)
+  folder = tmp_path / "dicom"
+  npz = ROOT / "data" / "pneumoniamnist" / "val.npz"
+  assert _script().main(["--npz", str(npz), "--out", str(folder), "--limit", "64"]) == 0
+  config = _config(tiny_vit, num_steps=2, log_every=1)
+  config.data.train = config.data.eval = str(folder)
+  result = train.train(config, str(tmp_path / "run"))
+  assert list(result["recall"]) == ["normal", "pneumonia"]
+  for key in ("auc", "sensitivity", "specificity", "balanced_accuracy"):
+    assert result[key] is None or 0.0 <= result[key] <= 1.0, (key, result)
+  assert result["auc"] is not None and result["threshold"] == 0.5
+  roc = Image.open(tmp_path / "run" / "roc" / "step_2.png")
+  assert roc.format == "PNG" and roc.size == (360, 360)

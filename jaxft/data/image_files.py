@@ -4,7 +4,9 @@ Readers for an image folder (one subfolder per class, like `datasets`'
 imagefolder), IDX files (the MNIST / Fashion-MNIST format, optionally
 gzipped), a .npz, and a table with an image column (parquet / json / csv or a
 hub dataset); `load` picks one by the form of its argument. Files decoded at
-another size are resized with Pillow's bilinear filter.
+another size are resized with Pillow's bilinear filter. DICOM files (.dcm, or
+any file with the DICM marker) are read with pydicom (`jaxft.data.dicom`),
+in folders and in tables of file paths alike.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import numpy as np
 from PIL import Image
 
 from jaxft.runtime import storage
+from jaxft.data import dicom
 from jaxft.data import sources
 from jaxft.data import text
 from jaxft.errors import UserError
@@ -91,14 +94,22 @@ def _fit(a: np.ndarray, size: Size | None) -> np.ndarray:
   return np.asarray(Image.fromarray(a).resize((size[1], size[0]), Image.Resampling.BILINEAR))
 
 
-def _decode(path: str, size: Size | None) -> np.ndarray | str:
-  """The file at `path` as uint8 [H, W(, 3)] resized to `size`; an error message if unreadable."""
+def _decode(path: str | io.BytesIO, size: Size | None) -> np.ndarray | str:
+  """The file at `path` as uint8 [H, W(, 3)] resized to `size`; an error message if unreadable.
+
+  DICOM files are read by `dicom.read` (its first frame); others by Pillow.
+  """
   try:
-    with Image.open(path) as img:
-      img.load()
-      a = _to_uint8(img)
+    if dicom.is_dicom(path):
+      a = dicom.read(path)
+    else:
+      with Image.open(path) as img:
+        img.load()
+        a = _to_uint8(img)
   except MemoryError:
     raise  # Not the file's fault alone: let it surface.
+  except dicom.DicomError as e:
+    return e.reason  # The caller names the file.
   except Exception as e:  # pylint: disable=broad-except
     # Pillow's decoders signal corrupt, truncated and non-image files with many
     # types (OSError, SyntaxError, struct.error, EOFError, IndexError, ...).
@@ -132,6 +143,7 @@ def load_folder(path: str, *, size: int | Sequence[int] | None = None,
   (bilinear) to `size` (an int or (height, width)), or when None to the size of
   the first readable image. Images are gray (C=1) if all files are gray, else
   RGB (C=3, gray files repeated); alpha is dropped; 16-bit gray is scaled to 8 bits.
+  DICOM files give their first frame as `dicom.read` displays it.
 
   Raises:
     UserError: no class subfolders, no images, or an unreadable file (named)
@@ -324,10 +336,24 @@ def load_npz(path: str) -> ImageSet:
 # ---------------------------------------------------------------- tables (parquet, hub datasets)
 
 
-def _table_image(value: Any, size: Size | None) -> np.ndarray | str:
-  """One cell of an image column (a decoded image, {"bytes", "path"} or a file path)."""
+def _table_file(value: str, folder: str | None) -> str:
+  """A file path from a table: relative ones are taken from the table's `folder`.
+
+  Where only the working directory has the file, it is used: tables written
+  before paths were read relative to the table kept working.
+  """
+  value = os.path.expanduser(value)
+  if folder is None or os.path.isabs(value):
+    return value
+  beside = os.path.join(folder, value)
+  return value if not os.path.exists(beside) and os.path.exists(value) else beside
+
+
+def _table_image(value: Any, size: Size | None, folder: str | None = None) -> np.ndarray | str:
+  """One cell of an image column (a decoded image, {"bytes", "path"} or a file path,
+  relative ones from `folder`)."""
   if isinstance(value, str):
-    return _decode(value, size)
+    return _decode(_table_file(value, folder), size)
   if isinstance(value, dict):
     data = value.get("bytes")
     return _decode(io.BytesIO(data) if data else value.get("path"), size)
@@ -344,7 +370,10 @@ def load_table(spec: str, split: str = "train", *, size: int | Sequence[int] | N
   """Reads a table with an image column and a label column: a parquet / json / csv
   file or a Hugging Face hub dataset (`split` picks the hub split).
 
-  Labels are a ClassLabel's names, or the sorted distinct values.
+  The image column (`image_key`) holds images, or paths of image / DICOM files
+  (a csv of `path,label` with image_key="path"); a relative path is taken
+  from the folder of a local table file. Labels are a ClassLabel's names, or
+  the sorted distinct values.
 
   Raises:
     UserError: unreadable or empty data, a missing column, or an unreadable
@@ -354,9 +383,11 @@ def load_table(spec: str, split: str = "train", *, size: int | Sequence[int] | N
   names = text.label_names(ds, label_key)
   ids = text.label_ids(ds, label_key, names, spec)
   hw = layers.pair(size) if size is not None else None
+  local = None if storage.is_remote(spec) else os.path.expanduser(spec)
+  folder = os.path.dirname(os.path.abspath(local)) if local and os.path.isfile(local) else None
   kept, labels, bad = [], [], []
   for row, (value, label) in enumerate(zip(ds[image_key], ids)):
-    a = _table_image(value, hw)
+    a = _table_image(value, hw, folder)
     if isinstance(a, str):
       if not skip_bad:
         raise UserError(f"cannot read the image in row {row} of {spec}: {a} "

@@ -25,6 +25,7 @@ from jaxft.formats import hub
 from jaxft.models import registry
 from jaxft.tasks import base
 from jaxft.tasks import class_metrics
+from jaxft.tasks import clinical_metrics
 from jaxft.tuning import lora
 
 
@@ -39,6 +40,13 @@ def _loss_sums(logits, batch):
   return jnp.sum(losses), {"accuracy": correct.astype(jnp.float32)}
 
 
+# Binary scores are taken where the most probable class is the prediction (a threshold
+# chosen on validation data for a target sensitivity is issue 21's next step).
+_THRESHOLD = 0.5
+_BINARY_KEYS = ("auc", "sensitivity", "specificity", "ppv", "npv", "balanced_accuracy",
+                "threshold")
+_MULTICLASS_KEYS = ("auc", "balanced_accuracy", "sensitivity", "specificity")
+
 OBJECTIVE = steps.Objective(forward=_forward, loss_sums=_loss_sums,
                             units=lambda batch: jnp.float32(batch["label"].shape[0]))
 
@@ -46,10 +54,10 @@ OBJECTIVE = steps.Objective(forward=_forward, loss_sums=_loss_sums,
 def eval_step(params: nnx.State, frozen: nnx.State, batch: dict, *, graphdef: nnx.GraphDef,
               rest: nnx.State, objective: steps.Objective = OBJECTIVE
               ) -> tuple[jax.Array, jax.Array]:
-  """Per-example loss and predicted class, dropout off."""
+  """Per-example loss and float32 class probabilities, dropout off."""
   out = steps.model_outputs(objective, graphdef, params, frozen, rest, batch, None)
   losses = optax.softmax_cross_entropy_with_integer_labels(out, batch["label"])
-  return losses, jnp.argmax(out, -1)
+  return losses, jax.nn.softmax(out.astype(jnp.float32), axis=-1)
 
 
 class Classifier(base.Task):
@@ -69,24 +77,39 @@ class Classifier(base.Task):
             f"{len(data.labels)} classes")
 
   def predict(self, run: Any, data: base.Data) -> tuple[np.ndarray, np.ndarray]:
-    """(loss, predicted class) of every eval example, in order."""
-    losses, preds, weights = [], [], []
+    """(loss [N], class probabilities [N, classes]) of every eval example, in order."""
+    losses, probs, weights = [], [], []
     for batch in batches_lib.eval_batches(data.eval, self.config.train.eval_batch_size):
       weight = batch.pop("weight")
       batch = sharding.global_batch(batch, run.placement.batch)
-      loss, pred = run.eval_fn(run.state["params"], run.state["frozen"], batch)
+      loss, prob = run.eval_fn(run.state["params"], run.state["frozen"], batch)
       losses.append(sharding.to_host(loss))
-      preds.append(sharding.to_host(pred))
+      probs.append(sharding.to_host(prob))
       weights.append(weight)
     keep = np.concatenate(weights) > 0
-    return np.concatenate(losses)[keep], np.concatenate(preds)[keep]
+    return np.concatenate(losses)[keep], np.concatenate(probs)[keep]
+
+  def scores(self, labels: np.ndarray, probs: np.ndarray) -> dict[str, Any]:
+    """Accuracy and macro-F1 of the most probable class, then the clinical scores.
+
+    Two classes (class 1 the positive finding): ROC AUC, and sensitivity,
+    specificity, PPV, NPV and balanced accuracy at `threshold` 0.5. More:
+    one-vs-rest macro AUC, balanced accuracy, and macro sensitivity and
+    specificity. None where the eval data leave a score undefined.
+    """
+    preds = np.argmax(probs, -1)
+    out = class_metrics.classification(labels, preds, probs.shape[-1])
+    if probs.shape[-1] == 2:
+      binary = clinical_metrics.binary(labels, probs[:, 1], _THRESHOLD)
+      return {**out, **{k: binary[k] for k in _BINARY_KEYS}}
+    multi = clinical_metrics.multiclass(labels, probs)
+    return {**out, **{k: multi[k] for k in _MULTICLASS_KEYS}}
 
   def evaluate(self, run: Any, data: base.Data, workdir: str | None = None) -> dict[str, Any]:
-    """Loss, accuracy and macro-F1 over every eval example (no example dropped)."""
+    """Loss and `scores` over every eval example (no example dropped)."""
     del workdir
-    loss, preds = self.predict(run, data)
-    scores = class_metrics.classification(data.eval["label"], preds, len(data.labels))
-    return {"loss": float(loss.mean()), **scores}
+    loss, probs = self.predict(run, data)
+    return {"loss": float(loss.mean()), **self.scores(data.eval["label"], probs)}
 
 
 class Classify(Classifier):

@@ -14,6 +14,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxft import metrics
 from jaxft import steps
@@ -27,6 +28,7 @@ from jaxft.formats import hub
 from jaxft.models import layers
 from jaxft.tasks import base
 from jaxft.tasks import class_metrics
+from jaxft.tasks import clinical_png
 from jaxft.tasks import classify
 from jaxft.tasks import confusion_png
 from jaxft.tuning import lora
@@ -140,18 +142,27 @@ class ImageClassify(classify.Classifier):
   def evaluate(self, run: Any, data: base.Data, workdir: str | None = None) -> dict[str, Any]:
     """Loss, accuracy, macro-F1 and per-class recall; with a workdir, the
     confusion matrix as DIR/confusion/step_N.png."""
-    loss, preds = self.predict(run, data)
-    n = len(data.labels)
-    result = {"loss": float(loss.mean()),
-              **class_metrics.classification(data.eval["label"], preds, n)}
-    matrix = class_metrics.confusion(data.eval["label"], preds, n)
+    loss, probs = self.predict(run, data)
+    labels, n = data.eval["label"], len(data.labels)
+    result = {"loss": float(loss.mean()), **self.scores(labels, probs)}
+    matrix = class_metrics.confusion(labels, np.argmax(probs, -1), n)
     recall = dict(zip(data.labels, class_metrics.recall_per_class(matrix)))
     if workdir is not None and jax.process_index() == 0:
-      folder = storage.join(workdir, "confusion")
-      storage.makedirs(folder)
-      confusion_png.save(matrix, data.labels, storage.join(folder, f"step_{run.step}.png"),
-                         title=f"step {run.step}: accuracy {result['accuracy']:.4f}")
+      self._figures(workdir, run.step, matrix, data.labels, labels, probs, result)
     return {**result, "recall": recall}
+
+  def _figures(self, workdir: str, step: int, matrix: np.ndarray, names: list[str],
+               labels: np.ndarray, probs: np.ndarray, result: dict[str, Any]) -> None:
+    """DIR/confusion/step_N.png, and for two classes DIR/roc/step_N.png."""
+    name = f"step_{step}.png"
+    storage.makedirs(storage.join(workdir, "confusion"))
+    confusion_png.save(matrix, names, storage.join(workdir, "confusion", name),
+                       title=f"step {step}: accuracy {result['accuracy']:.4f}")
+    if probs.shape[-1] == 2:
+      storage.makedirs(storage.join(workdir, "roc"))
+      clinical_png.save_roc(labels, probs[:, 1], storage.join(workdir, "roc", name),
+                            threshold=result["threshold"],
+                            title=f"step {step}: {names[1]} vs {names[0]}")
 
   def export(self, run: Any, model_path: str, out_dir: str) -> None:
     hf.export(lora.merge(run.model()), run.hf_config, self.model_kind, out_dir,
