@@ -40,6 +40,8 @@ EVAL_METRICS = ("", "pass@1", "rouge_l")  # eval.metric
 EXPORT_FORMATS = ("hf", "peft")  # jaxft export --format
 BEST_MODES = ("auto", "max", "min")  # checkpoint.best_mode
 ON_CORRUPT = ("fallback", "error")  # checkpoint.on_corrupt
+# decision.target (tasks/clinical_metrics.py): "" keeps the most probable class.
+DECISION_TARGETS = ("", "sensitivity", "specificity", "youden")
 DPO_LOSSES = ("sigmoid", "ipo", "hinge", "simpo", "orpo")  # dpo.loss (tasks/preference_loss.py)
 
 # Keys a rule's dict value may hold, and the types they take.
@@ -145,12 +147,21 @@ def base() -> ml_collections.ConfigDict:
   # "fallback" resumes from the newest intact one, moving the damaged ones to
   # DIR/checkpoints_corrupt/ (nothing is deleted); "error" stops with exit 2.
   c.checkpoint.on_corrupt = "fallback"
+  c.decision = ml_collections.ConfigDict()
+  # Two-class classifiers (class 1 the finding): choose the threshold on class 1's
+  # probability at each training eval, on the eval split, for sensitivity | specificity
+  # (>= decision.value) | youden (max sensitivity + specificity - 1); kept with that
+  # checkpoint and used by `jaxft eval` on any data. "": 0.5 (the most probable class).
+  c.decision.target = ""
+  c.decision.value = 0.95  # The rate decision.target asks for.
+
   return c
 
 
 def causal_lm() -> ml_collections.ConfigDict:
   """`base()` for supervised fine-tuning of a causal LM (configs/sft.py and friends)."""
   c = base()
+  del c.decision  # A classifier's key.
   c.task = "causal_lm"
   # Files with a `messages` column (chat), `prompt` + `completion`, or `text`.
   c.data.packing = True  # Several documents per row (segment ids keep them apart).
@@ -170,6 +181,7 @@ def causal_lm() -> ml_collections.ConfigDict:
 def dpo() -> ml_collections.ConfigDict:
   """`base()` for preference tuning of a causal LM on chosen / rejected pairs (configs/dpo.py)."""
   c = base()
+  del c.decision  # A classifier's key.
   c.task = "dpo"
   # Pairs: `prompt` + `chosen` + `rejected` (strings, or chat messages), or `chosen` +
   # `rejected` whole conversations / "\n\nHuman: ... \n\nAssistant: ..." transcripts.
@@ -195,6 +207,7 @@ def dpo() -> ml_collections.ConfigDict:
 def grpo() -> ml_collections.ConfigDict:
   """`base()` for RL of a causal LM with rewards a program checks: GRPO (configs/grpo.py)."""
   c = base()
+  del c.decision  # A classifier's key.
   c.task = "grpo"
   # Prompts: `messages` (chat, up to the reply), `prompt` (chat-templated as one user
   # turn when the tokenizer has a template) or `question`; plus what the reward reads
@@ -304,6 +317,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _require(spikes == 0 or spikes > 1, "train.skip_spikes", "0 (off) or > 1", spikes)
   validate_lora(config)
   rule_entries(o.rules)
+  if "decision" in config:
+    d = config.decision
+    _require(d.target in DECISION_TARGETS, "decision.target", f"one of {DECISION_TARGETS}",
+             d.target)
+    _require(0 < d.value <= 1, "decision.value", "in (0, 1]", d.value)
   if "dpo" in config:
     _validate_dpo(config)
   if "grpo" in config:

@@ -244,14 +244,15 @@ def _loop(config: ml_collections.ConfigDict, workdir: str, run: run_lib.Run, dat
       # those evaluate first; otherwise the save comes first, and a kill mid-eval loses
       # no training.
       ranked = bool(best_metric or patience.limit)
-      if save and not (evaluate and ranked):
+      first = ranked or run.task.evaluates_before_save
+      if save and not (evaluate and first):
         run.save(step, meta=patience.meta())
       if evaluate:
         result = run.task.evaluate(run, data, workdir)
         writer.write(step, "eval", result)
         patience.update(step, result, required=ranked)
-        if ranked and (save or best_metric or patience.exhausted):
-          run.save(step, metrics=result, meta=patience.meta())
+        if (ranked and (best_metric or patience.exhausted)) or (save and first):
+          run.save(step, metrics=result, meta={**patience.meta(), **run.task.checkpoint_meta()})
       if stop.signum is not None:
         progress.close()
         raise preemption.Interrupted(stop.signum, f"at step {step}; checkpoint saved, rerun the "

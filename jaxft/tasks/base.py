@@ -98,6 +98,16 @@ class Task:
                                        self.config.train.seed)
     return lambda step: batches.lazy(step - 1)
 
+  @property
+  def evaluates_before_save(self) -> bool:
+    """Whether a step that saves and evaluates evaluates first, so the checkpoint keeps
+    `checkpoint_meta` (else it saves first: a kill mid-eval then loses no training)."""
+    return False
+
+  def checkpoint_meta(self) -> dict[str, Any]:
+    """JSON the last training eval adds to the checkpoint saved after it (run.meta on restore)."""
+    return {}
+
   def before_run(self, run: Any, data: Data, model_path: str) -> None:
     """Called once a run is open, before it trains or evaluates (e.g. to add
     precomputed reference log-probs to `data`)."""

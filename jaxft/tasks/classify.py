@@ -15,11 +15,13 @@ import numpy as np
 import optax
 from flax import nnx
 
+from jaxft import metrics
 from jaxft import sharding
 from jaxft import steps
 from jaxft.data import batches as batches_lib
 from jaxft.data import sources
 from jaxft.data import text
+from jaxft.errors import UserError
 from jaxft.formats import hf
 from jaxft.formats import hub
 from jaxft.models import registry
@@ -89,27 +91,81 @@ class Classifier(base.Task):
     keep = np.concatenate(weights) > 0
     return np.concatenate(losses)[keep], np.concatenate(probs)[keep]
 
-  def scores(self, labels: np.ndarray, probs: np.ndarray) -> dict[str, Any]:
-    """Accuracy and macro-F1 of the most probable class, then the clinical scores.
+  def predictions(self, probs: np.ndarray, threshold: float = _THRESHOLD) -> np.ndarray:
+    """Class ids: two classes, class 1 where its probability >= threshold; else the argmax."""
+    if probs.shape[-1] == 2:
+      return (probs[:, 1] >= threshold).astype(np.int64)
+    return np.argmax(probs, -1)
+
+  def scores(self, labels: np.ndarray, probs: np.ndarray, threshold: float = _THRESHOLD
+             ) -> dict[str, Any]:
+    """Accuracy and macro-F1 of `predictions`, then the clinical scores.
 
     Two classes (class 1 the positive finding): ROC AUC, and sensitivity,
-    specificity, PPV, NPV and balanced accuracy at `threshold` 0.5. More:
+    specificity, PPV, NPV and balanced accuracy at `threshold`. More:
     one-vs-rest macro AUC, balanced accuracy, and macro sensitivity and
     specificity. None where the eval data leave a score undefined.
     """
-    preds = np.argmax(probs, -1)
-    out = class_metrics.classification(labels, preds, probs.shape[-1])
+    out = class_metrics.classification(labels, self.predictions(probs, threshold),
+                                       probs.shape[-1])
     if probs.shape[-1] == 2:
-      binary = clinical_metrics.binary(labels, probs[:, 1], _THRESHOLD)
+      binary = clinical_metrics.binary(labels, probs[:, 1], threshold)
       return {**out, **{k: binary[k] for k in _BINARY_KEYS}}
     multi = clinical_metrics.multiclass(labels, probs)
     return {**out, **{k: multi[k] for k in _MULTICLASS_KEYS}}
 
+  # --- the decision threshold (config.decision) --------------------------------
+
+  @property
+  def evaluates_before_save(self) -> bool:
+    """A chosen threshold is kept with the checkpoint of its eval: that eval comes first."""
+    return bool(self.config.get("decision", {}).get("target"))
+
+  def checkpoint_meta(self) -> dict[str, Any]:
+    return {"decision": self._decision} if getattr(self, "_decision", None) else {}
+
+  def threshold(self, run: Any, labels: np.ndarray, probs: np.ndarray, *, choose: bool
+                ) -> float:
+    """The decision threshold of this eval.
+
+    With config.decision.target and two classes: a training eval (`choose`)
+    picks it on these (validation) data and keeps it for `checkpoint_meta`;
+    any other eval reads the one kept with the checkpoint, never choosing on
+    its own data (that would tune on the test set). Else 0.5.
+    """
+    d = self.config.get("decision")
+    if not d or not d.target or probs.shape[-1] != 2:
+      return _THRESHOLD
+    if choose:
+      try:
+        t = clinical_metrics.choose_threshold(labels, probs[:, 1], target=d.target,
+                                              value=d.value)
+      except ValueError as e:  # E.g. an eval split without the class the target needs.
+        raise UserError(f"config.decision.target={d.target!r}: {e}") from e
+      self._decision = {"threshold": float(t), "target": d.target, "value": float(d.value),
+                        "step": run.step}
+      return float(t)
+    kept = run.meta.get("decision")
+    if kept is None:
+      metrics.log(f"checkpoint {run.step} keeps no decision threshold (its run set no "
+                  f"decision.target, or it was saved between evals): using {_THRESHOLD}")
+      return _THRESHOLD
+    return float(kept["threshold"])
+
+  def scored(self, run: Any, data: base.Data, workdir: str | None
+             ) -> tuple[dict[str, Any], np.ndarray, float]:
+    """(loss and `scores` of every eval example at `threshold`, the probabilities, it)."""
+    loss, probs = self.predict(run, data)
+    labels = data.eval["label"]
+    t = self.threshold(run, labels, probs, choose=workdir is not None)
+    result = {"loss": float(loss.mean()), **self.scores(labels, probs, t)}
+    if t != _THRESHOLD:
+      result["at_0.5"] = {k: v for k, v in self.scores(labels, probs).items() if k != "auc"}
+    return result, probs, t
+
   def evaluate(self, run: Any, data: base.Data, workdir: str | None = None) -> dict[str, Any]:
     """Loss and `scores` over every eval example (no example dropped)."""
-    del workdir
-    loss, probs = self.predict(run, data)
-    return {"loss": float(loss.mean()), **self.scores(data.eval["label"], probs)}
+    return self.scored(run, data, workdir)[0]
 
 
 class Classify(Classifier):

@@ -22,7 +22,9 @@ import numpy as np
 from sklearn import exceptions
 from sklearn import metrics
 
-TARGETS = ("sensitivity", "specificity", "youden")
+from jaxft import config
+
+TARGETS = config.DECISION_TARGETS[1:]  # sensitivity | specificity | youden
 
 # A rate computed as k / n may land a rounding error below a target written as
 # a decimal (0.95); this slack keeps such a threshold eligible.

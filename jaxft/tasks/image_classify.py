@@ -140,12 +140,12 @@ class ImageClassify(classify.Classifier):
     return config
 
   def evaluate(self, run: Any, data: base.Data, workdir: str | None = None) -> dict[str, Any]:
-    """Loss, accuracy, macro-F1 and per-class recall; with a workdir, the
-    confusion matrix as DIR/confusion/step_N.png."""
-    loss, probs = self.predict(run, data)
+    """`Classifier.evaluate` plus per-class recall; with a workdir (training), the
+    confusion matrix as DIR/confusion/step_N.png and, for two classes, the ROC
+    curve as DIR/roc/step_N.png."""
+    result, probs, threshold = self.scored(run, data, workdir)
     labels, n = data.eval["label"], len(data.labels)
-    result = {"loss": float(loss.mean()), **self.scores(labels, probs)}
-    matrix = class_metrics.confusion(labels, np.argmax(probs, -1), n)
+    matrix = class_metrics.confusion(labels, self.predictions(probs, threshold), n)
     recall = dict(zip(data.labels, class_metrics.recall_per_class(matrix)))
     if workdir is not None and jax.process_index() == 0:
       self._figures(workdir, run.step, matrix, data.labels, labels, probs, result)
