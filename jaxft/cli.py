@@ -354,6 +354,17 @@ def _causal_lm():
   return lora.merge(run.model()), hub.load_tokenizer(model_path)
 
 
+def _caused_by_interrupt(e: BaseException) -> bool:
+  """Whether a KeyboardInterrupt is among the exceptions `e` came from."""
+  seen = set()
+  while e is not None and id(e) not in seen:
+    if isinstance(e, KeyboardInterrupt):
+      return True
+    seen.add(id(e))
+    e = e.__cause__ or e.__context__
+  return False
+
+
 def main() -> None:
   """Console-script entry point."""
   # First: a Ctrl-C during start-up (imports, loading, compiling) must end the run too.
@@ -373,6 +384,14 @@ def main() -> None:
   except BrokenPipeError:  # `jaxft config ... | head`: the reader left; nothing to say.
     sys.stderr.close()
     sys.exit(1)
+  except Exception as e:  # pylint: disable=broad-except
+    signum = preemption.pending()
+    if signum is None or not _caused_by_interrupt(e):
+      raise
+    # The signal's KeyboardInterrupt came out as another error: a C extension being
+    # imported turns it into "ImportError: initialization failed" (tensorstore does).
+    print(f"jaxft: stopped by {signal.Signals(signum).name}", file=sys.stderr)
+    sys.exit(128 + signum)
   finally:
     preemption.restore(previous)  # For callers in-process (tests); a no-op at exit.
 

@@ -106,6 +106,7 @@ def test_eval_and_export_agree_with_transformers(tiny_setup, tmp_path):
   assert acc == pytest.approx(metrics["accuracy"])
   # The clinical scores, from transformers' probabilities by scikit-learn directly.
   from sklearn import metrics as sk  # pylint: disable=g-import-not-at-top
+  from jaxft.tasks import clinical_metrics  # pylint: disable=g-import-not-at-top
   positive = torch.softmax(out_pt.logits.double(), -1)[:, 1].numpy()
   assert metrics["auc"] == pytest.approx(sk.roc_auc_score(labels.numpy(), positive), abs=1e-6)
   predicted = (positive >= 0.5).astype(int)
@@ -113,6 +114,9 @@ def test_eval_and_export_agree_with_transformers(tiny_setup, tmp_path):
   assert metrics["sensitivity"] == pytest.approx(sk.recall_score(labels.numpy(), predicted))
   assert metrics["balanced_accuracy"] == pytest.approx(
       sk.balanced_accuracy_score(labels.numpy(), predicted))
+  probs = torch.softmax(out_pt.logits.double(), -1).numpy()
+  assert metrics["ece"] == pytest.approx(
+      clinical_metrics.expected_calibration_error(labels.numpy(), probs), abs=1e-6)
 
 
 def test_sigterm_saves_a_checkpoint_and_exits_143(tiny_setup, tmp_path):

@@ -7,6 +7,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from jaxft import train
 from tests.helpers import ROOT, tiny_flags
 
@@ -39,3 +41,49 @@ def test_sigint_at_1_3_6_and_10_s_exits_130_cleanly_and_a_rerun_finishes(tiny_se
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, (d, err[-2000:])
     assert json.loads(out.strip().splitlines()[-1])["step"] == 300
+
+
+def test_a_sigint_that_an_import_turns_into_another_error_still_exits_130(monkeypatch, capsys):
+  """A Ctrl-C inside a C extension's import surfaces as "ImportError: initialization
+  failed" (tensorstore, seen under load): still a clean SIGINT exit, no traceback."""
+  from jaxft import cli  # pylint: disable=g-import-not-at-top
+  from jaxft.runtime import preemption  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(preemption, "_pending", None)  # Put back after: later tests see none.
+
+  def interrupted_import(argv):
+    del argv
+    try:
+      os.kill(os.getpid(), signal.SIGINT)
+      time.sleep(5)  # The handler raises in this frame first.
+    except KeyboardInterrupt as e:
+      raise ImportError("initialization failed") from e
+
+  monkeypatch.setattr(cli, "run", interrupted_import)
+  with pytest.raises(SystemExit) as e:
+    cli.main()
+  assert e.value.code == 130
+  assert capsys.readouterr().err.strip() == "jaxft: stopped by SIGINT"
+
+
+def test_an_error_without_a_signal_is_not_called_an_interrupt(monkeypatch):
+  from jaxft import cli  # pylint: disable=g-import-not-at-top
+  from jaxft.runtime import preemption  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(preemption, "_pending", None)  # Put back after: later tests see none.
+
+  def broken(argv):
+    del argv
+    raise ImportError("initialization failed")
+
+  monkeypatch.setattr(cli, "run", broken)
+  with pytest.raises(ImportError, match="initialization failed"):
+    cli.main()
+
+  def signal_then_error(argv):  # A signal came (deferred), but this error is not its doing.
+    del argv
+    preemption._handle(signal.SIGTERM, None)
+    raise ValueError("real")
+
+  monkeypatch.setattr(preemption, "_deferring", 1)  # As inside the training loop.
+  monkeypatch.setattr(cli, "run", signal_then_error)
+  with pytest.raises(ValueError, match="real"):
+    cli.main()

@@ -27,7 +27,8 @@ def _params(workdir, config):
 def test_training_writes_metrics_config_and_checkpoints(tiny_setup, tmp_path):
   result = train.train(tiny_config(tiny_setup), str(tmp_path))
   assert set(result) == {"step", "loss", "accuracy", "f1", "auc", "sensitivity", "specificity",
-                         "ppv", "npv", "balanced_accuracy", "threshold"} and result["step"] == 6
+                         "ppv", "npv", "balanced_accuracy", "threshold", "ece"}
+  assert result["step"] == 6
   events = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
   assert [e["step"] for e in events if e["split"] == "train"] == [2, 4, 6]
   assert events[-1]["split"] == "eval" and events[-1]["step"] == 6

@@ -171,5 +171,7 @@ def test_a_dicom_folder_trains_and_evals_with_clinical_scores_and_a_roc_png(tmp_
   for key in ("auc", "sensitivity", "specificity", "balanced_accuracy"):
     assert result[key] is None or 0.0 <= result[key] <= 1.0, (key, result)
   assert result["auc"] is not None and result["threshold"] == 0.5
-  roc = Image.open(tmp_path / "run" / "roc" / "step_2.png")
-  assert roc.format == "PNG" and roc.size == (360, 360)
+  for figure in ("roc", "calibration"):
+    png = Image.open(tmp_path / "run" / figure / "step_2.png")
+    assert png.format == "PNG" and png.size == (360, 360)
+  assert 0.0 <= result["ece"] <= 1.0

@@ -76,6 +76,11 @@ def check(detail: str = "") -> None:
     raise Interrupted(_pending, detail)
 
 
+def pending() -> int | None:
+  """The stop signal received since `reset`, if any."""
+  return _pending
+
+
 def reset() -> None:
   """Forgets a received signal (a new command in the same process starts afresh)."""
   global _pending

@@ -47,6 +47,7 @@ def _loss_sums(logits, batch):
 _THRESHOLD = 0.5
 _BINARY_KEYS = ("auc", "sensitivity", "specificity", "ppv", "npv", "balanced_accuracy",
                 "threshold")
+ECE_BINS = 15  # Equal-width confidence bins of the eval's `ece` and the calibration PNG.
 _MULTICLASS_KEYS = ("auc", "balanced_accuracy", "sensitivity", "specificity")
 
 OBJECTIVE = steps.Objective(forward=_forward, loss_sums=_loss_sums,
@@ -104,10 +105,12 @@ class Classifier(base.Task):
     Two classes (class 1 the positive finding): ROC AUC, and sensitivity,
     specificity, PPV, NPV and balanced accuracy at `threshold`. More:
     one-vs-rest macro AUC, balanced accuracy, and macro sensitivity and
-    specificity. None where the eval data leave a score undefined.
+    specificity. None where the eval data leave a score undefined. `ece`: the
+    expected calibration error of the top class (ECE_BINS bins).
     """
     out = class_metrics.classification(labels, self.predictions(probs, threshold),
                                        probs.shape[-1])
+    out["ece"] = clinical_metrics.expected_calibration_error(labels, probs, ECE_BINS)
     if probs.shape[-1] == 2:
       binary = clinical_metrics.binary(labels, probs[:, 1], threshold)
       return {**out, **{k: binary[k] for k in _BINARY_KEYS}}
@@ -160,7 +163,8 @@ class Classifier(base.Task):
     t = self.threshold(run, labels, probs, choose=workdir is not None)
     result = {"loss": float(loss.mean()), **self.scores(labels, probs, t)}
     if t != _THRESHOLD:
-      result["at_0.5"] = {k: v for k, v in self.scores(labels, probs).items() if k != "auc"}
+      result["at_0.5"] = {k: v for k, v in self.scores(labels, probs).items()
+                          if k not in ("auc", "ece")}  # Those do not depend on it.
     return result, probs, t
 
   def evaluate(self, run: Any, data: base.Data, workdir: str | None = None) -> dict[str, Any]:

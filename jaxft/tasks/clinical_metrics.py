@@ -62,7 +62,8 @@ def binary(labels: np.ndarray, positive_probs: np.ndarray, threshold: float) -> 
       "npv": _defined(metrics.precision_score(**rate, pos_label=0)),
       # sklearn would average only the classes present; with one absent the
       # binary score is not balanced over anything, so it is undefined.
-      "balanced_accuracy": _defined(metrics.balanced_accuracy_score(labels, preds)) if both else None,
+      "balanced_accuracy": (_defined(metrics.balanced_accuracy_score(labels, preds))
+                            if both else None),
       "f1": _defined(metrics.f1_score(**rate, pos_label=1)),
       "accuracy": float(metrics.accuracy_score(labels, preds)),
       "threshold": threshold,

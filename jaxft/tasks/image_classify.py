@@ -141,8 +141,9 @@ class ImageClassify(classify.Classifier):
 
   def evaluate(self, run: Any, data: base.Data, workdir: str | None = None) -> dict[str, Any]:
     """`Classifier.evaluate` plus per-class recall; with a workdir (training), the
-    confusion matrix as DIR/confusion/step_N.png and, for two classes, the ROC
-    curve as DIR/roc/step_N.png."""
+    confusion matrix as DIR/confusion/step_N.png, the reliability diagram as
+    DIR/calibration/step_N.png and, for two classes, the ROC curve as
+    DIR/roc/step_N.png."""
     result, probs, threshold = self.scored(run, data, workdir)
     labels, n = data.eval["label"], len(data.labels)
     matrix = class_metrics.confusion(labels, self.predictions(probs, threshold), n)
@@ -153,11 +154,14 @@ class ImageClassify(classify.Classifier):
 
   def _figures(self, workdir: str, step: int, matrix: np.ndarray, names: list[str],
                labels: np.ndarray, probs: np.ndarray, result: dict[str, Any]) -> None:
-    """DIR/confusion/step_N.png, and for two classes DIR/roc/step_N.png."""
+    """DIR/confusion/ and DIR/calibration/step_N.png, and for two classes DIR/roc/."""
     name = f"step_{step}.png"
     storage.makedirs(storage.join(workdir, "confusion"))
     confusion_png.save(matrix, names, storage.join(workdir, "confusion", name),
                        title=f"step {step}: accuracy {result['accuracy']:.4f}")
+    storage.makedirs(storage.join(workdir, "calibration"))
+    clinical_png.save_calibration(labels, probs, storage.join(workdir, "calibration", name),
+                                  bins=classify.ECE_BINS)
     if probs.shape[-1] == 2:
       storage.makedirs(storage.join(workdir, "roc"))
       clinical_png.save_roc(labels, probs[:, 1], storage.join(workdir, "roc", name),
