@@ -81,25 +81,43 @@ def _watchdogs(timeout: float, count: int = 2) -> list[_Recorded]:
   return [_Recorded(_FakeClient(store), me, count, timeout) for me in range(count)]
 
 
-def _wait_for(condition, seconds: float) -> None:
+def _wait_for(condition, seconds: float = 60.0) -> None:
+  """Waits until `condition()`; the bound is only there so a broken watchdog cannot hang."""
   deadline = time.monotonic() + seconds
   while not condition() and time.monotonic() < deadline:
     time.sleep(0.05)
+  assert condition()
 
 
-def test_the_watchdog_reports_a_silent_peer_and_neither_a_beating_nor_a_finished_one():
-  dogs = _watchdogs(timeout=0.6)
+def test_the_rules_name_a_silent_peer_and_neither_a_beating_nor_a_finished_one():
+  """On explicit clock readings: nothing here depends on how fast threads run."""
+  watcher = _watchdogs(timeout=4.0, count=3)[0]
+  for now, beats in enumerate(("1", "2", "3", "4", "5", "6"), start=100):
+    assert watcher._update({"jaxft/alive/1": beats, "jaxft/alive/2": beats}, now) is None
+  assert watcher._update({"jaxft/alive/1": "done", "jaxft/alive/2": "7"}, 106.0) is None
+  assert list(watcher._peers) == [2]  # A finished peer is no longer watched.
+  assert watcher._update({"jaxft/alive/2": "7"}, 110.0) is None  # 4 s: not yet past.
+  lost = watcher._update({"jaxft/alive/2": "7"}, 110.5)
+  assert (lost.code, lost.why) == (distributed.LOST_PEER_EXIT,
+                                   "process 2 of 3 stopped responding (no heartbeat for 4 s)")
+
+
+def test_the_watchdog_threads_beat_end_with_their_peers_and_report_a_silent_one():
+  """The threads over a shared store; waits only for events, with timeouts no load reaches."""
+  dogs = _watchdogs(timeout=30.0)  # Beats every 5 s; a false verdict needs 30 s unscheduled.
   for dog in dogs:
     dog.start()
-  time.sleep(1.5)
+  store = dogs[0]._client.store
+  _wait_for(lambda: all(store.get(f"jaxft/alive/{i}", "").isdigit()
+                        for i in range(2)))
   assert dogs[0].verdicts == dogs[1].verdicts == []  # Both beat.
   dogs[1].stop()  # Ends normally: "done".
-  _wait_for(lambda: not dogs[0]._thread.is_alive(), 2)
-  assert dogs[0].verdicts == [] and not dogs[0]._thread.is_alive()  # Nobody left to watch.
+  _wait_for(lambda: not dogs[0]._thread.is_alive())
+  assert dogs[0].verdicts == []  # Nobody left to watch: it ended without a verdict.
 
   dogs = _watchdogs(timeout=0.6)
   dogs[0].start()  # Process 1 never beats: lost.
-  _wait_for(lambda: dogs[0].verdicts, distributed.exit_bound(0.6) + 2)
+  _wait_for(lambda: dogs[0].verdicts)
   [(verdict, quiet)] = dogs[0].verdicts
   assert (verdict.code, quiet) == (distributed.LOST_PEER_EXIT, False)
   assert verdict.why == "process 1 of 2 stopped responding (no heartbeat for 0.6 s)"
