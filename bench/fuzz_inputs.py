@@ -461,23 +461,13 @@ class Tally:
   messages: list[str] = dataclasses.field(default_factory=list)  # Of the UserErrors.
 
 
-def _memory_error_in(error: BaseException) -> bool:
-  seen = set()
-  while error is not None and id(error) not in seen:
-    if isinstance(error, MemoryError):
-      return True
-    seen.add(id(error))
-    error = error.__cause__ or error.__context__
-  return False
-
-
 def run_case(sample: Sample, data: bytes, case_dir: str, timeout_s: int) -> tuple[str, str]:
   """(outcome, detail) of loading `data` as the sample's file, in a copy of its folder.
 
   outcome: "ok", "user_error" or "failure". Each case has its own folder, so no cache
   keyed by path and modification time (the GGUF reader's, `datasets`') sees an old file.
   """
-  from jaxft.errors import UserError  # pylint: disable=g-import-not-at-top
+  from jaxft import errors  # pylint: disable=g-import-not-at-top
   shutil.copytree(sample.folder, case_dir)
   path = os.path.join(case_dir, sample.file)
   with open(path, "wb") as f:
@@ -488,14 +478,15 @@ def run_case(sample: Sample, data: bytes, case_dir: str, timeout_s: int) -> tupl
     return "ok", ""
   except _Hang:
     return "failure", f"no outcome after {timeout_s} s (hang)"
-  except UserError as e:
-    if _memory_error_in(e):
+  except errors.UserError as e:
+    if errors.caused_by(e, MemoryError):
       return "failure", f"MemoryError behind a UserError: {e}"
     if path not in str(e):
       return "failure", f"UserError without the file's path: {e}"
     return "user_error", str(e)
   except Exception as e:  # pylint: disable=broad-except
-    kind = "MemoryError (an oversized allocation)" if _memory_error_in(e) else "crash"
+    kind = ("MemoryError (an oversized allocation)" if errors.caused_by(e, MemoryError)
+            else "crash")
     where = traceback.extract_tb(e.__traceback__)[-1]
     return "failure", (f"{kind}: {type(e).__name__}: {str(e)[:300]} "
                        f"(at {where.filename}:{where.lineno})")

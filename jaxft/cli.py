@@ -50,6 +50,7 @@ import ml_collections
 from ml_collections import config_flags
 
 from jaxft import config as config_lib
+from jaxft import errors
 from jaxft.errors import UserError
 from jaxft.runtime import preemption
 
@@ -354,17 +355,6 @@ def _causal_lm():
   return lora.merge(run.model()), hub.load_tokenizer(model_path)
 
 
-def _caused_by_interrupt(e: BaseException) -> bool:
-  """Whether a KeyboardInterrupt is among the exceptions `e` came from."""
-  seen = set()
-  while e is not None and id(e) not in seen:
-    if isinstance(e, KeyboardInterrupt):
-      return True
-    seen.add(id(e))
-    e = e.__cause__ or e.__context__
-  return False
-
-
 def main() -> None:
   """Console-script entry point."""
   # First: a Ctrl-C during start-up (imports, loading, compiling) must end the run too.
@@ -386,7 +376,7 @@ def main() -> None:
     sys.exit(1)
   except Exception as e:  # pylint: disable=broad-except
     signum = preemption.pending()
-    if signum is None or not _caused_by_interrupt(e):
+    if signum is None or not errors.caused_by(e, KeyboardInterrupt):
       raise
     # The signal's KeyboardInterrupt came out as another error: a C extension being
     # imported turns it into "ImportError: initialization failed" (tensorstore does).
