@@ -252,7 +252,8 @@ def _loop(config: ml_collections.ConfigDict, workdir: str, run: run_lib.Run, dat
         writer.write(step, "eval", result)
         patience.update(step, result, required=ranked)
         if (ranked and (best_metric or patience.exhausted)) or (save and first):
-          run.save(step, metrics=result, meta={**patience.meta(), **run.task.checkpoint_meta()})
+          meta = {**patience.meta(), **run.task.checkpoint_meta(step, result)}
+          run.save(step, metrics=result, meta=meta)
       if stop.signum is not None:
         progress.close()
         raise preemption.Interrupted(stop.signum, f"at step {step}; checkpoint saved, rerun the "

@@ -104,8 +104,10 @@ class Task:
     `checkpoint_meta` (else it saves first: a kill mid-eval then loses no training)."""
     return False
 
-  def checkpoint_meta(self) -> dict[str, Any]:
-    """JSON the last training eval adds to the checkpoint saved after it (run.meta on restore)."""
+  def checkpoint_meta(self, step: int, result: dict[str, Any]) -> dict[str, Any]:
+    """JSON that the training eval at `step`, `result`, adds to the checkpoint saved
+    after it (run.meta on restore)."""
+    del step, result
     return {}
 
   def before_run(self, run: Any, data: Data, model_path: str) -> None:

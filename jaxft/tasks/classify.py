@@ -124,15 +124,20 @@ class Classifier(base.Task):
     """A chosen threshold is kept with the checkpoint of its eval: that eval comes first."""
     return bool(self.config.get("decision", {}).get("target"))
 
-  def checkpoint_meta(self) -> dict[str, Any]:
-    return {"decision": self._decision} if getattr(self, "_decision", None) else {}
+  def checkpoint_meta(self, step: int, result: dict[str, Any]) -> dict[str, Any]:
+    """The threshold a training eval chose (`threshold`), kept for later evals."""
+    d = self.config.get("decision")
+    if not d or not d.target or "threshold" not in result:  # Two classes only have one.
+      return {}
+    return {"decision": {"threshold": result["threshold"], "target": d.target,
+                         "value": float(d.value), "step": step}}
 
   def threshold(self, run: Any, labels: np.ndarray, probs: np.ndarray, *, choose: bool
                 ) -> float:
     """The decision threshold of this eval.
 
     With config.decision.target and two classes: a training eval (`choose`)
-    picks it on these (validation) data and keeps it for `checkpoint_meta`;
+    picks it on these (validation) data (`checkpoint_meta` keeps it);
     any other eval reads the one kept with the checkpoint, never choosing on
     its own data (that would tune on the test set). Else 0.5.
     """
@@ -145,8 +150,6 @@ class Classifier(base.Task):
                                               value=d.value)
       except ValueError as e:  # E.g. an eval split without the class the target needs.
         raise UserError(f"config.decision.target={d.target!r}: {e}") from e
-      self._decision = {"threshold": float(t), "target": d.target, "value": float(d.value),
-                        "step": run.step}
       return float(t)
     kept = run.meta.get("decision")
     if kept is None:
