@@ -4,7 +4,11 @@
   jaxft eval   [--config=configs/classify.py] --workdir=DIR [--config.KEY=VALUE ...]
   jaxft export --workdir=DIR --out=HF_DIR [--format=hf|peft] [--step=best|latest|N]
                [--overwrite] [--base_model=HUB_ID]
-  (eval, export, inspect, plan: without --config, the config the run in DIR
+  jaxft export --workdir=DIR --out=FILE.gguf --format=gguf [--quant=f16|q8_0|q4_0]
+               [--step=best|latest|N] [--overwrite]
+  jaxft predict --workdir=DIR|--model=HF_DIR --input=FILE_OR_FOLDER [--out=FILE] [--batch_size=N]
+                (a JSON line per input: label, score, probs; a language model: its completion)
+  (eval, export, predict, inspect, plan: without --config, the config the run in DIR
    last trained with; --config.KEY=VALUE overrides apply on top)
   jaxft inspect --config=configs/classify.py|--workdir=DIR [--params]
                 [--topology=v5p-128 [--num_slices=N]] [--config.KEY=VALUE ...]
@@ -13,6 +17,7 @@
   jaxft chat --model=HF_DIR|HUB_ID|FILE.gguf|--workdir=DIR   (one user turn per stdin line)
   jaxft config --config=configs/classify.py|--workdir=DIR [--config.KEY=VALUE ...]
                (prints every config key, its value and what it does)
+  jaxft report --workdir=DIR   (curves as PNGs in DIR/plots/, and a summary of the run)
   jaxft COMMAND --help   (that command's flags)
   (--workdir, --out and model / data paths may be gs://BUCKET/PATH URLs.
    many hosts: add --coordinator_address=HOST:PORT --num_processes=N --process_id=I
@@ -54,20 +59,27 @@ from jaxft import errors
 from jaxft.errors import UserError
 from jaxft.runtime import preemption
 
-COMMANDS = ("train", "eval", "export", "inspect", "plan", "generate", "chat", "config")
+COMMANDS = ("train", "eval", "export", "predict", "inspect", "plan", "generate", "chat",
+            "config", "report")
 USAGE = __doc__.split("\n\n")[1]
 
 FLAGS = flags.FLAGS
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Recipe file, e.g. configs/classify.py.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run folder: checkpoints, metrics.jsonl, config.json.")
-_OUT = flags.DEFINE_string("out", None, "export: the Hugging Face folder to write.")
+_OUT = flags.DEFINE_string("out", None, "export: the Hugging Face folder (--format=gguf: the "
+                           ".gguf file) to write; predict: the JSON-lines file (default: "
+                           "stdout).")
 _FORMAT = flags.DEFINE_enum("format", "hf", list(config_lib.EXPORT_FORMATS),
-                            "export: hf (full checkpoint, LoRA merged) or peft (LoRA adapter).")
+                            "export: hf (full checkpoint, LoRA merged), peft (LoRA adapter) or "
+                            "gguf (one llama.cpp / Ollama file, LoRA merged).")
+_QUANT = flags.DEFINE_enum("quant", None, list(config_lib.GGUF_QUANTS),
+                           "export --format=gguf: weight type: f16 (default), q8_0 or q4_0.")
 _STEP = flags.DEFINE_string("step", None, "export: the checkpoint: latest (default), best "
                             "(config.checkpoint.best_metric) or a kept step number.")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "export: empty a non-empty --out that holds "
                                "no earlier export first (an earlier export is always replaced; "
-                               "never a folder holding or inside the workdir, a root or home).")
+                               "never a folder holding or inside the workdir, a root or home; "
+                               "--format=gguf: replace a file that is no earlier export).")
 _BASE_MODEL = flags.DEFINE_string("base_model", None, "export --format=peft: the base model id "
                                   "adapter_config.json records (default: its hub id if known).")
 _COORDINATOR = flags.DEFINE_string(
@@ -75,7 +87,13 @@ _COORDINATOR = flags.DEFINE_string(
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Multi-process: how many.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "Multi-process: this one's index.")
 _MODEL = flags.DEFINE_string("model", None, "generate/chat: HF folder, hub id or .gguf file "
-                             "(or --workdir: a run's latest checkpoint).")
+                             "(or --workdir: a run's latest checkpoint); predict: an exported "
+                             "folder (with --workdir: that run's config and labels).")
+_INPUT = flags.DEFINE_string("input", None, "predict: a csv / jsonl / json / parquet file, an "
+                             "image folder or file (DICOM too), .npz or IDX; language models: "
+                             "prompts (jsonl with prompt or messages, .txt a line each).")
+_BATCH_SIZE = flags.DEFINE_integer("batch_size", None, "predict: inputs per forward batch "
+                                   "(default: config.train.eval_batch_size).")
 _PROMPT = flags.DEFINE_multi_string("prompt", [], "generate: prompt text (repeat for a batch).")
 _CHAT = flags.DEFINE_bool("chat", False, "generate: wrap each prompt in the chat template.")
 _MAX_NEW = flags.DEFINE_integer("max_new_tokens", 128, "generate/chat: tokens to generate at most.")
@@ -167,7 +185,7 @@ def _load_config_file(argv: Sequence[str]) -> ml_collections.ConfigDict | None:
 
 
 # Commands that, given --workdir and no --config, use the config that run trained with.
-_WORKDIR_CONFIG = ("eval", "export", "inspect", "plan", "config")
+_WORKDIR_CONFIG = ("eval", "export", "predict", "inspect", "plan", "config")
 
 
 def _with_workdir_config(command: str, argv: Sequence[str]) -> list[str]:
@@ -212,8 +230,17 @@ def _parse(command: str, argv: Sequence[str]) -> None:
     if command == "generate" and not _PROMPT.value:
       raise UserError("generate needs --prompt=TEXT")
     return
+  if command == "predict":  # --model alone needs no config: the folder says what it is.
+    if not _WORKDIR.value and not _MODEL.value:
+      raise UserError("predict needs --workdir=DIR (a run's latest checkpoint) or "
+                      "--model=HF_DIR (an exported model)")
+    if not _INPUT.value:
+      raise UserError("predict needs --input=FILE_OR_FOLDER")
+    return
   if command not in ("inspect", "plan", "config") and not _WORKDIR.value:
     raise UserError("--workdir is required")
+  if command == "report":  # The run's own files are all it reads.
+    return
   if config is None:
     raise UserError("--config is required, e.g. --config=configs/classify.py" + (
         " (or --workdir=DIR alone: the config that run trained with)"
@@ -238,6 +265,10 @@ def run(argv: Sequence[str]) -> int:
   if command == "config":  # Before JAX starts: printing a config needs none of it.
     _print_config(_CONFIG.value)
     return 0
+  if command == "report":  # Nor does a report: files in, files and text out.
+    from jaxft.runtime import report  # pylint: disable=g-import-not-at-top
+    print(report.report(_WORKDIR.value))
+    return 0
   # Deferred: JAX start-up is slow and --help should not pay it.
   from jaxft.runtime import distributed  # pylint: disable=g-import-not-at-top
   # train: a survivor of a lost process names the checkpoint a rerun resumes from.
@@ -257,12 +288,14 @@ def run(argv: Sequence[str]) -> int:
     print(json.dumps(plan.plan(_CONFIG.value, _topology(), max_compiles=_MAX_COMPILES.value)))
   elif command in ("generate", "chat"):
     _generate(command)
+  elif command == "predict":
+    _predict()
   else:
     if not _OUT.value:
-      raise UserError("export needs --out=HF_DIR")
+      raise UserError("export needs --out=HF_DIR (--format=gguf: --out=FILE.gguf)")
     commands.export_command(_WORKDIR.value, _OUT.value, _FORMAT.value, config=_CONFIG.value,
                             step=_STEP.value, overwrite=_OVERWRITE.value,
-                            base_model=_BASE_MODEL.value)
+                            base_model=_BASE_MODEL.value, quant=_QUANT.value)
   return 0
 
 
@@ -272,13 +305,16 @@ _SAMPLING = ("max_new_tokens", "temperature", "top_k", "top_p", "stop", "seed")
 _COMMAND_FLAGS = {
     "train": ("config", "workdir", "profile", *_MULTI_PROCESS),
     "eval": ("config", "workdir", *_MULTI_PROCESS),
-    "export": ("config", "workdir", "out", "format", "step", "overwrite", "base_model",
+    "export": ("config", "workdir", "out", "format", "quant", "step", "overwrite", "base_model",
                *_MULTI_PROCESS),
     "inspect": ("config", "workdir", "params", "topology", "num_slices"),
     "plan": ("config", "workdir", "topology", "num_slices", "max_compiles"),
     "generate": ("model", "workdir", "prompt", "chat", *_SAMPLING),
     "chat": ("model", "workdir", *_SAMPLING),
     "config": ("config", "workdir"),
+    "report": ("workdir",),
+    "predict": ("config", "workdir", "model", "input", "out", "batch_size", "chat", *_SAMPLING,
+                *_MULTI_PROCESS),
 }
 
 
@@ -338,6 +374,20 @@ def _generate(command: str) -> None:
                                 **kw)
     messages.append({"role": "assistant", "content": reply})
     print(reply, flush=True)
+
+
+def _predict() -> None:
+  """`predict`: JSON lines on stdout; with --out, the file and a summary line here."""
+  from jaxft import commands, generate  # pylint: disable=g-import-not-at-top
+  from jaxft.runtime import profiling  # pylint: disable=g-import-not-at-top
+  profiling.use_default_compilation_cache()
+  summary = commands.predict_command(
+      _CONFIG.value, _WORKDIR.value, _INPUT.value, out=_OUT.value, batch_size=_BATCH_SIZE.value,
+      model=_MODEL.value, max_new_tokens=_MAX_NEW.value, stop=tuple(_STOP.value),
+      seed=_SEED.value, chat=_CHAT.value,
+      sampling=generate.Sampling(_TEMPERATURE.value, _TOP_K.value, _TOP_P.value))
+  if _OUT.value:
+    print(json.dumps(summary))
 
 
 def _causal_lm():

@@ -1,6 +1,9 @@
-"""`jaxft eval` and `jaxft export`: commands that reopen a run's workdir."""
+"""`jaxft eval`, `jaxft export` and `jaxft predict`: commands that reopen a run's workdir."""
 
 from __future__ import annotations
+
+import os
+from typing import Any
 
 import jax
 import ml_collections
@@ -8,12 +11,15 @@ import ml_collections
 from jaxft import config as config_lib
 from jaxft import metrics
 from jaxft import run as run_lib
+from jaxft import tasks
 from jaxft.runtime import run_record
 from jaxft.runtime import storage
 from jaxft.errors import UserError
 from jaxft.formats import export_dir
+from jaxft.formats import gguf_export
 from jaxft.formats import hub
 from jaxft.formats import peft
+from jaxft.tuning import lora
 
 
 def eval_command(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
@@ -47,20 +53,32 @@ def eval_command(config: ml_collections.ConfigDict, workdir: str) -> dict[str, f
 def export_command(workdir: str, out_dir: str, fmt: str = "hf", *,
                    config: ml_collections.ConfigDict | None = None,
                    step: str | int | None = None, overwrite: bool = False,
-                   base_model: str | None = None) -> None:
-  """Writes a checkpoint of `workdir` (the latest, "best" or a step) as a Hugging Face folder.
+                   base_model: str | None = None, quant: str | None = None) -> None:
+  """Writes a checkpoint of `workdir` (the latest, "best" or a step) as a Hugging Face folder
+  or a llama.cpp GGUF file.
 
   `fmt` "hf": a full checkpoint (LoRA adapters merged into the kernels) that
   transformers loads as is (a language model with its tokenizer and chat
   template); "peft": only the LoRA adapters and the trained modules, as a
   PEFT adapter over the run's base model, recorded as `base_model` (default:
-  its hub id where known, `hub.hub_id`). `config`: the run's own when None.
-  `out_dir` (may be a gs:// URL) loses the files of an earlier export and
-  nothing else; a non-empty folder that is not one needs `overwrite`
-  (`formats.export_dir`).
+  its hub id where known, `hub.hub_id`); "gguf": a language model (LoRA
+  merged) with its tokenizer and chat template as one file `out_dir` for
+  llama.cpp and Ollama, its weights as `quant` says (`formats.gguf_export`;
+  default f16). `config`: the run's own when None. A folder `out_dir` (may be
+  a gs:// URL) loses the files of an earlier export and nothing else; a
+  non-empty folder that is not one needs `overwrite` (`formats.export_dir`).
   """
   if fmt not in config_lib.EXPORT_FORMATS:
     raise UserError(f"--format must be one of {config_lib.EXPORT_FORMATS}, got {fmt!r}")
+  if fmt == "gguf":
+    _export_gguf(workdir, out_dir, config=config, step=step, overwrite=overwrite,
+                 quant=quant or config_lib.GGUF_QUANTS[0])
+    return
+  if quant is not None:
+    raise UserError(f"--quant is for --format=gguf; --format={fmt} writes float32 weights")
+  if out_dir.endswith(".gguf"):
+    raise UserError(f"--out={out_dir} names a GGUF file: add --format=gguf "
+                    f"(--format={fmt} writes a folder)")
   export_dir.check_target(out_dir, workdir, overwrite)  # Before minutes of loading.
   config, run, model_path = run_lib.restore(workdir, config=config, step=step)
   if fmt == "peft" and not config_lib.lora_enabled(config):
@@ -80,3 +98,39 @@ def export_command(workdir: str, out_dir: str, fmt: str = "hf", *,
     else:
       run.task.export(run, model_path, local)
   metrics.log(f"exported step {run.step} to {out_dir} ({fmt})")
+
+
+def _export_gguf(workdir: str, out: str, *, config: ml_collections.ConfigDict | None,
+                 step: str | int | None, overwrite: bool, quant: str) -> None:
+  """`export_command` for fmt "gguf": a language model's checkpoint as one GGUF file."""
+  config = config if config is not None else run_record.saved_config(workdir)
+  task = tasks.of(config)
+  if task.model_kind != tasks.CausalLM.model_kind:
+    lms = [name for name, kind in tasks.REGISTRY.items()
+           if kind.model_kind == tasks.CausalLM.model_kind]
+    raise UserError(f"--format=gguf exports language models (runs of task {', '.join(lms)}); "
+                    f"{workdir} trained a {task.name} model: use --format=hf or peft")
+  # Before minutes of loading.
+  gguf_export.check_target(out, overwrite, base_model=config.model.path)
+  config, run, model_path = run_lib.restore(workdir, config=config, step=step)
+  info = {"format": "gguf", "quant": quant, "step": run.step,
+          "workdir": storage.resolve(workdir)}
+  gguf_export.export(lora.merge(run.model()), run.hf_config, out, tokenizer_path=model_path,
+                     quant=quant, name=os.path.basename(storage.resolve(workdir)), info=info,
+                     primary=jax.process_index() == 0)
+  metrics.log(f"exported step {run.step} to {out} (gguf, {quant})")
+
+
+def predict_command(config: ml_collections.ConfigDict | None, workdir: str | None,
+                    input_spec: str, *, out: str | None = None, batch_size: int | None = None,
+                    model: str | None = None, **generation: Any) -> dict[str, Any]:
+  """`jaxft predict`: JSON lines of predictions for `input_spec` (tasks/predict.py).
+
+  The latest checkpoint of `workdir` with `config` (the run's own when None),
+  or the exported HF folder `model`; to stdout, or to the file `out` written
+  whole. `generation` (language models): `predict.Generation`'s fields.
+  Returns the summary (rows, seconds, counts of each label).
+  """
+  from jaxft.tasks import predict  # pylint: disable=g-import-not-at-top
+  return predict.predict(config, workdir, input_spec, out=out, batch_size=batch_size,
+                         model=model, generation=predict.Generation(**generation))

@@ -37,7 +37,8 @@ OPTIMIZERS = ("adamw", "sgd")  # optim.optimizer
 SCHEDULES = ("linear", "cosine", "constant")  # optim.schedule, a rule's schedule
 LOSS_ON = ("assistant", "last", "all")  # data.loss_on
 EVAL_METRICS = ("", "pass@1", "rouge_l")  # eval.metric
-EXPORT_FORMATS = ("hf", "peft")  # jaxft export --format
+EXPORT_FORMATS = ("hf", "peft", "gguf")  # jaxft export --format
+GGUF_QUANTS = ("f16", "q8_0", "q4_0")  # jaxft export --format=gguf --quant (default f16)
 BEST_MODES = ("auto", "max", "min")  # checkpoint.best_mode
 ON_CORRUPT = ("fallback", "error")  # checkpoint.on_corrupt
 # decision.target (tasks/clinical_metrics.py): "" keeps the most probable class.
@@ -154,6 +155,20 @@ def base() -> ml_collections.ConfigDict:
   # checkpoint and used by `jaxft eval` on any data. "": 0.5 (the most probable class).
   c.decision.target = ""
   c.decision.value = 0.95  # The rate decision.target asks for.
+  # Classifiers: per-class weights of the training loss, for imbalanced classes.
+  # "balanced": n / (classes x count of the class) from the training labels (scikit-learn's
+  # class_weight="balanced"); "w0,w1,...": one weight per class, in label order; "": none.
+  # The loss is the weighted mean, as torch's CrossEntropyLoss(weight=).
+  c.data.class_weights = ""
+
+  # Where metrics go besides DIR/metrics.jsonl (always written), from process 0.
+  c.log = ml_collections.ConfigDict()
+  # TensorBoard event files in DIR/tensorboard/: metrics.jsonl's numbers, the eval PNGs and
+  # LM samples (`tensorboard --logdir DIR/tensorboard`).
+  c.log.tensorboard = True
+  # Also log to Weights & Biases (needs `pip install wandb`); offline, into DIR/wandb/,
+  # unless WANDB_MODE is set (`wandb sync` uploads an offline run).
+  c.log.wandb = False
 
   return c
 
@@ -161,7 +176,7 @@ def base() -> ml_collections.ConfigDict:
 def causal_lm() -> ml_collections.ConfigDict:
   """`base()` for supervised fine-tuning of a causal LM (configs/sft.py and friends)."""
   c = base()
-  del c.decision  # A classifier's key.
+  del c.decision, c.data.class_weights  # A classifier's keys.
   c.task = "causal_lm"
   # Files with a `messages` column (chat), `prompt` + `completion`, or `text`.
   c.data.packing = True  # Several documents per row (segment ids keep them apart).
@@ -181,7 +196,7 @@ def causal_lm() -> ml_collections.ConfigDict:
 def dpo() -> ml_collections.ConfigDict:
   """`base()` for preference tuning of a causal LM on chosen / rejected pairs (configs/dpo.py)."""
   c = base()
-  del c.decision  # A classifier's key.
+  del c.decision, c.data.class_weights  # A classifier's keys.
   c.task = "dpo"
   # Pairs: `prompt` + `chosen` + `rejected` (strings, or chat messages), or `chosen` +
   # `rejected` whole conversations / "\n\nHuman: ... \n\nAssistant: ..." transcripts.
@@ -207,7 +222,7 @@ def dpo() -> ml_collections.ConfigDict:
 def grpo() -> ml_collections.ConfigDict:
   """`base()` for RL of a causal LM with rewards a program checks: GRPO (configs/grpo.py)."""
   c = base()
-  del c.decision  # A classifier's key.
+  del c.decision, c.data.class_weights  # A classifier's keys.
   c.task = "grpo"
   # Prompts: `messages` (chat, up to the reply), `prompt` (chat-templated as one user
   # turn when the tokenizer has a template) or `question`; plus what the reward reads
@@ -317,6 +332,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _require(spikes == 0 or spikes > 1, "train.skip_spikes", "0 (off) or > 1", spikes)
   validate_lora(config)
   rule_entries(o.rules)
+  if "class_weights" in d:
+    _require(_class_weights_ok(d.class_weights), "data.class_weights",
+             '"", "balanced" or comma-separated weights > 0 (one per class)', d.class_weights)
   if "decision" in config:
     d = config.decision
     _require(d.target in DECISION_TARGETS, "decision.target", f"one of {DECISION_TARGETS}",
@@ -351,6 +369,15 @@ def _validate_grpo(config: ml_collections.ConfigDict) -> None:
   _require(not g.beta or lora_enabled(config), "grpo.beta",
            "0 without LoRA (the KL reference is the model with its adapters off; set "
            "config.lora.rank > 0)", g.beta)
+
+
+def _class_weights_ok(text: str) -> bool:
+  if text in ("", "balanced"):
+    return True
+  try:
+    return all(float(w) > 0 for w in text.split(","))
+  except ValueError:
+    return False
 
 
 def lora_enabled(config: ml_collections.ConfigDict) -> bool:

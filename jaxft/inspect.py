@@ -110,7 +110,8 @@ def abstract_state(config: ml_collections.ConfigDict, split: trainable.Split,
                    mesh: jax.sharding.Mesh) -> tuple[Any, sharding.Placement, Any]:
   """(the train state as sharded abstract arrays, its Placement, the optimizer)."""
   tx = optimizer.build(config, split.params, split.assignment)
-  state = jax.eval_shape(functools.partial(steps.init_state, tx=tx), split.params, split.frozen)
+  state = jax.eval_shape(functools.partial(steps.init_state, tx=tx), split.params, split.frozen,
+                         stats=split.stats)
   where = sharding.placement(mesh, sharding.logical_rules(config), state)
   return sharding.with_shardings(state, where.state), where, tx
 
@@ -158,7 +159,8 @@ def measure(config: ml_collections.ConfigDict, model: Model,
   t = config.train
   # The eval batch plays no part in the train step measured here.
   sharding.check_fits(mesh, batch_size=t.batch_size, grad_accum=t.grad_accum,
-                      eval_batch_size=None, num_heads=model.hf_config.num_attention_heads)
+                      eval_batch_size=None,
+                      num_heads=getattr(model.hf_config, "num_attention_heads", None))
   start = time.perf_counter()
   cache = topology_lib.persistent_cache_off() if topology else contextlib.nullcontext()
   try:

@@ -81,20 +81,28 @@ class Run:
     self.checkpointer.save(step, state, meta, metrics)
 
   def model(self) -> nnx.Module:
-    """The current model, frozen and trained parameters together."""
-    return self.split.merge(self.state["params"], self.state["frozen"])
+    """The current model: frozen and trained parameters and BatchNorm statistics together."""
+    return self.split.merge(self.state["params"], self.state["frozen"], self.state["stats"])
+
+  def eval_fn(self, params: nnx.State, frozen: nnx.State, batch: dict) -> Any:
+    """The task's eval step (jitted once per run) on `batch`, with these parameters and the
+    run's current BatchNorm statistics."""
+    return self._eval_jit(params, frozen, self.state["stats"], batch)
 
   @functools.cached_property
-  def eval_fn(self):
-    """The jitted eval step, compiled once per run."""
+  def _eval_jit(self):
     p = self.placement
-    fn = traced(functools.partial(self.task.eval_step, graphdef=self.split.graphdef,
-                                  rest=self.split.rest),
-                p, self.task.config.model.get("attention", "auto"))
+    step = functools.partial(self.task.eval_step, graphdef=self.split.graphdef)
+    rest = self.split.rest
+
+    def fn(params, frozen, stats, batch):
+      # The statistics are an argument, not a constant: they move as the run trains.
+      return step(params, frozen, batch, rest=nnx.merge_state(rest, stats))
+    fn = traced(fn, p, self.task.config.model.get("attention", "auto"))
     # Per-example outputs stay split like the batch; sums are replicated.
     out = p.batch if self.task.per_example_eval else p.replicated
-    return jax.jit(fn, in_shardings=(p.state["params"], p.state["frozen"], p.batch),
-                   out_shardings=out)
+    return jax.jit(fn, in_shardings=(p.state["params"], p.state["frozen"], p.state["stats"],
+                                     p.batch), out_shardings=out)
 
 
 def traced(fn, where: sharding.Placement, attention: str):
@@ -157,7 +165,8 @@ def open_run(config: ml_collections.ConfigDict, workdir: str, model_path: str,
   hf_config = task.hf_config(model_path, labels)
   t = config.train
   sharding.check_fits(mesh, batch_size=t.batch_size, grad_accum=t.grad_accum,
-                      eval_batch_size=t.eval_batch_size, num_heads=hf_config.num_attention_heads)
+                      eval_batch_size=t.eval_batch_size,
+                      num_heads=getattr(hf_config, "num_attention_heads", None))
   ckpt = checkpoint.Checkpointer.of(workdir, config)
   latest = step
   if step is None:
@@ -190,22 +199,27 @@ def open_run(config: ml_collections.ConfigDict, workdir: str, model_path: str,
   if not quiet:
     log(rules.table(split.assignment, split.sizes, config.optim.weight_decay))
   tx = optimizer.build(config, split.params, split.assignment)
-  abstract = jax.eval_shape(functools.partial(steps.init_state, tx=tx), split.params, split.frozen)
+  abstract = jax.eval_shape(functools.partial(steps.init_state, tx=tx), split.params,
+                            split.frozen, stats=split.stats)
   where = sharding.placement(mesh, rules_, abstract)
   if latest is None:
-    state = jax.device_put(steps.init_state(split.params, split.frozen, tx), where.state)
+    state = jax.device_put(steps.init_state(split.params, split.frozen, tx, split.stats),
+                           where.state)
   else:
     targets = sharding.with_shardings(abstract, where.state)
-    # Not in the checkpoint: frozen weights re-read from the base; the skipped-step
-    # counters of one saved before they existed (it gets a new run's).
-    counted = "skip" in meta.get("state_keys", ())
+    # Not in the checkpoint: frozen weights re-read from the base; what a checkpoint
+    # saved before the key existed lacks (the skipped-step counters of a new run; no
+    # BatchNorm statistics, as no model then had any).
+    saved_keys = meta.get("state_keys", ())
     absent = {"frozen"} if saved_base is not None else set()
-    absent |= set() if counted else {"skip"}
+    absent |= {k for k in ("skip", "stats") if k not in saved_keys}
     state, _ = ckpt.restore({k: v for k, v in targets.items() if k not in absent}, latest)
     if saved_base is not None:
       state["frozen"] = jax.device_put(split.frozen, where.state["frozen"])
-    if not counted:
+    if "skip" in absent:
       state["skip"] = jax.device_put(steps.init_skip(), where.state["skip"])
+    if "stats" in absent:
+      state["stats"] = jax.device_put(split.stats, where.state["stats"])
     log(f"restored checkpoint at step {latest} from {ckpt.directory}")
   base = _base_fingerprint(config, model_path, split)
   return Run(split, state, tx, hf_config, ckpt, where, task, base, meta, untrained)
@@ -256,6 +270,9 @@ def _check_same_partition(config: ml_collections.ConfigDict, workdir: str) -> No
 
 
 def _report_load(report: hf.LoadReport) -> None:
+  if report.replaced:
+    log(f"new head for this label set (the checkpoint's has other shapes): "
+        f"{', '.join(report.replaced)}")
   if report.missing:
     log(f"initialised (not in checkpoint): {', '.join(report.missing)}")
   if report.unexpected:

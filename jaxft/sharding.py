@@ -143,10 +143,11 @@ def placement(mesh: Mesh, rules: Rules, abstract_state: Any) -> Placement:
 
 
 def check_fits(mesh: Mesh, *, batch_size: int, grad_accum: int, eval_batch_size: int | None,
-               num_heads: int) -> None:
+               num_heads: int | None) -> None:
   """Raises UserError when batches (config.train's sizes) or heads do not split over the mesh.
 
-  `eval_batch_size` None: only the train step matters (inspect, plan).
+  `eval_batch_size` None: only the train step matters (inspect, plan). `num_heads`
+  None: the model has no attention (a ConvNet).
   """
   split = mesh.shape["data"] * mesh.shape["fsdp"]
   micro = batch_size // grad_accum
@@ -158,7 +159,7 @@ def check_fits(mesh: Mesh, *, batch_size: int, grad_accum: int, eval_batch_size:
   if eval_batch_size is not None and eval_batch_size % split:
     raise UserError(f"config.train.eval_batch_size={eval_batch_size} does not split over "
                     f"data x fsdp = {split} devices")
-  if num_heads % mesh.shape["tensor"]:
+  if num_heads is not None and num_heads % mesh.shape["tensor"]:
     raise UserError(f"the model's {num_heads} attention heads do not split over "
                     f"config.mesh.tensor={mesh.shape['tensor']}")
 

@@ -1,10 +1,14 @@
 """The pure, jittable train step, shared by every task.
 
-The train state is a plain dict {"step", "params", "frozen", "opt_state",
-"skip"}: a pytree that optax updates, `jax.jit` donates and Orbax saves
-without adapters. `params` holds the trainable parameters, `frozen` the rest;
-only `params` is differentiated and has optimizer state, so frozen layers cost
-no gradient matmuls, no optimizer memory and no update.
+The train state is a plain dict {"step", "params", "frozen", "stats",
+"opt_state", "skip"}: a pytree that optax updates, `jax.jit` donates and Orbax
+saves without adapters. `params` holds the trainable parameters, `frozen` the
+rest; only `params` is differentiated and has optimizer state, so frozen
+layers cost no gradient matmuls, no optimizer memory and no update. `stats`
+holds the model's BatchNorm running statistics (`nnx.BatchStat`; empty for
+models without BatchNorm): not differentiated, but updated by every train
+forward as PyTorch's `model.train()` does, so they are state that moves with
+the step, checkpoints and resumes, unlike the constants in `rest`.
 
 A step whose loss or gradient norm is not finite (or, with `skip_spikes`, whose
 loss is a spike over the running median) is skipped inside the step: params
@@ -56,8 +60,11 @@ class Objective:
   units: Callable[[dict], jax.Array]
 
 
-def init_state(params: nnx.State, frozen: nnx.State, tx: optax.GradientTransformation) -> State:
+def init_state(params: nnx.State, frozen: nnx.State, tx: optax.GradientTransformation,
+               stats: nnx.State | None = None) -> State:
+  """The state of a new run; `stats`: the model's BatchNorm statistics (None: it has none)."""
   return {"step": jnp.zeros((), jnp.int32), "params": params, "frozen": frozen,
+          "stats": nnx.State({}) if stats is None else stats,
           "opt_state": tx.init(params), "skip": init_skip()}
 
 
@@ -124,24 +131,42 @@ def _count_skip(skip: dict[str, jax.Array], ok: jax.Array, step: jax.Array, loss
   return out
 
 
+def _outputs_and_stats(objective: Objective, graphdef: nnx.GraphDef, params: nnx.State,
+                       frozen: nnx.State, rest: nnx.State, stats: nnx.State, batch: dict,
+                       dropout_key: jax.Array | None) -> tuple[Any, nnx.State]:
+  """The model's outputs on `batch` and its BatchNorm statistics after the forward."""
+  model = nnx.merge(graphdef, stack.unstack_state(params), stack.unstack_state(frozen), rest,
+                    stats)
+  rngs = None if dropout_key is None else nnx.Rngs(dropout=dropout_key)
+  outputs = objective.forward(model, batch, dropout_key is None, rngs)
+  return outputs, nnx.state(model, nnx.BatchStat)
+
+
 def model_outputs(objective: Objective, graphdef: nnx.GraphDef, params: nnx.State,
                   frozen: nnx.State, rest: nnx.State, batch: dict,
-                  dropout_key: jax.Array | None) -> Any:
-  """The model's outputs on `batch` (`objective.forward`); dropout on iff `dropout_key` is given."""
-  model = nnx.merge(graphdef, stack.unstack_state(params), stack.unstack_state(frozen), rest)
-  rngs = None if dropout_key is None else nnx.Rngs(dropout=dropout_key)
-  return objective.forward(model, batch, dropout_key is None, rngs)
+                  dropout_key: jax.Array | None, stats: nnx.State | None = None) -> Any:
+  """The model's outputs on `batch` (`objective.forward`); dropout on iff `dropout_key` is
+  given. Training mode also moves BatchNorm statistics; those updates are dropped here
+  (`loss_and_grads` keeps them)."""
+  stats = nnx.State({}) if stats is None else stats
+  return _outputs_and_stats(objective, graphdef, params, frozen, rest, stats, batch,
+                            dropout_key)[0]
 
 
 def loss_and_grads(objective: Objective, graphdef, rest, params, frozen, batch, key,
-                   units: jax.Array) -> tuple[jax.Array, dict, Any]:
-  """(loss sum / units, metric sums / units, grads) of one (micro-)batch."""
+                   units: jax.Array, stats: nnx.State | None = None
+                   ) -> tuple[jax.Array, dict, Any, nnx.State]:
+  """(loss sum / units, metric sums / units, grads, BatchNorm statistics after the
+  forward) of one (micro-)batch."""
+  stats = nnx.State({}) if stats is None else stats
+
   def loss_fn(p):
-    total, sums = objective.loss_sums(
-        model_outputs(objective, graphdef, p, frozen, rest, batch, key), batch)
-    return total / units, jax.tree.map(lambda s: s / units, sums)
-  (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-  return loss, metrics, grads
+    outputs, new_stats = _outputs_and_stats(objective, graphdef, p, frozen, rest, stats, batch,
+                                            key)
+    total, sums = objective.loss_sums(outputs, batch)
+    return total / units, (jax.tree.map(lambda s: s / units, sums), new_stats)
+  (loss, (metrics, new_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+  return loss, metrics, grads, new_stats
 
 
 def train_step(state: State, batch: dict, *, objective: Objective, graphdef: nnx.GraphDef,
@@ -152,31 +177,35 @@ def train_step(state: State, batch: dict, *, objective: Objective, graphdef: nnx
 
   Every micro-batch divides its summed loss by the units of the whole batch,
   so the accumulated loss and gradients are those of the full batch. A step
-  that is not `accepted` leaves params and optimizer state bitwise unchanged
-  (so optax's step count, and the schedule it drives, stays behind `step` by
-  one per skip); `max_skipped_steps` (0: never) sets state["skip"]["limit_step"]
-  when that many are skipped in a row. Metrics add `skipped_steps` (the total).
+  that is not `accepted` leaves params, BatchNorm statistics and optimizer state
+  bitwise unchanged (so optax's step count, and the schedule it drives, stays
+  behind `step` by one per skip); `max_skipped_steps` (0: never) sets
+  state["skip"]["limit_step"] when that many are skipped in a row. Metrics add `skipped_steps` (the total).
   """
   params, frozen = state["params"], state["frozen"]
   key = jax.random.fold_in(dropout_key, state["step"])
   units = jnp.maximum(objective.units(batch), 1.0)  # An all-masked batch must not divide by 0.
   if grad_accum == 1:
-    loss, metrics, grads = loss_and_grads(objective, graphdef, rest, params, frozen, batch, key,
-                                          units)
+    loss, metrics, grads, stats = loss_and_grads(objective, graphdef, rest, params, frozen,
+                                                 batch, key, units, state["stats"])
   else:
     micro = jax.tree.map(lambda x: x.reshape(grad_accum, -1, *x.shape[1:]), batch)
 
+    # BatchNorm statistics thread through the micro-batches in order, as PyTorch's
+    # running averages do over the forwards of an accumulated step.
     def accumulate(carry, xs):
+      sums, stats = carry
       mb, i = xs
-      out = loss_and_grads(objective, graphdef, rest, params, frozen, mb,
-                           jax.random.fold_in(key, i), units)
-      return jax.tree.map(jnp.add, carry, out), None
+      *out, stats = loss_and_grads(objective, graphdef, rest, params, frozen, mb,
+                                   jax.random.fold_in(key, i), units, stats)
+      return (jax.tree.map(jnp.add, sums, tuple(out)), stats), None
 
     zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(
         lambda: loss_and_grads(objective, graphdef, rest, params, frozen,
-                               jax.tree.map(lambda x: x[0], micro), key, units)))
-    (loss, metrics, grads), _ = jax.lax.scan(accumulate, zeros,
-                                             (micro, jnp.arange(grad_accum)))
+                               jax.tree.map(lambda x: x[0], micro), key, units,
+                               state["stats"])[:3]))
+    ((loss, metrics, grads), stats), _ = jax.lax.scan(
+        accumulate, (zeros, state["stats"]), (micro, jnp.arange(grad_accum)))
   grad_norm = optax.tree_utils.tree_norm(grads)
   updates, opt_state = tx.update(grads, state["opt_state"], params)
   ok = accepted(loss, grad_norm, state["skip"], state["step"], skip_spikes)
@@ -185,6 +214,7 @@ def train_step(state: State, batch: dict, *, objective: Objective, graphdef: nnx
   skip = _count_skip(state["skip"], ok, state["step"], loss, grad_norm, max_skipped_steps)
   new_state = {"step": state["step"] + 1,
                "params": keep(optax.apply_updates(params, updates), params),
-               "frozen": frozen, "opt_state": keep(opt_state, state["opt_state"]), "skip": skip}
+               "frozen": frozen, "stats": keep(stats, state["stats"]),
+               "opt_state": keep(opt_state, state["opt_state"]), "skip": skip}
   return new_state, {"loss": loss, **metrics, "grad_norm": grad_norm,
                      "skipped_steps": skip["total"]}

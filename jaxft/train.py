@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 
 from jaxft import checkpoint
 from jaxft import metrics as metrics_lib
@@ -40,7 +41,9 @@ from jaxft.data import prefetch
 from jaxft.errors import UserError
 from jaxft.runtime import host_memory
 from jaxft.runtime import preemption
+from jaxft.runtime import dashboards
 from jaxft.runtime import profiling
+from jaxft.runtime import report
 from jaxft.runtime import run_record
 from jaxft.tasks import Data
 from jaxft.tuning import optimizer
@@ -60,10 +63,12 @@ def train(config: ml_collections.ConfigDict, workdir: str,
 
   `profile_steps` > 0 writes a JAX trace of that many steps to DIR/profile.
   A run already at `num_steps` (or stopped early) is a no-op that returns its
-  recorded final eval; a checkpoint past `num_steps` is a UserError.
+  recorded final eval; a checkpoint past `num_steps` is a UserError. Metrics also go
+  to DIR/tensorboard/ (config.log), and the loss and headline curves to DIR/plots/.
   """
   run = None
   try:
+    dashboards.check(config)  # A missing wandb package fails now, not after loading.
     # Before anything starts JAX's backend: its threads must not have allocated yet.
     host_memory.apply(config.train.get("host_memory", "auto"))
     profiling.use_compilation_cache(config.train.get("compilation_cache", ""))
@@ -73,13 +78,12 @@ def train(config: ml_collections.ConfigDict, workdir: str,
     storage.check_shared(workdir)
     run = run_lib.open_run(config, workdir, model_path, data.labels, task=task,
                            move_damaged=True)
-    finished = _finished(config, workdir, run, data, model_path)
-    if finished is not None:
-      return finished
-    task.before_run(run, data, model_path)
-    _record_start(config, workdir, run, data)
-    preemption.check()
-    return _loop(config, workdir, run, data, profile_steps)
+    result = _finished(config, workdir, run, data, model_path)
+    if result is None:
+      task.before_run(run, data, model_path)
+      _record_start(config, workdir, run, data)
+      preemption.check()
+      result = _loop(config, workdir, run, data, profile_steps)
   except preemption.Interrupted as e:
     if e.detail:
       raise
@@ -87,8 +91,14 @@ def train(config: ml_collections.ConfigDict, workdir: str,
     raise preemption.Interrupted(e.signum, f"during start-up, {at}: nothing new to save; "
                                  "rerun the same command to go on") from None
   finally:
+    metrics_lib.close_board(workdir)  # However the run ends, the event file is complete.
     if run is not None:
       run.checkpointer.close()  # Waits for a pending async save.
+  # Last, once the run is saved: `jaxft report` redraws the curves on demand.
+  written = report.write_plots(workdir, config) if metrics_lib.is_primary() else []
+  if written:
+    log(f"plots: {', '.join(written)}")
+  return result
 
 
 def _finished(config: ml_collections.ConfigDict, workdir: str, run: run_lib.Run,
@@ -111,8 +121,9 @@ def _finished(config: ml_collections.ConfigDict, workdir: str, run: run_lib.Run,
   result = metrics_lib.recorded_eval(workdir, run.step)
   if result is None and data.eval is not None:  # Killed between the last save and its eval.
     run.task.before_run(run, data, model_path)
+    writer = metrics_lib.JsonlWriter(workdir, config)  # First: the eval's figures log to it.
     result = run.task.evaluate(run, data, workdir)
-    metrics_lib.JsonlWriter(workdir).write(run.step, "eval", result)
+    writer.write(run.step, "eval", result)
   return {"step": run.step, **(result or {})}
 
 
@@ -196,8 +207,9 @@ def _loop(config: ml_collections.ConfigDict, workdir: str, run: run_lib.Run, dat
   source = run.task.train_batches(run, data)
   if nan_steps:
     source = _with_nan_column(source, nan_steps)
-  writer = metrics_lib.JsonlWriter(workdir)
+  writer = metrics_lib.JsonlWriter(workdir, config)
   lr = optimizer.schedule(optimizer.Schedule.of(config))
+  group_lrs = _group_schedules(config, run) if writer.board is not None else {}
   progress = metrics_lib.Progress(run.step, t.num_steps, t.batch_size, t.log_every)
   trace = profiling.StepTrace(workdir, run.step, profile_steps)
   tokens = run.task.tokens_per_example(run.hf_config)
@@ -230,6 +242,9 @@ def _loop(config: ml_collections.ConfigDict, workdir: str, run: run_lib.Run, dat
         writer.write(step, "train", {**m, "lr": float(lr(step - 1)), "examples_per_sec": rate,
                                      "tokens_per_sec": rate * tokens,
                                      "mfu": rate * flops_per_example / peak})
+        if group_lrs:  # Dashboards only: metrics.jsonl keeps one lr per line.
+          writer.write_board(step, "train", {"lr": {k: float(f(step - 1))
+                                                    for k, f in group_lrs.items()}})
         loss = m["loss"]
       progress.update(step, loss)
       last, stopping = step == t.num_steps, stop.signum is not None
@@ -319,6 +334,18 @@ def _with_nan_column(source, nan_steps: set[int]):
     column[0] = np.nan if step in nan_steps else 0.0
     return {**rows, "_nan": column}
   return batch
+
+
+def _group_schedules(config: ml_collections.ConfigDict, run: run_lib.Run
+                     ) -> dict[str, optax.Schedule]:
+  """{"origin pattern": schedule} of each trainable rule group whose rate is not the run's
+  own (an lr_mult, its own schedule, warmup or start step): `train/lr/...` on the dashboards."""
+  assignment = run.split.assignment
+  spec = optimizer.Schedule.of(config)
+  used = set(assignment.of.values())
+  plain = lambda r: (r.lr_mult, r.schedule, r.warmup_steps, r.start_step) == (1.0, None, None, 0)
+  return {f"{r.origin} {r.pattern}": optimizer.schedule(spec, r)
+          for i, r in enumerate(assignment.rules) if i in used and r.trainable and not plain(r)}
 
 
 def _total_peak() -> float:

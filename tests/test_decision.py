@@ -1,8 +1,12 @@
 """config.decision: a threshold chosen on the eval split at training, kept with the
 checkpoint, and used as is by `jaxft eval` on other data (never chosen there)."""
 
+import json
+import shutil
+
 import numpy as np
 import pytest
+import transformers
 
 from jaxft import commands
 from jaxft import config as config_lib
@@ -52,6 +56,24 @@ def test_a_threshold_chosen_for_sensitivity_is_kept_and_used_by_eval_on_other_da
       {k: evaluated[k] for k in ("sensitivity", "specificity", "accuracy", "auc")},
       {k: v for k, v in clinical_metrics.binary(labels, probs[:, 1], result["threshold"]).items()
        if k in ("sensitivity", "specificity", "accuracy", "auc")})
+
+
+def test_an_export_keeps_the_threshold_and_predict_on_it_alone_labels_with_it(
+    tiny_setup, tmp_path):
+  config = tiny_config(tiny_setup)
+  config.decision.target, config.decision.value = "sensitivity", 0.9
+  result = train.train(config, str(tmp_path / "run"))
+  commands.export_command(str(tmp_path / "run"), str(tmp_path / "hf"))
+  kept = transformers.AutoConfig.from_pretrained(tmp_path / "hf").jaxft_decision
+  assert kept == {"threshold": result["threshold"], "target": "sensitivity", "value": 0.9,
+                  "step": 6}
+  shutil.rmtree(tmp_path / "run")  # The export alone, as a user would ship it.
+  rows = [json.loads(l) for l in commands.predict_command(
+      None, None, str(tiny_setup / "test.jsonl"), model=str(tmp_path / "hf"),
+      out=str(tmp_path / "p.jsonl")) and (tmp_path / "p.jsonl").read_text().splitlines()]
+  names = list(rows[0]["probs"])
+  for row in rows:
+    assert row["label"] == names[int(row["probs"][names[1]] >= result["threshold"])]
 
 
 def test_without_a_target_the_threshold_is_one_half_and_nothing_is_kept(tiny_setup, tmp_path):

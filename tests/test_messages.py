@@ -72,7 +72,7 @@ def test_unknown_model_type_lists_the_supported_ones(tiny_setup, tmp_path):
       _train(tiny_setup, tmp_path, f"--config.model.path={model}"),
       f"jaxft: error: unknown model_type 'mamba9' in {model}/config.json; jaxft supports: "
       "bert, distilbert, roberta (classify); gpt2, llama, mistral, qwen2, qwen3 (causal_lm); "
-      "vit (image_classify)")
+      "resnet, vit (image_classify)")
 
 
 def test_hub_id_offline_says_it_is_not_cached(tiny_setup, tmp_path, monkeypatch):
@@ -86,7 +86,7 @@ def test_hub_id_offline_says_it_is_not_cached(tiny_setup, tmp_path, monkeypatch)
       "folder, or go online to download it")
 
 
-@pytest.mark.parametrize("args", [["frobnicate"], ["predict", "--help"]])
+@pytest.mark.parametrize("args", [["frobnicate"], ["forecast", "--help"]])
 def test_unknown_command_is_named_before_the_usage(args):
   proc = jaxft_in_process(*args)
   _fails_with(proc, f"jaxft: error: unknown command {args[0]}")

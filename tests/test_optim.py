@@ -110,7 +110,7 @@ def test_lr_multiplier_half_gives_exactly_half_the_sgd_update(tiny_bert):
   for name, rule_list in (("full", []), ("half", [("encoder/layer/1/.*", 0.5), (".*", 1.0)])):
     c, split = _tiny_split(tiny_bert, rule_list, optimizer="sgd", weight_decay=0.0, lr=0.125)
     tx = optimizer.build(c, split.params, split.assignment)
-    _, _, grads = steps.loss_and_grads(classify.OBJECTIVE, split.graphdef, split.rest,
+    _, _, grads, _ = steps.loss_and_grads(classify.OBJECTIVE, split.graphdef, split.rest,
                                        split.params, split.frozen, batch, None, 3.0)
     u, _ = tx.update(grads, tx.init(split.params), split.params)
     updates[name] = dict(param_paths.named_variables(u))

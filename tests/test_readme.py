@@ -211,8 +211,9 @@ def test_make_sft_commands_run_after_a_tiny_make_sft(tiny_chat_lm, tmp_path, mon
     monkeypatch.setattr(sys, "stdin", io.StringIO("Hi! How are you?\n"))  # chat: one turn.
     _run(command, flags, line, tmp_path, tiny_chat_lm)
     ran.append(command)
-  assert sorted(ran) == ["chat", "export", "generate", "generate"]
+  assert sorted(ran) == ["chat", "export", "export", "generate", "generate"]
   assert (tmp_path / "runs" / "sft-hf" / "config.json").exists()
+  assert (tmp_path / "runs" / "sft.gguf").stat().st_size > 0
 
 
 def test_cli_synopsis_names_only_real_flags():

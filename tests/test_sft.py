@@ -105,7 +105,7 @@ def test_train_loss_and_gradient_equal_transformers_on_the_same_rows(tiny_chat_l
   batch = {k: v[:4] for k, v in rows.items()}
   split = trainable.split(hf.load(config.model.path, "causal_lm").model, config)
   units = causal_lm.OBJECTIVE.units(batch)
-  loss, _, grads = steps.loss_and_grads(causal_lm.OBJECTIVE, split.graphdef, split.rest,
+  loss, _, grads, _ = steps.loss_and_grads(causal_lm.OBJECTIVE, split.graphdef, split.rest,
                                         split.params, split.frozen, batch, None, units)
   theirs = transformers.LlamaForCausalLM.from_pretrained(config.model.path).eval()
   ids = torch.from_numpy(batch["input_ids"].astype(np.int64))

@@ -174,8 +174,8 @@ def test_non_finite_steps_in_a_row_stop_the_run_saved(tiny_setup, tmp_path, monk
 
 def test_a_checkpoint_saved_before_the_counters_existed_resumes(tiny_setup, tmp_path,
                                                                 monkeypatch):
-  def old_save(self, step, metrics=None, meta=None):  # As jaxft saved before state["skip"].
-    state = {k: v for k, v in self.state.items() if k != "skip"}
+  def old_save(self, step, metrics=None, meta=None):  # As jaxft saved before state["skip"]
+    state = {k: v for k, v in self.state.items() if k not in ("skip", "stats")}  # and "stats".
     self.checkpointer.save(step, state, {**(meta or {}), "step": step}, metrics)
 
   with monkeypatch.context() as patch:

@@ -18,8 +18,9 @@ import io
 import math
 import os
 import struct
-from typing import Any, Sequence, Sized
+from typing import Any, Callable, Sequence, Sized
 
+import datasets
 import numpy as np
 from PIL import Image
 
@@ -125,14 +126,21 @@ def _class_files(root: str) -> tuple[list[str], list[str], list[int]]:
                     "subfolder named after its class")
   files, ids = [], []
   for i, name in enumerate(names):
-    for dirpath, dirnames, filenames in os.walk(os.path.join(root, name)):
-      dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-      # Hidden files are OS litter (.DS_Store), not images someone meant to train on.
-      for f in sorted(filenames):
-        if not f.startswith("."):
-          files.append(os.path.join(dirpath, f))
-          ids.append(i)
+    found = walk_files(os.path.join(root, name))
+    files += found
+    ids += [i] * len(found)
   return names, files, ids
+
+
+def walk_files(folder: str) -> list[str]:
+  """Every non-hidden file below `folder`: its own first, then each subfolder's in turn,
+  names sorted at every level (the order `load_folder` reads a class folder in)."""
+  files = []
+  for dirpath, dirnames, filenames in os.walk(folder):
+    dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+    # Hidden files are OS litter (.DS_Store), not images someone meant to train on.
+    files += [os.path.join(dirpath, f) for f in sorted(filenames) if not f.startswith(".")]
+  return files
 
 
 def load_folder(path: str, *, size: int | Sequence[int] | None = None,
@@ -292,6 +300,14 @@ def _npz_images(a: np.ndarray, path: str) -> np.ndarray:
   raise UserError(f"{path}: 'images' has dtype {a.dtype}; expected uint8 or float in [0, 1]")
 
 
+def _npz_arrays(path: str) -> dict[str, np.ndarray]:
+  try:
+    with np.load(path, allow_pickle=False) as z:
+      return {k: z[k] for k in z.files}
+  except Exception as e:  # zipfile, pickle and format errors: all mean "not a usable .npz".
+    raise UserError(f"cannot read {path}: {e}") from e
+
+
 def load_npz(path: str) -> ImageSet:
   """Reads a .npz with `images` ((N, H, W) or (N, H, W, C); uint8, or float in [0, 1]),
   `labels` (N integer ids, or N strings) and optionally `label_names`.
@@ -300,11 +316,7 @@ def load_npz(path: str) -> ImageSet:
   `label_names` when present). Integer labels without `label_names` are named
   "0".."max".
   """
-  try:
-    with np.load(path, allow_pickle=False) as z:
-      arrays = {k: z[k] for k in z.files}
-  except Exception as e:  # zipfile, pickle and format errors: all mean "not a usable .npz".
-    raise UserError(f"cannot read {path}: {e}") from e
+  arrays = _npz_arrays(path)
   missing = [k for k in ("images", "labels") if k not in arrays]
   if missing:
     raise UserError(f"{path} has no array {missing[0]!r}; arrays are {sorted(arrays)}")
@@ -364,6 +376,12 @@ def _table_image(value: Any, size: Size | None, folder: str | None = None) -> np
   return _fit(a, size)
 
 
+def _table_folder(spec: str) -> str | None:
+  """The folder of a local table file, where its relative image paths start; else None."""
+  local = None if storage.is_remote(spec) else os.path.expanduser(spec)
+  return os.path.dirname(os.path.abspath(local)) if local and os.path.isfile(local) else None
+
+
 def load_table(spec: str, split: str = "train", *, size: int | Sequence[int] | None = None,
                skip_bad: bool = False, image_key: str = "image",
                label_key: str = "label") -> ImageSet:
@@ -383,8 +401,7 @@ def load_table(spec: str, split: str = "train", *, size: int | Sequence[int] | N
   names = text.label_names(ds, label_key)
   ids = text.label_ids(ds, label_key, names, spec)
   hw = layers.pair(size) if size is not None else None
-  local = None if storage.is_remote(spec) else os.path.expanduser(spec)
-  folder = os.path.dirname(os.path.abspath(local)) if local and os.path.isfile(local) else None
+  folder = _table_folder(spec)
   kept, labels, bad = [], [], []
   for row, (value, label) in enumerate(zip(ds[image_key], ids)):
     a = _table_image(value, hw, folder)
@@ -461,3 +478,127 @@ def align_labels(data: ImageSet, names: Sequence[str], name: str) -> ImageSet:
                     f"{list(names)}")
   remap = np.asarray([index.get(n, -1) for n in data.label_names], np.int32)
   return dataclasses.replace(data, label_names=list(names), labels=remap[data.labels])
+
+
+# ---------------------------------------------------------------- images without labels (predict)
+
+
+@dataclasses.dataclass
+class Unlabeled:
+  """Images to predict on, in a fixed order, decoded a slice at a time (`read`).
+
+  ids: per image, its file path (a folder, a single file) or its row (an array file,
+    a table: its `id` column where it has one).
+  truth: per image, the label the data gives it, or None where it gives none: a class
+    subfolder's name, or a label column's or labels array's value (an integer id
+    where the data holds ids).
+  """
+  ids: list[Any]
+  truth: list[Any] | None
+  _read: Callable[[int, int], list[np.ndarray | str]]
+
+  def __len__(self) -> int:
+    return len(self.ids)
+
+  def read(self, start: int, stop: int) -> list[np.ndarray | str]:
+    """Images start..stop-1 as uint8 [H, W] or [H, W, C], or for an unreadable file a
+    one-line reason. Files and tables are decoded at the `size` they were opened with,
+    arrays come as stored: as `load` reads them."""
+    return self._read(start, stop)
+
+
+def _decode_many(decode: Callable[[Any], np.ndarray | str], values: Sequence[Any]
+                 ) -> list[np.ndarray | str]:
+  with concurrent.futures.ThreadPoolExecutor(_DECODE_THREADS) as pool:
+    return list(pool.map(decode, values))
+
+
+def _unlabeled_folder(spec: str, path: str, hw: Size | None) -> Unlabeled:
+  files = walk_files(path)
+  _check_not_empty(files, spec)
+  rel = [os.path.relpath(f, path).split(os.sep) for f in files]
+  # A file in a subfolder of a class-folder layout: the subfolder names its class.
+  truth = [parts[0] if len(parts) > 1 else None for parts in rel]
+  return Unlabeled([storage.join(spec, *parts) for parts in rel],
+                   truth if any(t is not None for t in truth) else None,
+                   lambda a, b: _decode_many(lambda f: _decode(f, hw), files[a:b]))
+
+
+def _unlabeled_table(spec: str, split: str, hw: Size | None, image_key: str,
+                     label_key: str) -> Unlabeled:
+  ds = sources.load_split(spec, split, required=[image_key])
+  ids = list(ds["id"]) if "id" in ds.column_names else list(range(len(ds)))
+  truth = None
+  if label_key in ds.column_names:
+    feature = ds.features[label_key]
+    truth = list(ds[label_key])
+    if isinstance(feature, datasets.ClassLabel):
+      # Hub test splits mark a missing label -1.
+      truth = [feature.names[t] if t is not None and 0 <= t < len(feature.names) else None
+               for t in truth]
+  images, folder = ds.select_columns([image_key]), _table_folder(spec)
+  return Unlabeled(ids, truth, lambda a, b: _decode_many(
+      lambda v: _table_image(v, hw, folder), images[a:b][image_key]))
+
+
+def _unlabeled_arrays(images: np.ndarray, truth: list[Any] | None) -> Unlabeled:
+  return Unlabeled(list(range(len(images))), truth, lambda a, b: list(images[a:b]))
+
+
+def _unlabeled_npz(path: str) -> Unlabeled:
+  arrays = _npz_arrays(path)
+  if "images" not in arrays:
+    raise UserError(f"{path} has no array 'images'; arrays are {sorted(arrays)}")
+  images = _npz_images(arrays["images"], path)
+  _check_not_empty(images, path)
+  labels = arrays.get("labels")
+  if labels is None or labels.ndim != 1 or len(labels) != len(images):
+    return _unlabeled_arrays(images, None)  # Labels are not needed to predict.
+  names = [str(n) for n in arrays["label_names"]] if "label_names" in arrays else None
+  truth = [str(v) if labels.dtype.kind in "US" else
+           names[int(v)] if names is not None and 0 <= int(v) < len(names) else int(v)
+           for v in labels]
+  return _unlabeled_arrays(images, truth)
+
+
+def _unlabeled_idx(path: str) -> Unlabeled:
+  images = read_idx(path, 3)[..., None]
+  _check_not_empty(images, path)
+  try:
+    labels = read_idx(idx_labels_path(path), 1)
+  except UserError:
+    labels = None  # Labels are not needed to predict.
+  truth = [int(v) for v in labels] if labels is not None and len(labels) == len(images) else None
+  return _unlabeled_arrays(images, truth)
+
+
+def open_unlabeled(spec: str, *, size: int | Sequence[int] | None = None, split: str = "train",
+                   image_key: str = "image", label_key: str = "label") -> Unlabeled:
+  """Image data to predict on, by the form of `spec` as `load` reads it, labels not needed.
+
+  A folder: every non-hidden file below it (`walk_files`' order; flat, or one
+  subfolder per class as `load_folder` reads); an IDX images file, a .npz
+  (`images`; `labels` optional), a parquet / json / csv table or hub dataset
+  with an `image_key` column (its `label_key` column optional); any other
+  file is one image (a DICOM file, a PNG, ...). Decoding waits for `read`.
+
+  Raises:
+    UserError: the path is missing, empty, or an array or table that cannot be read.
+  """
+  hw = layers.pair(size) if size is not None else None
+  path = os.path.expanduser(storage.local_copy(spec))
+  if os.path.isdir(path):
+    return _unlabeled_folder(spec, path, hw)
+  looks_like_path = spec.startswith((".", "/", "~")) or os.path.splitext(spec)[1] != ""
+  if not os.path.exists(path) and not looks_like_path:
+    return _unlabeled_table(spec, split, hw, image_key, label_key)
+  if not os.path.exists(path):
+    raise UserError(f"image data not found: {spec}")
+  base = os.path.basename(path).lower()
+  if base.endswith(_TABLES):
+    return _unlabeled_table(path, split, hw, image_key, label_key)
+  if "idx3-ubyte" in base:
+    return _unlabeled_idx(path)
+  if base.endswith(".npz"):
+    return _unlabeled_npz(path)
+  return Unlabeled([spec], None, lambda a, b: [_decode(path, hw)][a:b])

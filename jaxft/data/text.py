@@ -48,6 +48,16 @@ def label_ids(ds: datasets.Dataset, label_key: str, names: Sequence[str], name: 
   return np.asarray([index[str(v)] for v in raw], np.int32)
 
 
+# The model inputs a tokenizer may give, in the order the arrays are kept.
+_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+
+
+def _encode(tokenizer, texts: Sequence, pairs: Sequence | None, max_length: int):
+  """The one tokenizer call of training, eval and predict: padded and truncated to max_length."""
+  return tokenizer(texts, pairs, truncation=True, padding="max_length", max_length=max_length,
+                   return_attention_mask=True)
+
+
 def tokenize(ds: datasets.Dataset, tokenizer, *, text_key: str, text_pair_key: str,
              max_length: int) -> dict[str, np.ndarray]:
   """Tokenizes to fixed-shape int32 arrays (padded and truncated to max_length).
@@ -56,13 +66,22 @@ def tokenize(ds: datasets.Dataset, tokenizer, *, text_key: str, text_pair_key: s
   """
   def encode(batch: Mapping[str, list]) -> dict:
     pair = batch[text_pair_key] if text_pair_key else None
-    return tokenizer(batch[text_key], pair, truncation=True, padding="max_length",
-                     max_length=max_length, return_attention_mask=True)
+    return _encode(tokenizer, batch[text_key], pair, max_length)
 
   encoded = ds.map(encode, batched=True, batch_size=1000, remove_columns=ds.column_names)
-  cols = [c for c in ("input_ids", "attention_mask", "token_type_ids") if c in encoded.column_names]
+  cols = [c for c in _INPUTS if c in encoded.column_names]
   table = encoded.with_format("numpy", columns=cols)[:]
   return {c: np.asarray(table[c], np.int32) for c in cols}
+
+
+def encode(tokenizer, texts: Sequence, pairs: Sequence | None, *,
+           max_length: int) -> dict[str, np.ndarray]:
+  """`tokenize`'s arrays for a batch of texts (and their pairs) held in memory.
+
+  No `datasets` cache: for text read a batch at a time (`jaxft predict`).
+  """
+  enc = _encode(tokenizer, list(texts), None if pairs is None else list(pairs), max_length)
+  return {c: np.asarray(enc[c], np.int32) for c in _INPUTS if c in enc}
 
 
 def prepare(config, tokenizer, labels: Sequence[str] | None = None,

@@ -22,8 +22,9 @@ import transformers
 
 from jaxft.errors import UserError
 
-# llama.cpp tensor name -> transformers state-dict key.
-_NAMES = (
+# llama.cpp tensor name -> transformers state-dict key (the writer, gguf_export.py,
+# maps them back).
+NAMES = (
     (r"token_embd\.weight", r"model.embed_tokens.weight"),
     (r"output_norm\.weight", r"model.norm.weight"),
     (r"output\.weight", r"lm_head.weight"),
@@ -213,6 +214,15 @@ def _check_tensor_data(cursor: _Cursor, tensors: list[tuple[str, list[int], int,
 # ---------------------------------------------------------------- config and tensors
 
 
+def field(path: str, key: str, default: Any = None) -> Any:
+  """The metadata value `key` of the GGUF file `path`, or `default` if absent.
+
+  Raises:
+    UserError: a missing, corrupt or unreadable file, or an unreadable value.
+  """
+  return _field(_reader(path), key, default)
+
+
 def _field(reader, key: str, default=None):
   field = reader.fields.get(key)
   if field is None:
@@ -302,7 +312,7 @@ def checkpoint(path: str) -> dict[str, Callable[[], np.ndarray]]:
   config = read_config(path)
   readers = {}
   for tensor in reader.tensors:
-    key = next((re.sub(p, t, tensor.name) for p, t in _NAMES if re.fullmatch(p, tensor.name)),
+    key = next((re.sub(p, t, tensor.name) for p, t in NAMES if re.fullmatch(p, tensor.name)),
                None)
     if key is None:
       continue  # e.g. rope_freqs: derived from the config instead.

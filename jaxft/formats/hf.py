@@ -19,7 +19,7 @@ import math
 import os
 import re
 import shutil
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -40,6 +40,9 @@ from jaxft.tuning import quantize
 
 PREPROCESSOR_CONFIG = "preprocessor_config.json"
 
+# The variables a checkpoint holds: parameters and BatchNorm running statistics.
+_CHECKPOINTED = nnx.Any(nnx.Param, nnx.BatchStat)
+
 # Non-persistent buffers that older transformers versions still saved.
 _IGNORED_KEYS = re.compile(r"(^|\.)(position_ids|embeddings\.token_type_ids)$")
 
@@ -49,8 +52,11 @@ class LoadReport:
   """What a load did not match, and what it read.
 
   Attributes:
-    missing: our param paths that were initialised fresh (e.g. the head).
+    missing: our param (and BatchNorm statistic) paths that were initialised
+      fresh (e.g. the head).
     unexpected: checkpoint keys that were not used.
+    replaced: of `missing`, the head params whose checkpoint tensor has another
+      shape (a classifier's other label count), as "path: theirs -> ours".
     bytes_read: bytes this process read from the checkpoint (its devices'
       slices, or whole tensors where slices cannot be read; in the
       checkpoint's dtype).
@@ -58,6 +64,7 @@ class LoadReport:
   missing: list[str]
   unexpected: list[str]
   bytes_read: int = 0
+  replaced: list[str] = dataclasses.field(default_factory=list)
 
 
 @dataclasses.dataclass
@@ -83,19 +90,25 @@ def build_model(hf_config: transformers.PretrainedConfig, task: str, *,
 
 def _read_params(abstract: nnx.State, layout: naming.CheckpointLayout, ckpt: weights.Weights,
                  param_dtype: Any, places: dict[str, Any],
-                 quantized: dict[str, tuple[str, tuple[int, int]]], built_from: str
-                 ) -> tuple[dict[str, jax.Array], LoadReport]:
-  """The checkpoint tensors of `abstract`'s params, placed; the report of the rest.
+                 quantized: dict[str, tuple[str, tuple[int, int]]], built_from: str,
+                 heads: Sequence[str] = ()) -> tuple[dict[str, jax.Array], LoadReport]:
+  """The checkpoint tensors of `abstract`'s params and BatchNorm statistics, placed; the
+  report of the rest.
+
+  Params are read as `param_dtype`; statistics (`nnx.BatchStat`) keep the
+  model's own dtype (float32 means and variances, the int32 count that
+  torch stores as int64 `num_batches_tracked`), whatever `param_dtype` is.
 
   `built_from` names the config the model was built from, for messages.
 
   `quantized`: kernel path -> (kind, dense shape) of the kernels stored
   quantized (`_quantize_abstract`), each read dense, one at a time, and
-  quantized at once.
+  quantized at once. `heads`: top-level modules whose tensors of another shape
+  are initialised fresh (`report.replaced`) instead of an error.
   """
-  flat = param_paths.named_variables(nnx.state(abstract, nnx.Param))
+  flat = param_paths.named_variables(nnx.state(abstract, _CHECKPOINTED))
   scales = {_scale_path(path) for path in quantized}
-  values, used, missing = {}, set(), []
+  values, used, missing, replaced = {}, set(), [], []
   for path, var in flat:
     if path in scales:
       continue  # Comes with its kernel.
@@ -105,6 +118,12 @@ def _read_params(abstract: nnx.State, layout: naming.CheckpointLayout, ckpt: wei
       missing.append(path)
       continue
     key, transform = found[0]
+    theirs = _other_shape(ckpt, key, transform, var.shape)
+    if theirs is not None and path.split("/", 1)[0] in heads:
+      missing.append(path)
+      replaced.append(f"{path}: {theirs} -> {tuple(var.shape)}")
+      used.add(key)
+      continue
     if path in quantized:
       kind, shape = quantized[path]
       dense = _read_param(ckpt, key, transform, path, shape, param_dtype, places[path],
@@ -113,8 +132,8 @@ def _read_params(abstract: nnx.State, layout: naming.CheckpointLayout, ckpt: wei
           functools.partial(quantize.quantize, kind=kind),
           out_shardings=(places[path], places[_scale_path(path)]))(dense)
     else:
-      values[path] = _read_param(ckpt, key, transform, path, var.shape, param_dtype,
-                                 places[path], built_from)
+      values[path] = _read_param(ckpt, key, transform, path, var.shape,
+                                 _load_dtype(var, param_dtype), places[path], built_from)
     used.add(key)
   if not used:
     raise UserError(
@@ -123,20 +142,36 @@ def _read_params(abstract: nnx.State, layout: naming.CheckpointLayout, ckpt: wei
         "does config.json's model_type match the weights?")
   unexpected = sorted(k for k in ckpt.tensors
                       if k not in used and not _IGNORED_KEYS.search(k))
-  return values, LoadReport(missing=missing, unexpected=unexpected, bytes_read=ckpt.bytes_read)
+  return values, LoadReport(missing=missing, unexpected=unexpected, bytes_read=ckpt.bytes_read,
+                            replaced=replaced)
+
+
+def _other_shape(ckpt: weights.Weights, key: str, transform: naming.Transform,
+                 shape: tuple[int, ...]) -> tuple[int, ...] | None:
+  """Tensor `key` in our layout's shape where the header tells it and it is not `shape`."""
+  theirs = ckpt.tensors[key].shape
+  ours = None if theirs is None else transform.our_shape(theirs)
+  return None if ours is None or tuple(ours) == tuple(shape) else tuple(ours)
+
+
+def _load_dtype(var: nnx.Variable, param_dtype: Any) -> np.dtype:
+  """What a variable is read as: `param_dtype` for a param, its own dtype for a statistic."""
+  if isinstance(var, nnx.BatchStat):
+    return np.dtype(var.get_value().dtype)
+  return param_dtype
 
 
 def _read_param(ckpt: weights.Weights, key: str, transform: naming.Transform, path: str,
                 shape: tuple[int, ...], param_dtype: Any,
                 where: jax.sharding.Sharding, built_from: str) -> jax.Array:
-  """Checkpoint tensor `key` as our param `path` of `shape`, placed by `where`.
+  """Checkpoint tensor `key` as our variable `path` of `shape` and `param_dtype`, placed
+  by `where`.
 
   Each of this process's devices reads only its own slice when the format
   reads slices (safetensors) and the transform maps a slice of ours to one of
-  theirs (axis permutations: IDENTITY, TRANSPOSE). Otherwise the whole tensor
-  is read once and sliced: GGUF, msgpack and .bin, which only read whole
-  tensors, and transforms without `axes`, such as ViT's patch conv kernel
-  (`vit._CONV`).
+  theirs (axis permutations: IDENTITY, TRANSPOSE, conv kernels' CONV_HWIO).
+  Otherwise the whole tensor is read once and sliced: GGUF, msgpack and .bin,
+  which only read whole tensors, and transforms without `axes`.
   """
   tensor = ckpt.tensors[key]
   file = tensor.file or ckpt.source
@@ -144,13 +179,13 @@ def _read_param(ckpt: weights.Weights, key: str, transform: naming.Transform, pa
   _check_rank(check, transform, tensor.shape, shape)
   ours = None if tensor.shape is None else transform.our_shape(tensor.shape)
   if tensor.sliceable and ours is not None:
-    _check_dtype(file, key, path, tensor.dtype)
+    _check_dtype(file, key, path, tensor.dtype, param_dtype)
     check(tensor.shape, ours, shape)
     # The dtype conversion is per element, so per slice gives the same values.
     return _place(shape, where, lambda index: transform.to_ours(
         ckpt.read(key, transform.their_index(index))).astype(param_dtype))
   raw = ckpt.read(key)
-  _check_dtype(file, key, path, raw.dtype)
+  _check_dtype(file, key, path, raw.dtype, param_dtype)
   _check_rank(check, transform, raw.shape, shape)
   value = transform.to_ours(raw)
   check(raw.shape, value.shape, shape)
@@ -176,17 +211,27 @@ def _check_rank(check: Callable[..., None], transform: naming.Transform,
     check(theirs, theirs, expected)
 
 
-def _check_dtype(file: str, key: str, path: str, dtype: np.dtype | None) -> None:
+def _check_dtype(file: str, key: str, path: str, dtype: np.dtype | None, want: Any) -> None:
   """Weights are floating point: an integer, bool or complex tensor under a weight's
-  name is a corrupt or foreign file (its values would convert to nonsense)."""
-  if dtype is not None and not _is_float(dtype):
+  name is a corrupt or foreign file (its values would convert to nonsense). An
+  integer variable (a BatchNorm's batch count) takes integers only."""
+  if dtype is None:
+    return
+  if _is_float(want) and not _is_float(dtype):
     raise UserError(f"Checkpoint tensor {key!r} in {file} has dtype {dtype}, but our param "
                     f"{path!r} takes floating-point weights")
+  if _is_int(want) and not _is_int(dtype):
+    raise UserError(f"Checkpoint tensor {key!r} in {file} has dtype {dtype}, but our "
+                    f"variable {path!r} takes integers")
 
 
 def _is_float(dtype: np.dtype) -> bool:
   # bfloat16 and the float8s (ml_dtypes) are numpy kind "V", but jnp knows them.
   return np.issubdtype(dtype, np.floating) or jnp.issubdtype(dtype, jnp.floating)
+
+
+def _is_int(dtype: np.dtype) -> bool:
+  return np.issubdtype(dtype, np.integer)
 
 
 def _place(shape: tuple[int, ...], sharding: jax.sharding.Sharding,
@@ -310,7 +355,7 @@ def load(path: str, task: str, *, num_labels: int | None = None,
          dtype: Any = jnp.float32, param_dtype: Any = jnp.float32, seed: int = 0,
          allow_pickle: bool = False,
          shardings: Callable[[Any], Any] | None = None,
-         quantized: dict[str, str] | None = None) -> Loaded:
+         quantized: dict[str, str] | None = None, heads: Sequence[str] = ()) -> Loaded:
   """Loads a checkpoint as the model of a task kind.
 
   Params the checkpoint lacks (typically a classification head) are
@@ -337,6 +382,11 @@ def load(path: str, task: str, *, num_labels: int | None = None,
     quantized: Linear module path -> `tuning.quantize` kind, for frozen
       kernels a QLoRA run stores quantized: each is quantized as soon as it
       is read, so the dense model never exists whole on the devices.
+    heads: top-level modules the task adds (`Task.fresh_heads`): where the
+      checkpoint's tensor has another shape (a classifier trained on another
+      label count: transformers' `ignore_mismatched_sizes=True`), the param is
+      initialised fresh and listed in `report.replaced`. Elsewhere another
+      shape is an error.
 
   Raises:
     UserError: missing folder or weights, unsupported model_type, or a
@@ -359,7 +409,7 @@ def load(path: str, task: str, *, num_labels: int | None = None,
     except UserError as e:  # A value the model cannot take (an activation, a head count).
       raise UserError(f"{built_from}: {e}") from e
     values, report = _read_params(abstract, spec.layout, ckpt, param_dtype, places, kernels,
-                                  built_from)
+                                  built_from, heads)
   return Loaded(model=_materialise(build, values, graphdef, abstract, places),
                 hf_config=hf_config, report=report, path=source)
 
@@ -390,21 +440,25 @@ def init_model(hf_config: transformers.PretrainedConfig, task: str, *, dtype: An
 def export_tensors(model: nnx.Module, layout: naming.CheckpointLayout,
                    keep: Callable[[str], bool] = lambda path: True
                    ) -> Iterator[tuple[str, str, np.ndarray]]:
-  """(our path, checkpoint key, float32 array in the checkpoint's layout) per param.
+  """(our path, checkpoint key, array in the checkpoint's layout) per param and statistic.
 
-  Only params whose path `keep` accepts; sharded params are gathered, so
-  every process must iterate. Quantized kernels (QLoRA) come out dense,
+  Params and BatchNorm running means and variances come out float32; a
+  BatchNorm's batch count int64, as torch's `num_batches_tracked`. Only
+  variables whose path `keep` accepts; sharded ones are gathered, so every
+  process must iterate. Quantized kernels (QLoRA) come out dense,
   dequantized one layer at a time; their scales are no checkpoint entry.
   """
   quantized = {"/".join(map(str, p)) + "/kernel": m for p, m in nnx.iter_modules(model)
                if isinstance(m, layers.Linear) and m.quantized}
-  for path, var in param_paths.named_variables(nnx.state(model, nnx.Param)):
+  for path, var in param_paths.named_variables(nnx.state(model, _CHECKPOINTED)):
     if not keep(path) or path.endswith("/kernel_scale"):
       continue
     key, transform = layout.export_name(path)
     value = quantized[path].weight(jnp.float32) if path in quantized else var.get_value()
-    value = transform.to_theirs(sharding.to_host(value).astype(np.float32))
-    yield path, key, np.ascontiguousarray(value)
+    value = sharding.to_host(value)
+    value = transform.to_theirs(value.astype(np.int64 if _is_int(value.dtype) else np.float32))
+    # Not ascontiguousarray: it makes a scalar (a batch count) 1-D.
+    yield path, key, np.asarray(value, order="C")
 
 
 def export(model: nnx.Module, hf_config: transformers.PretrainedConfig, task: str,
@@ -413,7 +467,8 @@ def export(model: nnx.Module, hf_config: transformers.PretrainedConfig, task: st
   """Writes `model` as an HF folder that transformers' Auto class for the task loads.
 
   Writes config.json (architectures, labels, dtype float32), model.safetensors
-  (float32, PyTorch names and layout, with the base-model prefix) and, if
+  (float32, PyTorch names and layout, with the base-model prefix; BatchNorm
+  statistics too, their batch counts int64) and, if
   given, the tokenizer of `tokenizer_path` and the `preprocessor_config.json`
   of the folder `processor_path`. Every process must call this (sharded
   params are gathered); only process 0 writes.

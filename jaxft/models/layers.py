@@ -269,3 +269,140 @@ def hf_linear(config: Any, n_in: int, n_out: int, axes: LogicalAxes, *, use_bias
   """A Linear initialised as transformers does: N(0, config.initializer_range)."""
   return Linear(n_in, n_out, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype,
                 kernel_init=normal_init(config.initializer_range), axes=axes, rngs=rngs)
+
+
+# --- convolutional layers ----------------------------------------------------
+
+def kaiming_normal_fan_out() -> Initializer:
+  """torch's `kaiming_normal_(mode="fan_out", nonlinearity="relu")`: N(0, 2 / fan_out).
+
+  fan_out of an HWIO kernel is kh * kw * out, as torch counts it for OIHW.
+  Untruncated, as torch draws it (jax's `he_normal` truncates).
+  """
+  return nnx.initializers.variance_scaling(2.0, "fan_out", "normal")
+
+
+def uniform_init(bound: float) -> Initializer:
+  """U(-bound, bound)."""
+  def init(key: Array, shape: Sequence[int], dtype: Dtype = jnp.float32) -> Array:
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+  return init
+
+
+class Conv2d(nnx.Module):
+  """A 2-D convolution over channels-last images, padded as torch's `nn.Conv2d`.
+
+  `kernel` is HWIO [kh, kw, in, out] (Flax's layout; PyTorch's OIHW weight is
+  converted on load and export by `naming.CONV_HWIO`), `bias` [out] if
+  `use_bias`. `padding` zeros are added on every side, as torch's integer
+  `padding` does, so output size = (size + 2 * padding - kernel) // stride + 1.
+  """
+
+  def __init__(self, in_features: int, out_features: int, kernel_size: int | Sequence[int], *,
+               stride: int | Sequence[int] = 1, padding: int | Sequence[int] = 0,
+               use_bias: bool = True, dtype: Dtype = jnp.float32,
+               param_dtype: Dtype = jnp.float32,
+               kernel_init: Initializer = kaiming_normal_fan_out(),
+               axes: LogicalAxes = (None, None, None, "channels"), rngs: nnx.Rngs):
+    self.kernel_size = pair(kernel_size)
+    self.stride = pair(stride)
+    self.padding = pair(padding)
+    self.dtype = dtype
+    self.kernel = param(kernel_init, rngs, (*self.kernel_size, in_features, out_features),
+                        param_dtype, axes)
+    self.bias = (param(nnx.initializers.zeros, None, (out_features,), param_dtype, axes[-1:])
+                 if use_bias else None)
+
+  def __call__(self, x: Array) -> Array:
+    """[batch, height, width, in] -> [batch, out_height, out_width, out]."""
+    y = jax.lax.conv_general_dilated(
+        x.astype(self.dtype), self.kernel[...].astype(self.dtype),
+        window_strides=self.stride, padding=[(p, p) for p in self.padding],
+        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    if self.bias is not None:
+      y = y + self.bias[...].astype(self.dtype)
+    return y
+
+
+def max_pool(x: Array, kernel_size: int, stride: int, padding: int) -> Array:
+  """torch's `nn.MaxPool2d(kernel_size, stride, padding)` over channels-last images.
+
+  Padding is -inf, so a padded position never wins (floor output size, as
+  torch without ceil_mode).
+  """
+  pad = [(0, 0), (padding, padding), (padding, padding), (0, 0)]
+  # A Python -inf, not an array: jax then sees the max monoid and has its gradient
+  # (a traced init value turns into a generic, non-differentiable reduction under jit).
+  return jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, (1, kernel_size, kernel_size, 1),
+                               (1, stride, stride, 1), pad)
+
+
+class BatchNorm(nnx.Module):
+  """torch's `nn.BatchNorm2d` over channels-last inputs (statistics over every axis but the last).
+
+  Params `scale` (ones) and `bias` (zeros); running statistics are
+  `nnx.BatchStat`s, float32 whatever `param_dtype`: `mean` (zeros), `var`
+  (ones) and `count`, the int32 number of training forwards (torch's
+  `num_batches_tracked`).
+
+  In training (`use_running_average=False`, not `frozen`) it normalises with
+  the batch's mean and biased variance and moves the running statistics
+  exactly as torch does: `stat = (1 - momentum) * stat + momentum * batch`,
+  with the *unbiased* batch variance (n / (n - 1), n elements per channel),
+  and `count += 1`. Flax's own `nnx.BatchNorm` cannot match torch: its
+  momentum weighs the old statistic (0.99 there is torch's 0.01) and it keeps
+  the biased variance.
+
+  The updates are plain (stop_gradient) values that replace the statistics on
+  the module, so a caller inside jit or grad reads them back with
+  `nnx.state(model, nnx.BatchStat)` after the forward (`nnx.jit` carries them
+  out by itself).
+
+  `frozen` (set by `jaxft.tuning.trainable.freeze_batch_norms`): normalise with
+  the running statistics in training too, and never update them.
+  """
+
+  def __init__(self, num_features: int, *, epsilon: float = 1e-5, momentum: float = 0.1,
+               dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32,
+               rngs: nnx.Rngs | None = None, axes: LogicalAxes = ("channels",)):
+    del rngs  # Constant inits only; accepted for a uniform layer signature.
+    self.epsilon = epsilon
+    self.momentum = momentum
+    self.dtype = dtype
+    self.frozen = False  # Static: part of the graph definition, as a jit sees it.
+    self.scale = param(nnx.initializers.ones, None, (num_features,), param_dtype, axes)
+    self.bias = param(nnx.initializers.zeros, None, (num_features,), param_dtype, axes)
+    self.mean = nnx.BatchStat(jnp.zeros((num_features,), jnp.float32), logical_axes=axes)
+    self.var = nnx.BatchStat(jnp.ones((num_features,), jnp.float32), logical_axes=axes)
+    self.count = nnx.BatchStat(jnp.zeros((), jnp.int32), logical_axes=())
+
+  def __call__(self, x: Array, *, use_running_average: bool) -> Array:
+    x32 = x.astype(jnp.float32)
+    if use_running_average or self.frozen:
+      mean, var = self.mean[...], self.var[...]
+    else:
+      mean, var = self._batch_statistics(x32)
+    y = (x32 - mean) * jax.lax.rsqrt(var + self.epsilon)
+    y = y * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
+    return y.astype(self.dtype)
+
+  def _batch_statistics(self, x32: Array) -> tuple[Array, Array]:
+    """The batch's mean and biased variance; moves the running statistics."""
+    reduce = tuple(range(x32.ndim - 1))
+    mean = jnp.mean(x32, axis=reduce)
+    var = jnp.mean(jnp.square(x32 - mean), axis=reduce)  # Two-pass: no cancellation.
+    n = x32.size // x32.shape[-1]
+    # torch refuses n == 1 in training; here the batch then normalises to `bias`.
+    unbiased = var * (n / max(n - 1, 1))
+    m = self.momentum
+    self._update("mean", (1 - m) * self.mean[...] + m * mean)
+    self._update("var", (1 - m) * self.var[...] + m * unbiased)
+    self._update("count", self.count[...] + 1)
+    return mean, var
+
+  def _update(self, name: str, value: Array) -> None:
+    # A new Variable (same metadata) rather than `set_value`: the statistics may
+    # come from an outer trace, e.g. closed over by a loss that jax.grad traces
+    # inside jit (`steps.loss_and_grads`), and nnx refuses to mutate a Variable
+    # from another trace level. The module itself was merged in this trace.
+    setattr(self, name, getattr(self, name).replace(jax.lax.stop_gradient(value)))

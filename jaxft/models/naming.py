@@ -62,6 +62,12 @@ TRANSPOSE = Transform(to_ours=lambda a: np.transpose(a),
                       to_theirs=lambda a: np.transpose(a),
                       axes=lambda ndim: tuple(reversed(range(ndim))))
 
+# A conv kernel: PyTorch OIHW <-> our HWIO (the generic TRANSPOSE would swap
+# height and width). A permutation, so sharded loads read only their slice.
+CONV_HWIO = Transform(to_ours=lambda a: np.transpose(a, (2, 3, 1, 0)),
+                      to_theirs=lambda a: np.transpose(a, (3, 2, 0, 1)),
+                      axes=lambda ndim: (2, 3, 1, 0))
+
 
 @dataclasses.dataclass(frozen=True)
 class NameRule:
@@ -91,6 +97,14 @@ TORCH_RULES: tuple[NameRule, ...] = (
     # LayerNorm names of TF-era checkpoints.
     NameRule(r"(.*)/scale", r"\1/gamma"),
     NameRule(r"(.*)/bias", r"\1/beta"),
+)
+
+# BatchNorm running statistics (`nnx.BatchStat`s of `layers.BatchNorm`) <->
+# torch's BatchNorm buffers; its `scale` and `bias` follow TORCH_RULES.
+BATCH_NORM_RULES: tuple[NameRule, ...] = (
+    NameRule(r"(.*)/mean", r"\1/running_mean"),
+    NameRule(r"(.*)/var", r"\1/running_var"),
+    NameRule(r"(.*)/count", r"\1/num_batches_tracked"),
 )
 
 # transformers' old Flax checkpoints (flax_model.msgpack) used our exact layout.

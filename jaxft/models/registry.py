@@ -15,6 +15,7 @@ from jaxft.models import bert
 from jaxft.models import gpt2
 from jaxft.models import naming
 from jaxft.models import llama
+from jaxft.models import resnet
 from jaxft.models import vit
 
 
@@ -67,6 +68,8 @@ MODELS: dict[str, dict[str, ModelSpec]] = {
     "image_classify": {
         "vit": ModelSpec(vit.ViTForImageClassification, vit.VIT_CHECKPOINT,
                          "ViTForImageClassification"),
+        "resnet": ModelSpec(resnet.ResNetForImageClassification, resnet.RESNET_CHECKPOINT,
+                            "ResNetForImageClassification"),
     },
 }
 

@@ -129,13 +129,16 @@ class Task:
            quantized: dict[str, str] | None = None) -> hf.Loaded:
     """The pretrained model (or a fresh one with config.model.from_scratch) of
     `hf_config` (this task's `hf_config(...)`), placed by `shardings`; the
-    Linears `quantized` names (QLoRA) stored quantized as they are read."""
+    Linears `quantized` names (QLoRA) stored quantized as they are read. A
+    fresh head whose checkpoint tensors have another shape (another label
+    count) starts from a new init."""
     c = self.config
     kw = dict(dtype=trainable.compute_dtype(c), seed=c.train.seed, shardings=shardings)
     if c.model.get("from_scratch"):
       return hf.init_model(hf_config, self.model_kind, **kw)
     return hf.load(model_path, self.model_kind, hf_config=hf_config,
-                   allow_pickle=c.model.allow_pickle, quantized=quantized, **kw)
+                   allow_pickle=c.model.allow_pickle, quantized=quantized,
+                   heads=self.fresh_heads(hf_config), **kw)
 
   def fresh_heads(self, hf_config: Any) -> tuple[str, ...]:
     """Modules the task adds to the pretrained model: LoRA trains them by default,

@@ -187,6 +187,7 @@ def write_samples(step: int, samples: list[tuple[str, str]], completions: list[s
     return
   folder = storage.join(workdir, "samples")
   storage.makedirs(folder)
-  storage.write_text(storage.join(folder, f"step_{step}.jsonl"), "".join(
-      json.dumps({"prompt": p, "reference": r, "generated": g}) + "\n"
-      for (p, r), g in zip(samples, completions)))
+  rows = [{"prompt": p, "reference": r, "generated": g} for (p, r), g in zip(samples, completions)]
+  storage.write_text(storage.join(folder, f"step_{step}.jsonl"),
+                     "".join(json.dumps(row) + "\n" for row in rows))
+  metrics.add_samples(workdir, step, "eval/samples", rows)

@@ -7,7 +7,8 @@ accuracy and macro-F1 over every eval example.
 
 from __future__ import annotations
 
-from typing import Any
+import copy
+from typing import Any, Iterable, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -36,10 +37,20 @@ def _forward(model, batch, deterministic, rngs):
                deterministic=deterministic, rngs=rngs)
 
 
+def _example_weights(batch: dict) -> jax.Array:
+  """Each example's class weight (config.data.class_weights), else 1."""
+  if "class_weight" in batch:
+    return batch["class_weight"]
+  return jnp.ones(batch["label"].shape, jnp.float32)
+
+
 def _loss_sums(logits, batch):
+  """Summed (class-weighted) cross-entropy; `accuracy` weighted alike, so with class
+  weights the train accuracy is the class-weighted one."""
+  w = _example_weights(batch)
   losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
-  correct = jnp.sum(jnp.argmax(logits, -1) == batch["label"])
-  return jnp.sum(losses), {"accuracy": correct.astype(jnp.float32)}
+  correct = jnp.sum(w * (jnp.argmax(logits, -1) == batch["label"]))
+  return jnp.sum(w * losses), {"accuracy": correct.astype(jnp.float32)}
 
 
 # Binary scores are taken where the most probable class is the prediction (a threshold
@@ -47,11 +58,15 @@ def _loss_sums(logits, batch):
 _THRESHOLD = 0.5
 _BINARY_KEYS = ("auc", "sensitivity", "specificity", "ppv", "npv", "balanced_accuracy",
                 "threshold")
+# The config.json attribute an export keeps the run's decision threshold in
+# ({"threshold", "target", "value", "step"}), for `jaxft predict --model=` and users.
+EXPORT_DECISION = "jaxft_decision"
 ECE_BINS = 15  # Equal-width confidence bins of the eval's `ece` and the calibration PNG.
 _MULTICLASS_KEYS = ("auc", "balanced_accuracy", "sensitivity", "specificity")
 
+# A weighted mean divides by the batch's summed weights, as torch's CrossEntropyLoss(weight=).
 OBJECTIVE = steps.Objective(forward=_forward, loss_sums=_loss_sums,
-                            units=lambda batch: jnp.float32(batch["label"].shape[0]))
+                            units=lambda batch: jnp.sum(_example_weights(batch)))
 
 
 def eval_step(params: nnx.State, frozen: nnx.State, batch: dict, *, graphdef: nnx.GraphDef,
@@ -79,18 +94,46 @@ class Classifier(base.Task):
     return (f"{batches_lib.num_examples(data.train)} train examples, "
             f"{len(data.labels)} classes")
 
+  def with_class_weights(self, train: dict[str, np.ndarray] | None, names: list[str]
+                         ) -> dict[str, np.ndarray] | None:
+    """`train` with a `class_weight` column per config.data.class_weights (as it is if "")."""
+    spec = self.config.data.get("class_weights", "")
+    if not spec or train is None:
+      return train
+    counts = np.bincount(train["label"], minlength=len(names))
+    if spec == "balanced":
+      if not counts.all():
+        raise UserError(f"config.data.class_weights='balanced': no training example of class "
+                        f"{names[int(np.argmin(counts))]!r}")
+      weights = counts.sum() / (len(names) * counts)
+    else:
+      weights = np.array([float(w) for w in spec.split(",")])
+      if len(weights) != len(names):
+        raise UserError(f"config.data.class_weights={spec!r} has {len(weights)} weights for "
+                        f"{len(names)} classes ({', '.join(names)})")
+    metrics.log("class weights: " + ", ".join(f"{n} {w:.3g}" for n, w in zip(names, weights)))
+    return {**train, "class_weight": weights.astype(np.float32)[train["label"]]}
+
   def predict(self, run: Any, data: base.Data) -> tuple[np.ndarray, np.ndarray]:
     """(loss [N], class probabilities [N, classes]) of every eval example, in order."""
-    losses, probs, weights = [], [], []
-    for batch in batches_lib.eval_batches(data.eval, self.config.train.eval_batch_size):
-      weight = batch.pop("weight")
+    batches = batches_lib.eval_batches(data.eval, self.config.train.eval_batch_size)
+    losses, probs = zip(*self.batch_outputs(run, batches))
+    return np.concatenate(losses), np.concatenate(probs)
+
+  def batch_outputs(self, run: Any, batches: Iterable[dict[str, np.ndarray]]
+                    ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """(loss, class probabilities) of each batch's real rows (`weight` > 0), in order.
+
+    The batched forward of `predict` (eval) and `jaxft predict`: every batch
+    has the shape `batches.eval_batches` gives (one compile), padding rows
+    marked by `weight` 0.
+    """
+    for batch in batches:
+      batch = dict(batch)
+      keep = batch.pop("weight") > 0
       batch = sharding.global_batch(batch, run.placement.batch)
       loss, prob = run.eval_fn(run.state["params"], run.state["frozen"], batch)
-      losses.append(sharding.to_host(loss))
-      probs.append(sharding.to_host(prob))
-      weights.append(weight)
-    keep = np.concatenate(weights) > 0
-    return np.concatenate(losses)[keep], np.concatenate(probs)[keep]
+      yield sharding.to_host(loss)[keep], sharding.to_host(prob)[keep]
 
   def predictions(self, probs: np.ndarray, threshold: float = _THRESHOLD) -> np.ndarray:
     """Class ids: two classes, class 1 where its probability >= threshold; else the argmax."""
@@ -131,6 +174,14 @@ class Classifier(base.Task):
       return {}
     return {"decision": {"threshold": result["threshold"], "target": d.target,
                          "value": float(d.value), "step": step}}
+
+  def export_config(self, run: Any) -> Any:
+    """The run's transformers config, plus its kept decision threshold as
+    `EXPORT_DECISION` where it has one: an export labels as the run does."""
+    config = copy.deepcopy(run.hf_config)
+    if run.meta.get("decision"):
+      setattr(config, EXPORT_DECISION, dict(run.meta["decision"]))
+    return config
 
   def threshold(self, run: Any, labels: np.ndarray, probs: np.ndarray, *, choose: bool
                 ) -> float:
@@ -185,7 +236,7 @@ class Classify(Classifier):
   def prepare(self, model_path: str, labels: list[str] | None, *, need_train: bool) -> base.Data:
     train, evaluation, names = text.prepare(self.config, hub.load_tokenizer(model_path), labels,
                                             need_train=need_train)
-    return base.Data(train, evaluation, names)
+    return base.Data(self.with_class_weights(train, names), evaluation, names)
 
   def class_names(self) -> list[str]:
     d = self.config.data
@@ -202,5 +253,5 @@ class Classify(Classifier):
     return batch
 
   def export(self, run: Any, model_path: str, out_dir: str) -> None:
-    hf.export(lora.merge(run.model()), run.hf_config, self.model_kind, out_dir,
+    hf.export(lora.merge(run.model()), self.export_config(run), self.model_kind, out_dir,
               tokenizer_path=model_path)

@@ -1,4 +1,4 @@
-"""Image classification (ViT): image folders, IDX or npz files, tables with an image column.
+"""Image classification (ViT, ResNet): image folders, IDX or npz files, tables with an image column.
 
 Images are stored as uint8 at the model's input size and normalised on the
 device inside the step, with the training augmentation (random resized crops,
@@ -26,6 +26,7 @@ from jaxft.data import image_prep
 from jaxft.formats import hf
 from jaxft.formats import hub
 from jaxft.models import layers
+from jaxft.models import resnet
 from jaxft.tasks import base
 from jaxft.tasks import class_metrics
 from jaxft.tasks import clinical_png
@@ -56,8 +57,12 @@ def _image_forward(model, batch, deterministic, rngs, *, input_: ImageInput):
                interpolate_pos_encoding=input_.interpolate)
 
 
+def _is_convnet(hf_config: Any) -> bool:
+  return hf_config.model_type == "resnet"
+
+
 class ImageClassify(classify.Classifier):
-  """Image classification (ViT): accuracy, macro-F1, per-class recall, confusion PNG."""
+  """Image classification (ViT, ResNet): accuracy, macro-F1, per-class recall, confusion PNG."""
   name = model_kind = "image_classify"
   peft_task_type = None  # PEFT has no image-classification task type.
 
@@ -79,9 +84,18 @@ class ImageClassify(classify.Classifier):
                       crop_scale=tuple(d.crop_scale))
 
   def tokens_per_example(self, hf_config: Any) -> int:
-    """Patches plus the CLS token."""
+    """A ViT's patches plus the CLS token; 1 for a ConvNet (its unit of work is the image)."""
+    if _is_convnet(hf_config):
+      return 1
     patch = layers.pair(hf_config.patch_size)
     return (self.input.size[0] // patch[0]) * (self.input.size[1] // patch[1]) + 1
+
+  def flops_per_token(self, sizes: dict[str, int], hf_config: Any) -> float:
+    """A ViT's as any transformer's; a ConvNet's training FLOPs per image, 3x its
+    forward's (the backward pass costs two forwards)."""
+    if _is_convnet(hf_config):
+      return 3.0 * resnet.flops_per_image(hf_config, *self.input.size)
+    return super().flops_per_token(sizes, hf_config)
 
   @property
   def objective(self) -> steps.Objective:
@@ -120,7 +134,8 @@ class ImageClassify(classify.Classifier):
       data = image_files.align_labels(data, names, name)
       out[name] = {"pixels": image_prep.to_model_pixels(data.images, inp.size, inp.channels),
                    "label": data.labels}
-    return base.Data(out.get("train") if need_train else None, out.get("eval"), names)
+    train = self.with_class_weights(out.get("train") if need_train else None, names)
+    return base.Data(train, out.get("eval"), names)
 
   def abstract_batch(self, model_path: str) -> dict[str, jax.ShapeDtypeStruct]:
     del model_path
@@ -167,7 +182,9 @@ class ImageClassify(classify.Classifier):
       clinical_png.save_roc(labels, probs[:, 1], storage.join(workdir, "roc", name),
                             threshold=result["threshold"],
                             title=f"step {step}: {names[1]} vs {names[0]}")
+    for kind in ["confusion", "calibration"] + (["roc"] if probs.shape[-1] == 2 else []):
+      metrics.add_image(workdir, step, f"eval/{kind}", storage.join(workdir, kind, name))
 
   def export(self, run: Any, model_path: str, out_dir: str) -> None:
-    hf.export(lora.merge(run.model()), run.hf_config, self.model_kind, out_dir,
+    hf.export(lora.merge(run.model()), self.export_config(run), self.model_kind, out_dir,
               processor_path=model_path)

@@ -23,6 +23,7 @@ from jaxft.tuning import lora
 from jaxft.tuning import param_paths
 from jaxft.tuning import quantize
 from jaxft.tuning import rules as rules_lib
+from jaxft.models import layers
 from jaxft.models import stack
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -67,9 +68,11 @@ class Split:
     graphdef: the model's structure.
     params: trainable parameters (layer lists stacked under config.model.scan_layers).
     frozen: every other parameter (likewise).
-    rest: non-parameter state.
+    rest: non-parameter state that training does not change.
     assignment: each parameter's rule.
     sizes: parameter path -> element count.
+    stats: BatchNorm running statistics (`nnx.BatchStat`), which train-mode
+      forwards update; empty for models without BatchNorm.
   """
   graphdef: nnx.GraphDef
   params: nnx.State
@@ -77,10 +80,13 @@ class Split:
   rest: nnx.State
   assignment: rules_lib.Assignment
   sizes: dict[str, int]
+  stats: nnx.State = dataclasses.field(default_factory=lambda: nnx.State({}))
 
-  def merge(self, params: nnx.State, frozen: nnx.State) -> nnx.Module:
+  def merge(self, params: nnx.State, frozen: nnx.State,
+            stats: nnx.State | None = None) -> nnx.Module:
+    """The model of these parameters and BatchNorm statistics (None: the split's own)."""
     return nnx.merge(self.graphdef, stack.unstack_state(params), stack.unstack_state(frozen),
-                     self.rest)
+                     self.rest, self.stats if stats is None else stats)
 
 
 def _cast(x: Any, dtype: Any) -> Any:
@@ -176,7 +182,9 @@ def split(model: nnx.Module, config: ml_collections.ConfigDict,
   def is_trainable(path: tuple, x: Any) -> bool:
     return isinstance(x, nnx.Param) and "/".join(map(str, path)) in trainable
 
-  graphdef, params, frozen, rest = nnx.split(model, is_trainable, nnx.Param, ...)
+  freeze_batch_norms(model, trainable)
+  graphdef, params, frozen, stats, rest = nnx.split(model, is_trainable, nnx.Param,
+                                                    nnx.BatchStat, ...)
   frozen_dtype = _QUANTIZED_REST if kind in quantize.KINDS else _DTYPES[kind]
   if frozen_dtype != jnp.float32:
     frozen = _cast_frozen(frozen, frozen_dtype)
@@ -184,4 +192,18 @@ def split(model: nnx.Module, config: ml_collections.ConfigDict,
     lists = stack.containers(model)
     params = stack.stack_state(params, lists, lambda p: assignment.of["/".join(map(str, p))])
     frozen = stack.stack_state(frozen, lists)
-  return Split(graphdef, params, frozen, rest, assignment, sizes)
+  return Split(graphdef, params, frozen, rest, assignment, sizes, stats)
+
+
+def freeze_batch_norms(model: nnx.Module, trainable: set[str] | frozenset[str]) -> None:
+  """Marks each BatchNorm none of whose parameters train as frozen (in place).
+
+  A frozen BatchNorm normalises with its running statistics in training too and
+  never updates them (detectron2's FrozenBatchNorm2d, timm's freeze_batch_norm_2d):
+  a layer frozen by the rules keeps the function it was pretrained to compute,
+  rather than drifting with the fine-tuning batches' statistics.
+  """
+  for path, module in nnx.iter_modules(model):
+    if isinstance(module, layers.BatchNorm):
+      prefix = "/".join(map(str, path))
+      module.frozen = not any(f"{prefix}/{name}" in trainable for name in ("scale", "bias"))
