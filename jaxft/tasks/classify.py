@@ -53,8 +53,8 @@ def _loss_sums(logits, batch):
   return jnp.sum(w * losses), {"accuracy": correct.astype(jnp.float32)}
 
 
-# Binary scores are taken where the most probable class is the prediction (a threshold
-# chosen on validation data for a target sensitivity is issue 21's next step).
+# Without config.decision.target, binary scores are taken where the most probable class
+# is the prediction.
 _THRESHOLD = 0.5
 _BINARY_KEYS = ("auc", "sensitivity", "specificity", "ppv", "npv", "balanced_accuracy",
                 "threshold")
