@@ -3,6 +3,9 @@ train mode moves them, checkpointed, resumed exactly, kept by a frozen BatchNorm
 export to transformers, a fresh head for another label set, and configs/pneumonia.py."""
 
 import json
+import os
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -223,3 +226,32 @@ def test_a_skipped_step_leaves_the_statistics_as_they_were(tiny_resnet, small_np
   skipped = _stats(run_lib.restore(str(tmp_path / "skipped"))[1].model())
   for key, value in _stats(run_lib.restore(str(tmp_path / "once"))[1].model()).items():
     np.testing.assert_array_equal(skipped[key], value, err_msg=key)
+
+
+_MESH_WORKER = """
+import pathlib, sys
+from jaxft import train
+from tests.test_resnet_train import _config
+model, data, workdir = sys.argv[1:4]
+config = _config(pathlib.Path(model), pathlib.Path(data), num_steps=2)
+config.mesh.update(data=2, fsdp=2, tensor=1)
+train.train(config, workdir)
+"""
+
+
+def test_on_a_2x2_mesh_the_statistics_are_the_global_batchs(tiny_resnet, small_npz, tmp_path):
+  """Rows split over 4 devices: BatchNorm still normalises with (and keeps) the statistics
+  of the whole batch, as on one device (synchronised BatchNorm by construction)."""
+  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+  done = subprocess.run([sys.executable, "-c", _MESH_WORKER, str(tiny_resnet), str(small_npz),
+                         str(tmp_path / "mesh")], cwd=ROOT, env=env, capture_output=True,
+                        text=True, timeout=600)
+  assert done.returncode == 0, done.stderr[-3000:]
+  config = _config(tiny_resnet, small_npz, num_steps=2)
+  train.train(config, str(tmp_path / "one"))
+  one = _stats(run_lib.restore(str(tmp_path / "one"))[1].model())
+  # The mesh run's checkpoint, restored on this process's one device.
+  mesh = _stats(run_lib.restore(str(tmp_path / "mesh"), config=config)[1].model())
+  assert one.keys() == mesh.keys()
+  for key, value in one.items():
+    np.testing.assert_allclose(mesh[key], value, atol=1e-5, rtol=1e-5, err_msg=key)
