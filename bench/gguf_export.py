@@ -21,9 +21,11 @@ import sys
 import tempfile
 import time
 
+import jax.numpy as jnp
 import numpy as np
 import torch
 import transformers
+from flax import nnx
 
 from jaxft import commands
 from jaxft import defaults
@@ -67,6 +69,18 @@ def _model(workdir: str | None):
   return loaded.model, loaded.hf_config, path, f"base {path}"
 
 
+def _f16_weights(model):
+  """`model` with every matrix rounded to float16 and back: what an f16 file can hold."""
+  graphdef, state = nnx.split(model)
+  def rounded(var):
+    value = var.get_value()
+    if value.ndim >= 2 and jnp.issubdtype(value.dtype, jnp.floating):
+      return var.replace(value.astype(jnp.float16).astype(value.dtype))
+    return var
+  flat = [(path, rounded(var)) for path, var in nnx.to_flat_state(state)]
+  return nnx.merge(graphdef, nnx.from_flat_state(flat))
+
+
 def _export(workdir, model, hf_config, source, out, quant) -> float:
   start = time.perf_counter()
   if workdir:
@@ -104,6 +118,10 @@ def main() -> int:
   prompt = generate.chat_prompt(tokenizer, [{"role": "user", "content": args.prompt}])
   ids = np.asarray(tokenizer(prompt, add_special_tokens=False)["input_ids"], np.int32)[None]
   ours = np.asarray(model(ids))
+  # The f16 file's floor: jaxft itself with float16 weights.
+  ours16 = np.asarray(_f16_weights(model)(ids))
+  print(f"jaxft with its matrices rounded to float16: max |logit diff| "
+        f"{np.abs(ours16 - ours).max():.4f}")
   reply = generate.complete(model, tokenizer, [prompt], max_new_tokens=args.max_new_tokens)[0]
   print(f"{label}; prompt {args.prompt!r} ({ids.shape[1]} tokens), logits up to "
         f"{np.abs(ours).max():.1f}")
@@ -116,7 +134,8 @@ def main() -> int:
     files.append(path)
     same &= quant != "f16" or theirs == reply
     print(f"{quant}: {os.path.getsize(path) / 2**20:.1f} MiB, exported in {seconds:.1f} s; "
-          f"transformers max |logit diff| vs jaxft {np.abs(logits - ours).max():.4f}; "
+          f"transformers max |logit diff| vs jaxft {np.abs(logits - ours).max():.4f} "
+          f"(vs jaxft at float16 weights {np.abs(logits - ours16).max():.4f}); "
           f"reply {'==' if theirs == reply else '!='} jaxft's: {theirs!r}")
   if args.llama_python:
     np.save(os.path.join(out, "jaxft_logits.npy"), ours[0])
