@@ -180,11 +180,15 @@ def train_step(state: State, batch: dict, *, objective: Objective, graphdef: nnx
   that is not `accepted` leaves params, BatchNorm statistics and optimizer state
   bitwise unchanged (so optax's step count, and the schedule it drives, stays
   behind `step` by one per skip); `max_skipped_steps` (0: never) sets
-  state["skip"]["limit_step"] when that many are skipped in a row. Metrics add `skipped_steps` (the total).
+  state["skip"]["limit_step"] when that many are skipped in a row. Metrics add
+  `skipped_steps` (the total).
   """
   params, frozen = state["params"], state["frozen"]
   key = jax.random.fold_in(dropout_key, state["step"])
-  units = jnp.maximum(objective.units(batch), 1.0)  # An all-masked batch must not divide by 0.
+  units = objective.units(batch)
+  # An all-masked batch must not divide by 0; any positive total (class weights can sum
+  # below 1) divides as it is.
+  units = jnp.where(units > 0, units, 1.0)
   if grad_accum == 1:
     loss, metrics, grads, stats = loss_and_grads(objective, graphdef, rest, params, frozen,
                                                  batch, key, units, state["stats"])
