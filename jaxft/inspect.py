@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import glob
 import os
 import re
@@ -33,7 +32,6 @@ from jaxft import config as config_lib
 from jaxft import mfu
 from jaxft import run
 from jaxft import sharding
-from jaxft import steps
 from jaxft import tasks
 from jaxft.aot import collectives
 from jaxft.aot import roofline
@@ -110,8 +108,7 @@ def abstract_state(config: ml_collections.ConfigDict, split: trainable.Split,
                    mesh: jax.sharding.Mesh) -> tuple[Any, sharding.Placement, Any]:
   """(the train state as sharded abstract arrays, its Placement, the optimizer)."""
   tx = optimizer.build(config, split.params, split.assignment)
-  state = jax.eval_shape(functools.partial(steps.init_state, tx=tx), split.params, split.frozen,
-                         stats=split.stats)
+  state = run.abstract_state(split, tx)
   where = sharding.placement(mesh, sharding.logical_rules(config), state)
   return sharding.with_shardings(state, where.state), where, tx
 

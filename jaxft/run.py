@@ -199,8 +199,7 @@ def open_run(config: ml_collections.ConfigDict, workdir: str, model_path: str,
   if not quiet:
     log(rules.table(split.assignment, split.sizes, config.optim.weight_decay))
   tx = optimizer.build(config, split.params, split.assignment)
-  abstract = jax.eval_shape(functools.partial(steps.init_state, tx=tx), split.params,
-                            split.frozen, stats=split.stats)
+  abstract = abstract_state(split, tx)
   where = sharding.placement(mesh, rules_, abstract)
   if latest is None:
     state = jax.device_put(steps.init_state(split.params, split.frozen, tx, split.stats),
@@ -223,6 +222,13 @@ def open_run(config: ml_collections.ConfigDict, workdir: str, model_path: str,
     log(f"restored checkpoint at step {latest} from {ckpt.directory}")
   base = _base_fingerprint(config, model_path, split)
   return Run(split, state, tx, hf_config, ckpt, where, task, base, meta, untrained)
+
+
+def abstract_state(split: trainable.Split, tx: optax.GradientTransformation) -> steps.State:
+  """The train state of `split` under `tx` as shapes only: what `open_run` places and
+  `jaxft inspect` compiles."""
+  return jax.eval_shape(functools.partial(steps.init_state, tx=tx), split.params, split.frozen,
+                        stats=split.stats)
 
 
 def _base_fingerprint(config: ml_collections.ConfigDict, model_path: str,

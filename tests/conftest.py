@@ -207,3 +207,19 @@ def tiny_chat_lm(tmp_path_factory, smollm2_tokenizer):
     lines = (chats / f"{split}.jsonl").read_text().splitlines()
     (root / f"{split}.jsonl").write_text("\n".join(lines[:n]) + "\n")
   return root
+
+
+@pytest.fixture(scope="session")
+def tiny_image_vit(tmp_path_factory):
+  """A tiny random 1-channel ViT checkpoint at 16x16 (perturbed, as a trained one would be)."""
+  path = tmp_path_factory.mktemp("tiny_image_vit")
+  config = transformers.ViTConfig(image_size=16, patch_size=4, num_channels=1, hidden_size=32,
+                                  num_hidden_layers=2, num_attention_heads=4,
+                                  intermediate_size=37, num_labels=10)
+  torch.manual_seed(0)
+  model = transformers.ViTForImageClassification(config)
+  with torch.no_grad():
+    for p in model.parameters():
+      p.add_(torch.randn(p.shape) * 0.05)
+  model.save_pretrained(path)
+  return path

@@ -9,7 +9,6 @@ import types
 
 import numpy as np
 import pytest
-import transformers
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -79,20 +78,9 @@ def test_each_rule_groups_own_learning_rate_goes_to_the_dashboard_only(tiny_setu
   assert "lr/" not in (tmp_path / "metrics.jsonl").read_text()
 
 
-@pytest.fixture(scope="module")
-def tiny_vit(tmp_path_factory):
-  """A tiny random 1-channel ViT checkpoint at 16x16."""
-  path = tmp_path_factory.mktemp("tiny_vit")
-  config = transformers.ViTConfig(image_size=16, patch_size=4, num_channels=1, hidden_size=32,
-                                  num_hidden_layers=2, num_attention_heads=4,
-                                  intermediate_size=37, num_labels=10)
-  transformers.ViTForImageClassification(config).save_pretrained(path)
-  return path
-
-
-def test_an_image_runs_eval_figures_are_images_at_their_step(tiny_vit, tmp_path):
+def test_an_image_runs_eval_figures_are_images_at_their_step(tiny_image_vit, tmp_path):
   config = defaults.recipe("vit", "full")
-  config.model.path = str(tiny_vit)
+  config.model.path = str(tiny_image_vit)
   config.data.image_size = 16
   config.train.update(batch_size=32, num_steps=2, log_every=1, eval_batch_size=128)
   train.train(config, str(tmp_path))

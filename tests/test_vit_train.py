@@ -20,22 +20,6 @@ from jaxft.tuning import param_paths
 from tests.helpers import ROOT
 
 
-@pytest.fixture(scope="module")
-def tiny_vit(tmp_path_factory):
-  """A tiny random 1-channel ViT checkpoint at 16x16 (perturbed, as a trained one would be)."""
-  path = tmp_path_factory.mktemp("tiny_vit")
-  config = transformers.ViTConfig(image_size=16, patch_size=4, num_channels=1, hidden_size=32,
-                                  num_hidden_layers=2, num_attention_heads=4,
-                                  intermediate_size=37, num_labels=10)
-  torch.manual_seed(0)
-  model = transformers.ViTForImageClassification(config)
-  with torch.no_grad():
-    for p in model.parameters():
-      p.add_(torch.randn(p.shape) * 0.05)
-  model.save_pretrained(path)
-  return path
-
-
 def _config(model_path, arm="full", **train):
   c = defaults.recipe("vit", arm)
   c.model.path = str(model_path)
@@ -45,8 +29,8 @@ def _config(model_path, arm="full", **train):
   return c
 
 
-def test_vit_training_reports_metrics_writes_the_confusion_png_and_exports(tiny_vit, tmp_path):
-  config = _config(tiny_vit)
+def test_vit_training_reports_metrics_writes_the_confusion_png_and_exports(tiny_image_vit, tmp_path):
+  config = _config(tiny_image_vit)
   result = train.train(config, str(tmp_path / "run"))
   assert {"loss", "accuracy", "f1", "recall"} <= set(result)
   assert list(result["recall"]) == [str(i) for i in range(10)]
@@ -63,21 +47,21 @@ def test_vit_training_reports_metrics_writes_the_confusion_png_and_exports(tiny_
   assert np.abs(ours - ref).max() <= 1e-4
 
 
-def test_linear_probe_changes_only_the_classifier(tiny_vit, tmp_path):
-  config = _config(tiny_vit, "probe")
+def test_linear_probe_changes_only_the_classifier(tiny_image_vit, tmp_path):
+  config = _config(tiny_image_vit, "probe")
   train.train(config, str(tmp_path / "run"))
   commands.export_command(str(tmp_path / "run"), str(tmp_path / "hf"))
-  before = load_file(str(tiny_vit / "model.safetensors"))
+  before = load_file(str(tiny_image_vit / "model.safetensors"))
   after = load_file(str(tmp_path / "hf" / "model.safetensors"))
   assert before.keys() == after.keys()
   changed = sorted(k for k in before if not np.array_equal(before[k], after[k]))
   assert changed == ["classifier.bias", "classifier.weight"]
 
 
-def test_from_scratch_needs_only_a_config_and_trains_at_a_new_resolution(tiny_vit, tmp_path):
+def test_from_scratch_needs_only_a_config_and_trains_at_a_new_resolution(tiny_image_vit, tmp_path):
   folder = tmp_path / "config_only"
   folder.mkdir()
-  shutil.copy(tiny_vit / "config.json", folder / "config.json")
+  shutil.copy(tiny_image_vit / "config.json", folder / "config.json")
   # Enough steps (~10 s) at a higher rate, without crops, to learn from nothing.
   config = _config(folder, "scratch", num_steps=120, log_every=40)
   config.optim.lr = 3e-3
@@ -95,8 +79,8 @@ def test_from_scratch_needs_only_a_config_and_trains_at_a_new_resolution(tiny_vi
   assert result["accuracy"] >= 0.25 and result["loss"] < 2.0
 
 
-def test_fine_tuning_at_another_resolution_interpolates_the_positions(tiny_vit, tmp_path):
-  config = _config(tiny_vit, num_steps=2)
+def test_fine_tuning_at_another_resolution_interpolates_the_positions(tiny_image_vit, tmp_path):
+  config = _config(tiny_image_vit, num_steps=2)
   config.data.image_size = 24
   result = train.train(config, str(tmp_path / "run"))
   # The model keeps the checkpoint's 4 x 4 grid (+ CLS) and resizes it for
@@ -131,9 +115,9 @@ def _folder(root, corrupt=False):
   return root
 
 
-def test_a_corrupt_image_is_named_or_skipped_with_skip_bad(tiny_vit, tmp_path):
+def test_a_corrupt_image_is_named_or_skipped_with_skip_bad(tiny_image_vit, tmp_path):
   data = _folder(tmp_path / "images", corrupt=True)
-  config = _config(tiny_vit, num_steps=1, batch_size=8)
+  config = _config(tiny_image_vit, num_steps=1, batch_size=8)
   config.data.train = str(data)
   config.data.eval = ""
   with pytest.raises(UserError, match="broken.png"):
@@ -144,9 +128,9 @@ def test_a_corrupt_image_is_named_or_skipped_with_skip_bad(tiny_vit, tmp_path):
   assert labels == sorted(p.name for p in data.iterdir())
 
 
-def test_inspect_compiles_the_image_step_and_counts_the_probe(tiny_vit):
+def test_inspect_compiles_the_image_step_and_counts_the_probe(tiny_image_vit):
   from jaxft import inspect
-  out = inspect.inspect(_config(tiny_vit, "probe"))
+  out = inspect.inspect(_config(tiny_image_vit, "probe"))
   assert out["params_trainable"] == 32 * 10 + 10  # The classifier alone.
   assert out["params_total"] > 20 * out["params_trainable"]
   assert out["step_flops"] > 0 and out["optimizer_state_bytes"] < 4 * 4 * 400
@@ -156,15 +140,15 @@ def test_a_dicom_folder_trains_and_evals_with_clinical_scores_and_a_roc_png(tmp_
   """Real chest X-rays (PneumoniaMNIST val) written as DICOM by scripts/pneumonia_to_dicom.py,
   in per-class subfolders, train and eval where an image folder would."""
   from tests.test_dicom import _script  # pylint: disable=g-import-not-at-top
-  tiny_vit = tmp_path / "vit"
+  tiny_image_vit = tmp_path / "vit"
   torch.manual_seed(0)
   transformers.ViTForImageClassification(transformers.ViTConfig(
       image_size=16, patch_size=4, num_channels=1, hidden_size=32, num_hidden_layers=2,
-      num_attention_heads=4, intermediate_size=37, num_labels=2)).save_pretrained(tiny_vit)
+      num_attention_heads=4, intermediate_size=37, num_labels=2)).save_pretrained(tiny_image_vit)
   folder = tmp_path / "dicom"
   npz = ROOT / "data" / "pneumoniamnist" / "val.npz"
   assert _script().main(["--npz", str(npz), "--out", str(folder), "--limit", "64"]) == 0
-  config = _config(tiny_vit, num_steps=2, log_every=1)
+  config = _config(tiny_image_vit, num_steps=2, log_every=1)
   config.data.train = config.data.eval = str(folder)
   result = train.train(config, str(tmp_path / "run"))
   assert list(result["recall"]) == ["normal", "pneumonia"]
