@@ -541,6 +541,30 @@ def to_json(config: ml_collections.ConfigDict) -> str:
   return json.dumps(config.to_dict(), indent=2, sort_keys=True)
 
 
+def task_defaults(task: str) -> ml_collections.ConfigDict:
+  """jaxft's defaults for `task`: <task>() where this module has one (causal_lm, dpo,
+  ...), else base() (classify)."""
+  variant = globals().get(task)
+  return variant() if task in TASKS and callable(variant) else base()
+
+
 def from_json(text: str) -> ml_collections.ConfigDict:
-  """Inverse of `to_json`, for commands that read a workdir's config."""
-  return ml_collections.ConfigDict(json.loads(text))
+  """Inverse of `to_json`, for commands that read a workdir's config.
+
+  Keys that jaxft added after the run was saved take their defaults (which keep
+  the old behaviour), so `jaxft eval`, `export` and `chat` still open older workdirs.
+  """
+  saved = json.loads(text)
+  return ml_collections.ConfigDict(_filled(task_defaults(saved.get("task", "classify")).to_dict(),
+                                           saved))
+
+
+def _filled(defaults: dict, saved: dict) -> dict:
+  """`saved`, plus the keys of `defaults` it lacks (recursively)."""
+  out = dict(saved)
+  for key, value in defaults.items():
+    if key not in out:
+      out[key] = value
+    elif isinstance(value, dict) and isinstance(out[key], dict):
+      out[key] = _filled(value, out[key])
+  return out

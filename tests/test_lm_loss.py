@@ -127,3 +127,31 @@ def test_loss_and_gradients_are_the_same_with_the_batch_split_over_a_mesh():
   out = subprocess.run([sys.executable, "-c", _ON_A_MESH], capture_output=True, text=True,
                        cwd=ROOT, env=env, timeout=300)
   assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
+
+
+def _reference_logps(hidden, weight, vocab_major, targets):
+  logits = hidden @ (weight.T if vocab_major else weight)
+  return jnp.take_along_axis(jax.nn.log_softmax(logits), targets[..., None], -1)[..., 0]
+
+
+@pytest.mark.parametrize("vocab_major", [False, True])
+def test_token_logps_and_both_gradients_match_the_full_logits(vocab_major, monkeypatch):
+  monkeypatch.setattr(lm_loss, "CHUNK_POSITIONS", BATCH * 8)  # Several chunks per row.
+  hidden, weight, targets, valid = _inputs(vocab_major)
+  # Any per-position weighting of the outputs: DPO sums a response's, GRPO weighs each.
+  ct = jnp.where(valid, jax.random.normal(jax.random.key(5), valid.shape), 0.0)
+  fused = lambda h, w: lm_loss.token_logps(h, layers.OutputLayer(w, vocab_major), targets)
+  ref = lambda h, w: _reference_logps(h, w, vocab_major, targets)
+  np.testing.assert_allclose(jax.jit(fused)(hidden, weight), ref(hidden, weight), atol=1e-5)
+  got = jax.grad(lambda h, w: jnp.sum(ct * fused(h, w)), argnums=(0, 1))(hidden, weight)
+  want = jax.grad(lambda h, w: jnp.sum(ct * ref(h, w)), argnums=(0, 1))(hidden, weight)
+  np.testing.assert_allclose(got[0], want[0], atol=1e-5)
+  np.testing.assert_allclose(got[1], want[1], atol=1e-5)
+
+
+def test_token_logps_of_a_frozen_output_layer_cost_no_weight_gradient_matmul():
+  hidden, weight, targets, _ = _inputs(False)
+  fused = lambda h: jnp.sum(lm_loss.token_logps(h, layers.OutputLayer(weight, False), targets))
+  text = jax.jit(jax.grad(fused)).lower(hidden).as_text()
+  dots = [line for line in text.splitlines() if "dot_general" in line]
+  assert len(dots) == 2, dots  # The logits and d logp / d hidden, in one pass.

@@ -90,3 +90,14 @@ def test_eval_of_a_lora_workdir_needs_no_repeated_overrides(tiny_setup, tmp_path
       f"jaxft: error: {w} was trained with config.lora.rank=4, not 0: its checkpoints hold "
       "other trainable parameters. Leave out --config to use the run's own config, repeat "
       "its overrides, or train in a new --workdir.")
+
+
+def test_a_saved_config_from_before_a_key_existed_takes_that_keys_default():
+  from jaxft import config as config_lib
+  saved = config_lib.dpo().to_dict()
+  del saved["dpo"]["ld_alpha"]  # Added after such runs were saved.
+  saved["dpo"]["beta"] = 0.5
+  config = config_lib.from_json(json.dumps(saved))
+  assert config.dpo.ld_alpha == 1.0  # Plain DPO: what the old run trained with.
+  assert config.dpo.beta == 0.5
+  assert "decision" not in config  # A key the task's defaults lack stays absent.

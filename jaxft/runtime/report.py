@@ -73,13 +73,10 @@ def summary(workdir: str, config: ml_collections.ConfigDict, written: Sequence[s
 
 
 def _defaults(task: str) -> tuple[str, ml_collections.ConfigDict]:
-  """(name, config) of jaxft's defaults for `task`: config.<task>() where config.py has
-  one (causal_lm, dpo, ...), else base() (classify). config.json does not name the
+  """(name, config) of jaxft's defaults for `task`: config.json does not name the
   recipe file, so this is what a diff can be taken from."""
-  variant = getattr(config_lib, task, None)
-  if callable(variant):
-    return f"jaxft.config.{task}()", variant()
-  return "jaxft.config.base()", config_lib.base()
+  variant = task if task in config_lib.TASKS and task != "classify" else "base"
+  return f"jaxft.config.{variant}()", config_lib.task_defaults(task)
 
 
 def _config_lines(workdir: str, config: ml_collections.ConfigDict) -> list[str]:

@@ -131,3 +131,84 @@ def _loss_sum_bwd(vocab_major, grads, cotangent):
 
 
 _loss_sum.defvjp(_loss_sum_fwd, _loss_sum_bwd, symbolic_zeros=True)
+
+
+# --- per-position log-probs (preference and RL losses) ------------------------
+
+def token_logps(hidden: jax.Array, output: layers.OutputLayer, targets: jax.Array) -> jax.Array:
+  """float32 [batch, length]: log softmax(hidden @ W)[target] at every position.
+
+  What `loss_sum` does for one summed loss, for losses that read each
+  position's log-prob (DPO, GRPO): chunked over positions, never the whole
+  logits. The forward pass also keeps d logp / d hidden per position
+  ([batch, length, features]), so the backward pass is a scaling when the
+  output weight is frozen (LoRA, a frozen head); a trained weight's gradient
+  recomputes each chunk's logits once, with the cotangent known.
+  """
+  return _token_logps(hidden, output.weight, targets.astype(jnp.int32), output.vocab_major)
+
+
+def _logps_scan(hidden, weight, targets, vocab_major, want_dh):
+  """(log-probs [batch, length], d logp / d hidden or None)."""
+  c = _chunk_length(*hidden.shape[:2])
+  logits_spec = "bcd,vd->bcv" if vocab_major else "bcd,dv->bcv"
+  dh_spec = "bcv,vd->bcd" if vocab_major else "bcv,dv->bcd"
+  vocab = weight.shape[0 if vocab_major else 1]
+  weight = sharding.constrain(weight, ("vocab", None) if vocab_major else (None, "vocab"))
+
+  def body(_, chunk):
+    h, t = chunk
+    logits = jnp.einsum(logits_spec, h, weight, preferred_element_type=jnp.float32)
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    logp = jnp.take_along_axis(logits, t[..., None], axis=-1)[..., 0] - lse
+    if not want_dh:
+      return None, (logp, None)
+    g = jax.nn.one_hot(t, vocab, dtype=jnp.float32) - jnp.exp(logits - lse[..., None])
+    dh = jnp.einsum(dh_spec, g.astype(weight.dtype), weight, preferred_element_type=jnp.float32)
+    return None, (logp, dh.astype(h.dtype))
+
+  _, (logps, dh) = jax.lax.scan(body, None, (_chunks(hidden, c), _chunks(targets, c)))
+  return _unchunk(logps), None if dh is None else _unchunk(dh)
+
+
+def _weight_grad(hidden, weight, targets, cotangent, vocab_major):
+  """d (sum cotangent * logp) / d weight, one chunk of logits at a time."""
+  c = _chunk_length(*hidden.shape[:2])
+  logits_spec = "bcd,vd->bcv" if vocab_major else "bcd,dv->bcv"
+  dw_spec = "bcv,bcd->vd" if vocab_major else "bcv,bcd->dv"
+  vocab = weight.shape[0 if vocab_major else 1]
+
+  def body(dw, chunk):
+    h, t, ct = chunk
+    logits = jnp.einsum(logits_spec, h, weight, preferred_element_type=jnp.float32)
+    p = jax.nn.softmax(logits, axis=-1)
+    g = ct[..., None] * (jax.nn.one_hot(t, vocab, dtype=jnp.float32) - p)
+    return dw + jnp.einsum(dw_spec, g.astype(h.dtype), h, preferred_element_type=jnp.float32), None
+
+  dw, _ = jax.lax.scan(body, jnp.zeros(weight.shape, jnp.float32),
+                       (_chunks(hidden, c), _chunks(targets, c), _chunks(cotangent, c)))
+  return dw.astype(weight.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _token_logps(hidden, weight, targets, vocab_major):
+  return _logps_scan(hidden, weight, targets, vocab_major, False)[0]
+
+
+def _token_logps_fwd(hidden, weight, targets, vocab_major):
+  logps, dh = _logps_scan(hidden.value, weight.value, targets.value, vocab_major,
+                          hidden.perturbed)
+  saved = (hidden.value, weight.value, targets.value) if weight.perturbed else None
+  return logps, (dh, saved)
+
+
+def _token_logps_bwd(vocab_major, residuals, cotangent):
+  dh, saved = residuals
+  if isinstance(cotangent, jax.custom_derivatives.SymbolicZero):
+    return None, None, None
+  d_hidden = None if dh is None else (dh * cotangent[..., None].astype(dh.dtype))
+  d_weight = None if saved is None else _weight_grad(*saved, cotangent, vocab_major)
+  return d_hidden, d_weight, None
+
+
+_token_logps.defvjp(_token_logps_fwd, _token_logps_bwd, symbolic_zeros=True)

@@ -1,0 +1,93 @@
+"""Preference accuracy of several DPO checkpoints on one held-out pair file.
+
+  python -m bench.dpo_heldout --pairs unseen.jsonl [--limit N] \\
+      WORKDIR:STEP [WORKDIR:STEP ...]
+
+The pairs are tokenized once and the reference log-probs (the base model,
+adapters off) computed once; each checkpoint then costs one policy forward
+per pair, half of what `jaxft eval` spends on a fresh file. Every checkpoint
+must share the first one's base model, max_length and LoRA layout (the
+reference and the token rows are reused). Prints one JSON line per
+checkpoint, with the standard error of its accuracy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import tempfile
+
+import jax.numpy as jnp
+import numpy as np
+
+from jaxft import metrics
+from jaxft import run as run_lib
+from jaxft import tasks
+from jaxft.runtime import run_record
+from jaxft.tasks import dpo
+from jaxft.tasks import preference_loss
+
+
+def _limited(path: str, limit: int) -> str:
+  """`path`, or a temporary copy of its first `limit` lines."""
+  if not limit:
+    return path
+  with open(path, encoding="utf-8") as f:
+    lines = [l for l in f.read().splitlines() if l.strip()][:limit]
+  out = tempfile.NamedTemporaryFile("w", suffix=".jsonl", delete=False, encoding="utf-8")
+  out.write("\n".join(lines) + "\n")
+  out.close()
+  return out.name
+
+
+def main(argv: list[str] | None = None) -> int:
+  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  p.add_argument("--pairs", required=True, help="jsonl of held-out pairs")
+  p.add_argument("--limit", type=int, default=0, help="use only the first N pairs")
+  p.add_argument("--reference", default="",
+                 help=".npy of the pairs' reference log-probs: read if it exists, else written")
+  p.add_argument("--dump", default="", help="a folder for each checkpoint's per-pair arrays")
+  p.add_argument("checkpoints", nargs="+", help="WORKDIR:STEP")
+  args = p.parse_args(argv)
+  pairs = _limited(args.pairs, args.limit)
+  data = None
+  for spec in args.checkpoints:
+    workdir, step = spec.rsplit(":", 1)
+    config = run_record.saved_config(workdir)
+    config.data.eval = pairs
+    if data is None:
+      model_path, _, data = run_lib.prepare(config, workdir, need_train=False)
+      if args.reference and os.path.exists(args.reference):
+        data.eval[dpo.REFERENCE_KEY] = np.load(args.reference)
+    task = tasks.of(config)  # Its loss decides how a reward is read (summed or averaged).
+    run = run_lib.open_run(config, workdir, model_path, None, quiet=True, task=task,
+                           step=int(step))
+    run.checkpointer.close()
+    logps, ref, counts = task._pair_outputs(run, data.eval)
+    if dpo.REFERENCE_KEY not in data.eval:
+      data.eval[dpo.REFERENCE_KEY] = ref  # Later checkpoints reuse it (adapters off).
+      if args.reference:
+        np.save(args.reference, ref)
+    if args.dump:
+      np.savez(os.path.join(args.dump, spec.replace("/", "_").strip("_") + ".npz"),
+               logps=logps, ref=ref, counts=counts)
+    losses, chosen, rejected = preference_loss.pair_losses(
+        jnp.asarray(logps), jnp.asarray(ref), jnp.asarray(counts), **task.settings)
+    acc = float(np.mean(preference_loss.pair_metrics(
+        jnp.asarray(logps), chosen, rejected)["rewards/accuracies"]))
+    n = len(logps)
+    line = {"checkpoint": spec, "pairs": n, "preference_accuracy": round(acc, 4),
+            "stderr": round(math.sqrt(acc * (1 - acc) / n), 4),
+            "reward_margin": round(float(np.mean(chosen - rejected)), 4),
+            "loss": round(float(np.mean(losses)), 4),
+            "beta": config.dpo.beta, "loss_type": config.dpo.loss}
+    print(json.dumps(line), flush=True)
+  if pairs != args.pairs:
+    os.unlink(pairs)
+  return 0
+
+
+if __name__ == "__main__":
+  raise SystemExit(main())
