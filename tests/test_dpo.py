@@ -365,3 +365,24 @@ def test_inspect_shows_no_second_copy_of_the_weights_with_lora(tiny_chat_lm, tin
   assert out["param_bytes"] == with_lora["param_bytes"]
   assert out["param_bytes"] == no_lora["param_bytes"] + 4 * out["params_trainable"]
   assert out["optimizer_state_bytes"] == with_lora["optimizer_state_bytes"]
+
+
+def test_bench_dpo_heldout_equals_jaxft_eval_and_reuses_its_saved_reference(
+    tiny_chat_lm, tiny_pairs, tmp_path, capsys):
+  from bench import dpo_heldout  # pylint: disable=g-import-not-at-top
+  from jaxft import commands
+  from jaxft import train
+  config = tiny_dpo_config(tiny_chat_lm, tiny_pairs)
+  config.train.num_steps, config.checkpoint.every = 2, 2
+  train.train(config, str(tmp_path / "run"))
+  want = commands.eval_command(config, str(tmp_path / "run"))
+  capsys.readouterr()
+  ref = tmp_path / "ref.npy"
+  for _ in range(2):  # Computes and writes the reference, then reads it back.
+    assert dpo_heldout.main(["--pairs", config.data.eval, "--reference", str(ref),
+                             f"{tmp_path / 'run'}:2"]) == 0
+    got = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert got["pairs"] == want["pairs"] == 6
+    assert got["preference_accuracy"] == pytest.approx(want["preference_accuracy"], abs=1e-4)
+    assert got["reward_margin"] == pytest.approx(want["reward_margin"], abs=1e-4)
+    assert ref.exists()
