@@ -541,11 +541,13 @@ def to_json(config: ml_collections.ConfigDict) -> str:
   return json.dumps(config.to_dict(), indent=2, sort_keys=True)
 
 
-def task_defaults(task: str) -> ml_collections.ConfigDict:
-  """jaxft's defaults for `task`: <task>() where this module has one (causal_lm, dpo,
-  ...), else base() (classify)."""
-  variant = globals().get(task)
-  return variant() if task in TASKS and callable(variant) else base()
+def task_defaults(task: str) -> tuple[str, ml_collections.ConfigDict]:
+  """(name, config) of jaxft's defaults for `task`: <task>() where this module has
+  one (causal_lm, dpo, ...), else base() (classify)."""
+  variant = globals().get(task) if task in TASKS else None
+  if callable(variant):
+    return f"jaxft.config.{task}()", variant()
+  return "jaxft.config.base()", base()
 
 
 def from_json(text: str) -> ml_collections.ConfigDict:
@@ -555,8 +557,8 @@ def from_json(text: str) -> ml_collections.ConfigDict:
   the old behaviour), so `jaxft eval`, `export` and `chat` still open older workdirs.
   """
   saved = json.loads(text)
-  return ml_collections.ConfigDict(_filled(task_defaults(saved.get("task", "classify")).to_dict(),
-                                           saved))
+  _, defaults = task_defaults(saved.get("task", "classify"))
+  return ml_collections.ConfigDict(_filled(defaults.to_dict(), saved))
 
 
 def _filled(defaults: dict, saved: dict) -> dict:

@@ -72,17 +72,10 @@ def summary(workdir: str, config: ml_collections.ConfigDict, written: Sequence[s
   return "\n".join(lines)
 
 
-def _defaults(task: str) -> tuple[str, ml_collections.ConfigDict]:
-  """(name, config) of jaxft's defaults for `task`: config.json does not name the
-  recipe file, so this is what a diff can be taken from."""
-  variant = task if task in config_lib.TASKS and task != "classify" else "base"
-  return f"jaxft.config.{variant}()", config_lib.task_defaults(task)
-
-
 def _config_lines(workdir: str, config: ml_collections.ConfigDict) -> list[str]:
   """The keys the run sets away from the task's defaults, and the keys its reruns changed."""
   first = config_lib.from_json(storage.read_text(storage.join(workdir, run_record.FIRST)))
-  name, defaults = _defaults(config.get("task", "classify"))
+  name, defaults = config_lib.task_defaults(config.get("task", "classify"))
   changed = run_record.changes(defaults, first)
   lines = [f"config (config.json) vs {name}: " + ("the defaults" if not changed else
                                                     f"{len(changed)} keys set")]
