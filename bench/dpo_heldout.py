@@ -25,6 +25,7 @@ import numpy as np
 from jaxft import metrics
 from jaxft import run as run_lib
 from jaxft import tasks
+from jaxft.errors import UserError
 from jaxft.runtime import run_record
 from jaxft.tasks import dpo
 from jaxft.tasks import preference_loss
@@ -47,7 +48,8 @@ def main(argv: list[str] | None = None) -> int:
   p.add_argument("--pairs", required=True, help="jsonl of held-out pairs")
   p.add_argument("--limit", type=int, default=0, help="use only the first N pairs")
   p.add_argument("--reference", default="",
-                 help=".npy of the pairs' reference log-probs: read if it exists, else written")
+                 help=".npy of the pairs' reference log-probs (at the runs' max_length): read if "
+                      "it exists, else written")
   p.add_argument("--dump", default="", help="a folder for each checkpoint's per-pair arrays")
   p.add_argument("checkpoints", nargs="+", help="WORKDIR:STEP")
   args = p.parse_args(argv)
@@ -90,4 +92,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-  raise SystemExit(main())
+  try:
+    raise SystemExit(main())
+  except UserError as e:  # A missing checkpoint or pair file: its message, not a traceback.
+    raise SystemExit(f"error: {e}") from None

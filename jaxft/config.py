@@ -203,6 +203,9 @@ def dpo() -> ml_collections.ConfigDict:
   # Tokens per response row (prompt + response): prompts are cut from the left,
   # responses from the right.
   c.data.max_length = 256
+  # Prompt tokens kept at most (its end; 0: no own cap). The response is where DPO
+  # learns: a short prompt cap leaves more of each row to the responses.
+  c.data.max_prompt_length = 0
   c.train.batch_size = 8  # Pairs per optimizer update (2 rows each: chosen, rejected).
   c.dpo = ml_collections.ConfigDict()
   c.dpo.loss = "sigmoid"  # sigmoid (DPO) | ipo | hinge | simpo | orpo (the last two: no reference).
@@ -352,6 +355,9 @@ def _validate_dpo(config: ml_collections.ConfigDict) -> None:
   _require(p.beta > 0, "dpo.beta", "> 0", p.beta)
   _require(0 <= p.label_smoothing < 0.5, "dpo.label_smoothing", "in [0, 0.5)", p.label_smoothing)
   _require(0 <= p.ld_alpha <= 1, "dpo.ld_alpha", "in [0, 1]", p.ld_alpha)
+  d = config.data
+  _require(0 <= d.max_prompt_length < d.max_length, "data.max_prompt_length",
+           f"in [0, data.max_length={d.max_length})", d.max_prompt_length)
 
 
 def _validate_grpo(config: ml_collections.ConfigDict) -> None:

@@ -184,6 +184,17 @@ def test_ld_alpha_out_of_range_is_a_config_error(value):
     config_lib.validate(c)
 
 
+@pytest.mark.parametrize("value", [-1, 128])
+def test_max_prompt_length_outside_the_row_is_a_config_error(value):
+  c = config_lib.dpo()
+  c.model.path, c.data.train, c.data.max_length = "model", "pairs.jsonl", 128
+  c.data.max_prompt_length = 127
+  config_lib.validate(c)
+  c.data.max_prompt_length = value
+  with pytest.raises(UserError, match=r"config.data.max_prompt_length must be in \[0, "):
+    config_lib.validate(c)
+
+
 def test_lora_reference_is_exactly_the_base_model(tiny_llama):
   path, _ = tiny_llama
   base = hf.load(path, "causal_lm").model

@@ -109,6 +109,20 @@ def test_truncation_keeps_the_prompts_end_and_the_responses_start():
   assert preference.truncate([0] * 3, [1] * 5, [2], 8) == ([0] * 3, [1] * 5, [2], False, False)
 
 
+def test_max_prompt_length_caps_the_prompt_and_gives_the_room_to_the_responses():
+  # The prompt keeps its last 2 tokens even where the pair would fit whole.
+  assert preference.truncate(list(range(5)), [1] * 2, [2], 8, max_prompt_length=2) == (
+      [3, 4], [1] * 2, [2], True, False)
+  # A long response gets the 6 tokens the capped prompt leaves (not 8 // 2).
+  assert preference.truncate(list(range(10)), list(range(10)), [2], 8, max_prompt_length=2) == (
+      [8, 9], list(range(6)), [2], True, True)
+  # Above what the row allows anyway, the cap changes nothing.
+  assert preference.truncate([0] * 10, [1] * 10, [2] * 10, 8, max_prompt_length=6) == (
+      [0] * 4, [1] * 4, [2] * 4, True, True)
+  assert preference.truncate([0] * 3, [1] * 5, [2], 8, max_prompt_length=3) == (
+      [0] * 3, [1] * 5, [2], False, False)
+
+
 def test_load_cuts_long_prompts_from_the_left_and_long_responses_from_the_right(
     smollm2_tokenizer, tmp_path):
   tok = smollm2_tokenizer
@@ -214,7 +228,8 @@ def test_batched_tokens_equal_the_chat_templates_on_real_hh_pairs(smollm2_tokeni
 def test_bundled_hh_splits_load_with_no_prompt_in_both(smollm2_tokenizer):
   config = ml_collections.ConfigDict({"data": {
       "train": str(HH / "train.jsonl"), "train_split": "train",
-      "eval": str(HH / "eval.jsonl"), "eval_split": "test", "max_length": 256}})
+      "eval": str(HH / "eval.jsonl"), "eval_split": "test", "max_length": 256,
+      "max_prompt_length": 0}})
   train, evaluation = preference.prepare(config, smollm2_tokenizer)
   assert (train.pairs, evaluation.pairs) == (1800, 200)
   assert train.rows["input_ids"].shape == (1800, 2, 256)

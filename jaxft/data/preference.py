@@ -260,21 +260,22 @@ def _tokens(tokenizer, pairs: Sequence[Pair], labels: Sequence[str]
   return out
 
 
-def truncate(prompt: list[int], chosen: list[int], rejected: list[int], max_length: int
-             ) -> tuple[list[int], list[int], list[int], bool, bool]:
+def truncate(prompt: list[int], chosen: list[int], rejected: list[int], max_length: int,
+             max_prompt_length: int = 0) -> tuple[list[int], list[int], list[int], bool, bool]:
   """Fits prompt + each response into max_length tokens.
 
-  The prompt keeps its end (next to the response), at most
-  max(max_length // 2, max_length - the longer response) tokens; then each
-  response keeps its start, up to the room left.
+  The prompt keeps its end (next to the response): at most max_prompt_length
+  tokens when that is set (> 0), and at most
+  max(max_length // 2, max_length - the longer response) when the pair would
+  not fit otherwise; then each response keeps its start, up to the room left.
 
   Returns:
     (prompt, chosen, rejected, whether the prompt was cut, whether a response was).
   """
+  cap = min(len(prompt), max_prompt_length or len(prompt))
   longest = max(len(chosen), len(rejected))
-  if len(prompt) + longest <= max_length:
-    return prompt, chosen, rejected, False, False
-  keep = min(len(prompt), max(max_length // 2, max_length - longest))
+  keep = cap if cap + longest <= max_length else min(cap, max(max_length // 2,
+                                                               max_length - longest))
   room = max_length - keep
   return (prompt[len(prompt) - keep:], chosen[:room], rejected[:room], keep < len(prompt),
           longest > room)
@@ -302,16 +303,17 @@ def _pad_id(tokenizer) -> int:
   return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
 
-def encode(prompt: Prompt, chosen: str, rejected: str, tokenizer, max_length: int
-           ) -> tuple[dict[str, np.ndarray], bool, bool]:
+def encode(prompt: Prompt, chosen: str, rejected: str, tokenizer, max_length: int,
+           max_prompt_length: int = 0) -> tuple[dict[str, np.ndarray], bool, bool]:
   """One pair -> (rows as in `Split.rows` but [2, max_length], prompt cut, response cut)."""
   ids = _tokens(tokenizer, [(prompt, chosen, rejected)], ["the pair"])[0]
-  *kept, prompt_cut, response_cut = truncate(*ids, max_length)
+  *kept, prompt_cut, response_cut = truncate(*ids, max_length, max_prompt_length)
   rows = _rows([tuple(kept)], max_length, _pad_id(tokenizer))
   return {k: v[0] for k, v in rows.items()}, prompt_cut, response_cut
 
 
-def load(spec: str, split: str, tokenizer, *, max_length: int, name: str) -> Split:
+def load(spec: str, split: str, tokenizer, *, max_length: int, name: str,
+         max_prompt_length: int = 0) -> Split:
   """Reads and tokenizes one split of pairs (`name`, e.g. "train": for messages).
 
   Raises:
@@ -326,7 +328,8 @@ def load(spec: str, split: str, tokenizer, *, max_length: int, name: str) -> Spl
   kept, prompts = [], []
   prompt_truncated = response_truncated = dropped = 0
   for pair, ids in zip(pairs, _tokens(tokenizer, pairs, labels)):
-    prompt, chosen, rejected, prompt_cut, response_cut = truncate(*ids, max_length)
+    prompt, chosen, rejected, prompt_cut, response_cut = truncate(*ids, max_length,
+                                                                      max_prompt_length)
     if chosen == rejected:  # No preference left to learn within max_length.
       dropped += 1
       continue
@@ -345,8 +348,7 @@ def prepare(config: ml_collections.ConfigDict, tokenizer, *, need_train: bool = 
             ) -> tuple[Split | None, Split | None]:
   """(train, eval) splits of a DPO config; None where not needed or not configured."""
   d = config.data
-  train = (load(d.train, d.train_split, tokenizer, max_length=d.max_length, name="train")
-           if need_train else None)
-  evaluation = (load(d.eval, d.eval_split, tokenizer, max_length=d.max_length, name="eval")
-                if d.eval else None)
+  lengths = dict(max_length=d.max_length, max_prompt_length=d.max_prompt_length)
+  train = load(d.train, d.train_split, tokenizer, name="train", **lengths) if need_train else None
+  evaluation = load(d.eval, d.eval_split, tokenizer, name="eval", **lengths) if d.eval else None
   return train, evaluation
