@@ -150,8 +150,10 @@ class DPO(base.Task):
     for name, split in (("train", train), ("eval", evaluation)):
       if split is None:
         continue
-      length = self.config.data.max_length
-      metrics.log(f"{name}: {split.pairs} pairs; max_length={length} cut the prompt of "
+      d = self.config.data
+      limits = f"max_length={d.max_length}" + (
+          f", max_prompt_length={d.max_prompt_length}" if d.max_prompt_length else "")
+      metrics.log(f"{name}: {split.pairs} pairs; {limits} cut the prompt of "
                   f"{split.prompt_truncated} (from the left) and a response of "
                   f"{split.response_truncated} (from the right)"
                   + (f"; {split.dropped_identical} pairs left identical by the cut were "
