@@ -43,17 +43,8 @@ def _limited(path: str, limit: int) -> str:
   return out.name
 
 
-def main(argv: list[str] | None = None) -> int:
-  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  p.add_argument("--pairs", required=True, help="jsonl of held-out pairs")
-  p.add_argument("--limit", type=int, default=0, help="use only the first N pairs")
-  p.add_argument("--reference", default="",
-                 help=".npy of the pairs' reference log-probs (at the runs' max_length): read if "
-                      "it exists, else written")
-  p.add_argument("--dump", default="", help="a folder for each checkpoint's per-pair arrays")
-  p.add_argument("checkpoints", nargs="+", help="WORKDIR:STEP")
-  args = p.parse_args(argv)
-  pairs = _limited(args.pairs, args.limit)
+def _score(args: argparse.Namespace, pairs: str) -> None:
+  """Prints one JSON line per checkpoint of args.checkpoints on the pair file `pairs`."""
   data = None
   for spec in args.checkpoints:
     workdir, step = spec.rsplit(":", 1)
@@ -86,8 +77,24 @@ def main(argv: list[str] | None = None) -> int:
             "loss": round(float(np.mean(losses)), 4),
             "beta": config.dpo.beta, "loss_type": config.dpo.loss}
     print(json.dumps(line), flush=True)
-  if pairs != args.pairs:
-    os.unlink(pairs)
+
+
+def main(argv: list[str] | None = None) -> int:
+  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  p.add_argument("--pairs", required=True, help="jsonl of held-out pairs")
+  p.add_argument("--limit", type=int, default=0, help="use only the first N pairs")
+  p.add_argument("--reference", default="",
+                 help=".npy of the pairs' reference log-probs (at the runs' max_length): read if "
+                      "it exists, else written")
+  p.add_argument("--dump", default="", help="a folder for each checkpoint's per-pair arrays")
+  p.add_argument("checkpoints", nargs="+", help="WORKDIR:STEP")
+  args = p.parse_args(argv)
+  pairs = _limited(args.pairs, args.limit)
+  try:
+    _score(args, pairs)
+  finally:
+    if pairs != args.pairs:
+      os.unlink(pairs)
   return 0
 
 
