@@ -53,7 +53,13 @@ def env_with(bin_dir, **extra):
   return {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", **extra}
 
 
-def read_argv(path, timeout=5.0):
+# How long to wait for a backgrounded fake to write its file. Only a cap on the
+# wait (it ends as soon as the file is there): long, so a loaded CI machine never
+# decides the outcome.
+BACKGROUND_WAIT_S = 60.0
+
+
+def read_argv(path, timeout=BACKGROUND_WAIT_S):
   """The NUL-separated argv a fake executable wrote, waiting for background processes."""
   deadline = time.monotonic() + timeout
   while not path.exists() and time.monotonic() < deadline:
@@ -176,7 +182,7 @@ def test_launch_printed_command_runs_the_training_in_the_background_on_a_worker(
                        text=True, check=True, timeout=30, env={**os.environ, "HOME": str(home)})
   assert "started on" in ran.stdout
   assert read_argv(home / "argv") == USER_COMMAND[1:]
-  deadline = time.monotonic() + 5
+  deadline = time.monotonic() + BACKGROUND_WAIT_S
   while "trained" not in (home / "jaxft.log").read_text() and time.monotonic() < deadline:
     time.sleep(0.02)
   assert (home / "jaxft.log").read_text() == "trained\n"
