@@ -49,6 +49,7 @@ import argparse
 import json
 import math
 import os
+import re
 import statistics
 import sys
 import time
@@ -177,19 +178,26 @@ def load_model(path: str) -> torch.nn.Module:
 
 
 def with_lora(model: torch.nn.Module, config: ml_collections.ConfigDict) -> torch.nn.Module:
-  """peft LoRA as config.lora: rank, alpha (scale alpha / rank), dropout, targets.
+  """peft LoRA as config.lora: rank, alpha (scale alpha / rank), dropout, targets, last_layers.
 
   jaxft's targets regex full-matches `/`-separated module paths
   (`model/layers/0/self_attn/q_proj`); with `.` for `/` it full-matches
-  peft's dotted names, which peft does for a string `target_modules`.
-  peft initialises A Kaiming-uniform (bound 1 / sqrt(in), as jaxft) from
-  torch's RNG and B at zero.
+  peft's dotted names. The modules it selects (in the last `last_layers`
+  layers, when set) go to peft by their full names. peft initialises A
+  Kaiming-uniform (bound 1 / sqrt(in), as jaxft) from torch's RNG and B at zero.
   """
   import peft  # pylint: disable=g-import-not-at-top
   lora = config.lora
+  pattern = re.compile(lora.targets.replace("/", r"\."))
+  first = model.config.num_hidden_layers - lora.last_layers if lora.last_layers else 0
+  def kept(name: str) -> bool:
+    index = re.match(r"model\.layers\.(\d+)\.", name)
+    return index is None or int(index.group(1)) >= first
+  targets = [name for name, module in model.named_modules()
+             if isinstance(module, torch.nn.Linear) and pattern.fullmatch(name) and kept(name)]
   peft_config = peft.LoraConfig(
       task_type=peft.TaskType.CAUSAL_LM, r=lora.rank, lora_alpha=lora.alpha,
-      lora_dropout=lora.dropout, target_modules=lora.targets.replace("/", r"\."))
+      lora_dropout=lora.dropout, target_modules=targets)
   return peft.get_peft_model(model, peft_config)
 
 

@@ -128,6 +128,10 @@ def base() -> ml_collections.ConfigDict:
   c.lora.alpha = 16.0  # Adapter output scale is alpha / rank.
   c.lora.dropout = 0.0  # On the adapter input, in training.
   c.lora.targets = r".*/(query|value|q_lin|v_lin|q_proj|v_proj)"  # Linear module paths (fullmatch).
+  # > 0: only the targets in the last N layers of each layer stack (all if it has fewer).
+  # Below the first adapted layer nothing trains, so the backward pass stops there, and
+  # a reference with the adapters off (DPO, GRPO) shares those layers' forward pass.
+  c.lora.last_layers = 0
 
   # Device mesh (see jaxft/sharding.py): data x fsdp x tensor must equal the
   # device count; one axis may be -1 to take the remaining devices.
@@ -404,6 +408,9 @@ def validate_lora(config: ml_collections.ConfigDict) -> None:
     raise UserError(f"config.lora.alpha must be > 0, got {c.alpha}")
   if not 0 <= c.dropout < 1:
     raise UserError(f"config.lora.dropout must be in [0, 1), got {c.dropout}")
+  if c.last_layers < 0:
+    raise UserError(f"config.lora.last_layers must be >= 0 (0: every layer), "
+                    f"got {c.last_layers}")
   try:
     re.compile(c.targets)
   except re.error as e:

@@ -126,3 +126,30 @@ def test_unseen_pairs_writes_exactly_the_rows_training_never_draws(tmp_path):
   assert len(drawn) == 12 and not drawn & set(written)
   # Batches 0-3 (one more than the 3 steps read) of the first epoch: 16 distinct rows.
   assert written == sorted(written) and len(written) == 40 - 16
+
+
+@pytest.mark.parametrize("last_layers", [0, 1])
+def test_torch_dpo_adapts_the_modules_jaxft_adapts(last_layers, tmp_path):
+  """bench/torch_dpo.py's peft model has adapters on exactly jaxft's modules."""
+  import torch  # pylint: disable=g-import-not-at-top
+  import transformers  # pylint: disable=g-import-not-at-top
+  from bench import torch_dpo  # pylint: disable=g-import-not-at-top
+  from jaxft import config as config_lib  # pylint: disable=g-import-not-at-top
+  from jaxft.formats import hf  # pylint: disable=g-import-not-at-top
+  from jaxft.tuning import lora  # pylint: disable=g-import-not-at-top
+  from jaxft.tuning import trainable  # pylint: disable=g-import-not-at-top
+  hf_config = transformers.LlamaConfig(
+      vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
+      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+  torch.manual_seed(0)
+  transformers.LlamaForCausalLM(hf_config).save_pretrained(tmp_path)
+  config = config_lib.dpo()
+  config.lora.rank, config.lora.last_layers = 4, last_layers
+  config.lora.targets = r".*/(q_proj|v_proj|down_proj)"
+  model = trainable.with_adapters(hf.load(str(tmp_path), "causal_lm").model, config)
+  ours = sorted(p.replace("/", ".") for p, m in lora.linear_modules(model)
+                if m.lora_a is not None)
+  peft_model = torch_dpo.with_lora(transformers.LlamaForCausalLM(hf_config), config)
+  theirs = sorted(n.removeprefix("base_model.model.").removesuffix(".lora_A")
+                  for n, _ in peft_model.named_modules() if n.endswith(".lora_A"))
+  assert theirs == ours and len(ours) == 3 * (3 if last_layers == 0 else 1)

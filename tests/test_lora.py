@@ -106,6 +106,31 @@ def test_attach_targets_fullmatch_module_paths(targets, expected, tiny_bert):
   assert _adapted(model) == expected
 
 
+@pytest.mark.parametrize("last_layers, expected_layers", [(0, [0, 1]), (1, [1]), (2, [0, 1]),
+                                                         (5, [0, 1])])
+def test_last_layers_keeps_only_the_targets_in_the_top_layers(last_layers, expected_layers,
+                                                              tiny_bert):
+  model = hf.load(tiny_bert.path, "classify", num_labels=2).model
+  chosen = lora.attach(model, **_ATTACH, last_layers=last_layers)
+  assert chosen == [f"encoder/layer/{i}/attention/self/{n}" for i in expected_layers
+                    for n in ("query", "value")]
+  assert _adapted(model) == chosen
+
+
+def test_last_layers_leaves_modules_outside_the_stack_to_the_targets(tiny_bert):
+  model = hf.load(tiny_bert.path, "classify", num_labels=2).model
+  chosen = lora.attach(model, **{**_ATTACH, "targets_regex": r"pooler/dense|.*/query"},
+                       last_layers=1)
+  assert chosen == ["encoder/layer/1/attention/self/query", "pooler/dense"]
+
+
+def test_negative_last_layers_is_a_config_error():
+  config = _lora_config()
+  config.lora.last_layers = -1
+  with pytest.raises(UserError, match="last_layers must be >= 0"):
+    config_lib.validate_lora(config)
+
+
 @pytest.mark.parametrize("targets", [
     r".*/qkv",  # No such module.
     r"query",  # Matches inside a path, but fullmatch needs the whole path.

@@ -23,6 +23,7 @@ from flax import nnx
 from jaxft.errors import UserError
 from jaxft.models import dropout
 from jaxft.models import layers
+from jaxft.models import stack
 
 ADAPTER_PATH = r".*/lora_[ab]"  # Param paths of every adapter matrix.
 
@@ -38,16 +39,38 @@ def targets(model: nnx.Module, pattern: str) -> list[str]:
   return [p for p, _ in linear_modules(model) if re.fullmatch(pattern, p)]
 
 
+def in_last_layers(model: nnx.Module, paths: list[str], last_layers: int) -> list[str]:
+  """The `paths` outside every layer stack or in one of its last `last_layers` layers.
+
+  0 keeps every path. A stack with fewer layers keeps all of them.
+  """
+  if not last_layers:
+    return paths
+  first = {}  # Stack path prefix -> its first kept layer index.
+  for container in stack.containers(model):
+    blocks = model
+    for name in container:
+      blocks = getattr(blocks, name)
+    first["/".join(map(str, container)) + "/"] = max(len(blocks) - last_layers, 0)
+  def kept(path: str) -> bool:
+    for prefix, start in first.items():
+      if path.startswith(prefix):
+        return int(path[len(prefix):].split("/", 1)[0]) >= start
+    return True
+  return [p for p in paths if kept(p)]
+
+
 def target_pattern(targets_regex: str) -> str:
   """Param paths of the base kernels and biases LoRA freezes (config.lora.targets)."""
   return rf"(?:{targets_regex})/(?:kernel|bias)"
 
 
 def attach(model: nnx.Module, *, targets_regex: str, rank: int, alpha: float,
-           dropout_rate: float, seed: int) -> list[str]:
+           dropout_rate: float, seed: int, last_layers: int = 0) -> list[str]:
   """Adds rank-`rank` adapters to the Linears `targets_regex` selects, in place.
 
-  The settings are config.lora's. `lora_a` is Kaiming-uniform as in PEFT
+  The settings are config.lora's; `last_layers` > 0 keeps only the targets in
+  the last that many layers of each layer stack (`in_last_layers`). `lora_a` is Kaiming-uniform as in PEFT
   (bound 1/sqrt(in)), `lora_b` zero; the adapter output is scaled by
   alpha / rank and its input dropped out at `dropout_rate` in training. Works on
   abstract models under `nnx.eval_shape`. Returns the module paths.
@@ -55,7 +78,7 @@ def attach(model: nnx.Module, *, targets_regex: str, rank: int, alpha: float,
   Raises:
     UserError: the targets regex matches no Linear layer.
   """
-  chosen = targets(model, targets_regex)
+  chosen = in_last_layers(model, targets(model, targets_regex), last_layers)
   if not chosen:
     names = ", ".join(p for p, _ in linear_modules(model)[:6])
     raise UserError(f"config.lora.targets={targets_regex!r} matches no Linear layer "

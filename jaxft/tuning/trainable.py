@@ -42,7 +42,7 @@ def with_adapters(model: nnx.Module, config: ml_collections.ConfigDict) -> nnx.M
   if config_lib.lora_enabled(config):
     c = config.lora
     lora.attach(model, targets_regex=c.targets, rank=c.rank, alpha=c.alpha,
-                dropout_rate=c.dropout, seed=config.train.seed)
+                dropout_rate=c.dropout, seed=config.train.seed, last_layers=c.last_layers)
   return stack.configure(model, stack_options(config))
 
 
