@@ -7,7 +7,7 @@ the same --steps (= config.train.num_steps, so the same schedule),
 loss, preference accuracy and reward margin of both at every eval; the train
 loss, learning rate and gradient norm of both at every step; wall time,
 median step time and their ratio. --steps and --eval-every default to the
-recipe's (configs/dpo.py: 100 steps, one eval at the end, over 200 pairs).
+recipe's (configs/dpo.py: 125 steps, one eval at the end, over 200 pairs).
 
   .venv/bin/python -m bench.compare_dpo                       # the recipe as it is
   .venv/bin/python -m bench.compare_dpo --steps 40 --eval-every 10 --max-eval-pairs 50
