@@ -183,8 +183,9 @@ def with_lora(model: torch.nn.Module, config: ml_collections.ConfigDict) -> torc
   jaxft's targets regex full-matches `/`-separated module paths
   (`model/layers/0/self_attn/q_proj`); with `.` for `/` it full-matches
   peft's dotted names. The modules it selects (in the last `last_layers`
-  layers, when set) go to peft by their full names. peft initialises A
-  Kaiming-uniform (bound 1 / sqrt(in), as jaxft) from torch's RNG and B at zero.
+  layers of `model.layers`, when set) go to peft by their full names. peft
+  initialises A Kaiming-uniform (bound 1 / sqrt(in), as jaxft) from torch's RNG
+  and B at zero.
   """
   import peft  # pylint: disable=g-import-not-at-top
   lora = config.lora

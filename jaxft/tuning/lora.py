@@ -50,7 +50,7 @@ def in_last_layers(model: nnx.Module, paths: list[str], last_layers: int) -> lis
   for container in stack.containers(model):
     blocks = model
     for name in container:
-      blocks = getattr(blocks, name)
+      blocks = blocks[name] if isinstance(name, int) else getattr(blocks, name)
     first["/".join(map(str, container)) + "/"] = max(len(blocks) - last_layers, 0)
   def kept(path: str) -> bool:
     for prefix, start in first.items():
@@ -70,10 +70,11 @@ def attach(model: nnx.Module, *, targets_regex: str, rank: int, alpha: float,
   """Adds rank-`rank` adapters to the Linears `targets_regex` selects, in place.
 
   The settings are config.lora's; `last_layers` > 0 keeps only the targets in
-  the last that many layers of each layer stack (`in_last_layers`). `lora_a` is Kaiming-uniform as in PEFT
-  (bound 1/sqrt(in)), `lora_b` zero; the adapter output is scaled by
-  alpha / rank and its input dropped out at `dropout_rate` in training. Works on
-  abstract models under `nnx.eval_shape`. Returns the module paths.
+  the last that many layers of each layer stack (`in_last_layers`). `lora_a`
+  is Kaiming-uniform as in PEFT (bound 1/sqrt(in)), `lora_b` zero; the adapter
+  output is scaled by alpha / rank and its input dropped out at `dropout_rate`
+  in training. Works on abstract models under `nnx.eval_shape`. Returns the
+  module paths.
 
   Raises:
     UserError: the targets regex matches no Linear layer.
