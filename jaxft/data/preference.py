@@ -272,10 +272,10 @@ def truncate(prompt: list[int], chosen: list[int], rejected: list[int], max_leng
   Returns:
     (prompt, chosen, rejected, whether the prompt was cut, whether a response was).
   """
-  cap = min(len(prompt), max_prompt_length or len(prompt))
+  keep = min(len(prompt), max_prompt_length or len(prompt))
   longest = max(len(chosen), len(rejected))
-  keep = cap if cap + longest <= max_length else min(cap, max(max_length // 2,
-                                                               max_length - longest))
+  if keep + longest > max_length:
+    keep = min(keep, max(max_length // 2, max_length - longest))
   room = max_length - keep
   return (prompt[len(prompt) - keep:], chosen[:room], rejected[:room], keep < len(prompt),
           longest > room)

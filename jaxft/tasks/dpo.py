@@ -147,12 +147,12 @@ class DPO(base.Task):
     del labels
     tokenizer = hub.load_tokenizer(model_path)
     train, evaluation = preference.prepare(self.config, tokenizer, need_train=need_train)
+    d = self.config.data
+    limits = f"max_length={d.max_length}" + (
+        f", max_prompt_length={d.max_prompt_length}" if d.max_prompt_length else "")
     for name, split in (("train", train), ("eval", evaluation)):
       if split is None:
         continue
-      d = self.config.data
-      limits = f"max_length={d.max_length}" + (
-          f", max_prompt_length={d.max_prompt_length}" if d.max_prompt_length else "")
       metrics.log(f"{name}: {split.pairs} pairs; {limits} cut the prompt of "
                   f"{split.prompt_truncated} (from the left) and a response of "
                   f"{split.response_truncated} (from the right)"
