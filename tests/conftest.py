@@ -186,6 +186,18 @@ def smollm2_tokenizer(smollm2_path):
 
 
 @pytest.fixture(scope="session")
+def tiny_llama_4_layers(tmp_path_factory) -> str:
+  """A tiny random 4-layer Llama's HF folder: enough layers to ask which ones LoRA adapts."""
+  path = tmp_path_factory.mktemp("tiny_llama_4_layers")
+  config = transformers.LlamaConfig(
+      vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=4,
+      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+  torch.manual_seed(0)
+  transformers.LlamaForCausalLM(config).save_pretrained(path)
+  return str(path)
+
+
+@pytest.fixture(scope="session")
 def tiny_chat_lm(tmp_path_factory, smollm2_tokenizer):
   """A tiny random Llama with SmolLM2's tokenizer and chat template, and real chats.
 

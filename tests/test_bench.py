@@ -129,27 +129,22 @@ def test_unseen_pairs_writes_exactly_the_rows_training_never_draws(tmp_path):
 
 
 @pytest.mark.parametrize("last_layers", [0, 1])
-def test_torch_dpo_adapts_the_modules_jaxft_adapts(last_layers, tmp_path):
+def test_torch_dpo_adapts_the_modules_jaxft_adapts(last_layers, tiny_llama_4_layers):
   """bench/torch_dpo.py's peft model has adapters on exactly jaxft's modules."""
-  import torch  # pylint: disable=g-import-not-at-top
   import transformers  # pylint: disable=g-import-not-at-top
   from bench import torch_dpo  # pylint: disable=g-import-not-at-top
   from jaxft import config as config_lib  # pylint: disable=g-import-not-at-top
   from jaxft.formats import hf  # pylint: disable=g-import-not-at-top
   from jaxft.tuning import lora  # pylint: disable=g-import-not-at-top
   from jaxft.tuning import trainable  # pylint: disable=g-import-not-at-top
-  hf_config = transformers.LlamaConfig(
-      vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
-      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-  torch.manual_seed(0)
-  transformers.LlamaForCausalLM(hf_config).save_pretrained(tmp_path)
   config = config_lib.dpo()
   config.lora.rank, config.lora.last_layers = 4, last_layers
   config.lora.targets = r".*/(q_proj|v_proj|down_proj)"
-  model = trainable.with_adapters(hf.load(str(tmp_path), "causal_lm").model, config)
+  model = trainable.with_adapters(hf.load(tiny_llama_4_layers, "causal_lm").model, config)
   ours = sorted(p.replace("/", ".") for p, m in lora.linear_modules(model)
                 if m.lora_a is not None)
-  peft_model = torch_dpo.with_lora(transformers.LlamaForCausalLM(hf_config), config)
+  peft_model = torch_dpo.with_lora(
+      transformers.LlamaForCausalLM.from_pretrained(tiny_llama_4_layers), config)
   theirs = sorted(n.removeprefix("base_model.model.").removesuffix(".lora_A")
                   for n, _ in peft_model.named_modules() if n.endswith(".lora_A"))
-  assert theirs == ours and len(ours) == 3 * (3 if last_layers == 0 else 1)
+  assert theirs == ours and len(ours) == 3 * (4 if last_layers == 0 else 1)

@@ -249,7 +249,7 @@ def _grad_flops(path: str, last_layers: int) -> float:
   return flops
 
 
-def test_reference_shares_the_unadapted_layers_forward_with_the_policy(tmp_path):
+def test_reference_shares_the_unadapted_layers_forward_with_the_policy(tiny_llama_4_layers):
   """Adapters on the last of 4 layers: the 3 below run once for policy and reference.
 
   Counted on the compiled program, not timed. Everywhere: forward, backward and
@@ -257,12 +257,8 @@ def test_reference_shares_the_unadapted_layers_forward_with_the_policy(tmp_path)
   forward shared, then the top layer twice and its backward, about 1.5 (0.45
   measured); without the sharing (XLA's CSE pass off) it would be 2.25 (0.64).
   """
-  config = transformers.LlamaConfig(
-      vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=4,
-      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-  torch.manual_seed(0)
-  transformers.LlamaForCausalLM(config).save_pretrained(tmp_path)
-  ratio = _grad_flops(str(tmp_path), last_layers=1) / _grad_flops(str(tmp_path), last_layers=0)
+  path = tiny_llama_4_layers
+  ratio = _grad_flops(path, last_layers=1) / _grad_flops(path, last_layers=0)
   assert ratio < 0.55, ratio
 
 
