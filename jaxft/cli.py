@@ -356,7 +356,8 @@ def _generate(command: str) -> None:
   from jaxft import generate  # pylint: disable=g-import-not-at-top
   from jaxft.runtime import profiling  # pylint: disable=g-import-not-at-top
   profiling.use_default_compilation_cache()
-  model, tokenizer = _causal_lm()
+  from jaxft import run as run_lib  # pylint: disable=g-import-not-at-top
+  model, tokenizer = run_lib.language_model(_WORKDIR.value, model_path=_MODEL.value or None)
   kw = dict(max_new_tokens=_MAX_NEW.value, stop=_STOP.value, seed=_SEED.value,
             sampling=generate.Sampling(_TEMPERATURE.value, _TOP_K.value, _TOP_P.value))
   if command == "generate":
@@ -388,21 +389,6 @@ def _predict() -> None:
       sampling=generate.Sampling(_TEMPERATURE.value, _TOP_K.value, _TOP_P.value))
   if _OUT.value:
     print(json.dumps(summary))
-
-
-def _causal_lm():
-  """(model, tokenizer) from --model, or from the latest checkpoint of --workdir."""
-  # pylint: disable=g-import-not-at-top
-  from jaxft import run as run_lib
-  from jaxft.formats import hf, hub
-  from jaxft.tasks import CausalLM
-  from jaxft.tuning import lora
-  if _MODEL.value:
-    return hf.load(_MODEL.value, CausalLM.name).model, hub.load_tokenizer(_MODEL.value)
-  _, run, model_path = run_lib.restore(_WORKDIR.value)
-  if not run.task.generates_text:
-    raise UserError(f"{_WORKDIR.value} trained a classifier, not a language model")
-  return lora.merge(run.model()), hub.load_tokenizer(model_path)
 
 
 def main() -> None:

@@ -37,6 +37,7 @@ from jaxft.formats import fingerprint
 from jaxft.formats import hf
 from jaxft.formats import hub
 from jaxft.models import attention as attention_lib
+from jaxft.tuning import lora
 from jaxft.tuning import optimizer
 from jaxft.tuning import rules
 from jaxft.tuning import trainable
@@ -320,6 +321,26 @@ def restore(workdir: str, *, config: ml_collections.ConfigDict | None = None,
   run = open_run(config, workdir, model_path, labels, quiet=True, task=task, step=chosen)
   run.checkpointer.close()  # Callers only read the restored state.
   return config, run, model_path
+
+
+def language_model(workdir: str | None, *, model_path: str | None = None,
+                   config: ml_collections.ConfigDict | None = None) -> tuple[Any, Any]:
+  """(model, tokenizer) to generate with: `model_path`'s if given, else `workdir`'s.
+
+  `model_path`: an HF folder or hub id (an export, a base model), loaded as is.
+  Otherwise the latest checkpoint of `workdir`, its LoRA adapters merged, read
+  with `config` (the run's own when None).
+
+  Raises:
+    UserError: the workdir trained a classifier, or as `restore`.
+  """
+  if model_path is not None:
+    return (hf.load(model_path, tasks.CausalLM.model_kind).model,
+            hub.load_tokenizer(model_path))
+  _, run, base_path = restore(workdir, config=config)
+  if not run.task.generates_text:
+    raise UserError(f"{workdir} trained a classifier, not a language model")
+  return lora.merge(run.model()), hub.load_tokenizer(base_path)
 
 
 def _choose_step(checkpointer: checkpoint.Checkpointer, step: str | int | None,

@@ -274,6 +274,13 @@ def test_a_language_model_completes_prompts_as_jaxft_generate(tiny_chat_lm, tmp_
 # ------------------------------------------------------------------ mistakes
 
 
+def test_generate_on_a_classifier_run_exits_2(text_run):
+  workdir, _, _ = text_run
+  proc = jaxft_in_process("generate", f"--workdir={workdir}", "--prompt=hi")
+  assert proc.returncode == 2
+  assert "trained a classifier, not a language model" in proc.stderr
+
+
 def test_bad_inputs_exit_2_and_write_nothing(tiny_setup, text_run, tmp_path):
   workdir, _, _ = text_run
   empty, no_text = tmp_path / "empty.jsonl", tmp_path / "no_text.jsonl"

@@ -66,14 +66,12 @@ from jaxft.data import text
 from jaxft.errors import UserError
 from jaxft.formats import export_dir
 from jaxft.formats import gguf
-from jaxft.formats import hf
 from jaxft.formats import hub
 from jaxft.models import registry
 from jaxft.runtime import run_record
 from jaxft.runtime import storage
 from jaxft.tasks import classify
 from jaxft.tasks import image_classify
-from jaxft.tuning import lora
 
 log = metrics.log
 
@@ -124,7 +122,7 @@ def predict(config: ml_collections.ConfigDict | None, workdir: str | None, input
     config = _with_batch_size(config, batch_size)
     task = tasks.of(config)
     if task.generates_text:
-      rows, total, counts = _completions(config, task, workdir, model, input_spec, generation)
+      rows, total, counts = _completions(config, workdir, model, input_spec, generation)
     elif task.has_labels:
       rows, total, counts = _classifications(config, task, workdir, export, input_spec)
     else:
@@ -525,22 +523,13 @@ def _conversation(messages: Any, spec: str, row: int) -> list[dict[str, str]]:
   return messages
 
 
-def _language_model(config: ml_collections.ConfigDict, workdir: str | None,
-                    model: str | None, task: tasks.Task) -> tuple[Any, Any]:
-  """(model, tokenizer): the export's, or the latest checkpoint's with LoRA merged."""
-  if model is not None:
-    return hf.load(config.model.path, task.model_kind).model, hub.load_tokenizer(
-        config.model.path)
-  _, run, model_path = run_lib.restore(workdir, config=config)
-  return lora.merge(run.model()), hub.load_tokenizer(model_path)
-
-
-def _completions(config: ml_collections.ConfigDict, task: tasks.Task, workdir: str | None,
-                 model: str | None, spec: str, generation: Generation
-                 ) -> tuple[Rows, int, dict[str, Any]]:
+def _completions(config: ml_collections.ConfigDict, workdir: str | None, model: str | None,
+                 spec: str, generation: Generation) -> tuple[Rows, int, dict[str, Any]]:
   """(the rows, how many, {}) of a language model: a completion per prompt."""
   ids, prompts = _prompts(spec, config.data.get("eval_split", "test"))
-  lm, tokenizer = _language_model(config, workdir, model, task)
+  # With --model, _resolve pointed config.model.path at the export.
+  lm, tokenizer = run_lib.language_model(
+      workdir, model_path=config.model.path if model is not None else None, config=config)
   texts = [generate.chat_prompt(tokenizer, p) if isinstance(p, list) else
            generate.chat_prompt(tokenizer, [{"role": "user", "content": p}]) if generation.chat
            else p for p in prompts]
