@@ -6,20 +6,24 @@
 The pairs are tokenized once and the reference log-probs (the base model,
 adapters off) computed once; each checkpoint then costs one policy forward
 per pair, half of what `jaxft eval` spends on a fresh file. Every checkpoint
-must share the first one's base model, max_length and LoRA layout (the
-reference and the token rows are reused). Prints one JSON line per
+must share the first one's base model and token rows (the reference and the
+rows are reused): a checkpoint that differs is an error. A saved --reference
+keeps beside it (REFERENCE.json) what it was computed from, and is refused for
+any other base model, row lengths or pair file. Prints one JSON line per
 checkpoint, with the standard error of its accuracy.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import os
 import tempfile
 
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 
 from jaxft import metrics
@@ -43,17 +47,51 @@ def _limited(path: str, limit: int) -> str:
   return out.name
 
 
+def _provenance(config: ml_collections.ConfigDict, pairs: str) -> dict:
+  """What a reference's log-probs depend on: the base model, the rows' lengths, the pairs."""
+  with open(pairs, "rb") as f:
+    digest = hashlib.sha256(f.read()).hexdigest()
+  return {"model": config.model.path, "frozen_dtype": config.model.get("frozen_dtype"),
+          "max_length": config.data.max_length,
+          "max_prompt_length": config.data.get("max_prompt_length", 0), "pairs_sha256": digest}
+
+
+def _load_reference(path: str, provenance: dict) -> np.ndarray:
+  """The saved reference at `path`; UserError unless it was computed from `provenance`."""
+  try:
+    with open(path + ".json", encoding="utf-8") as f:
+      saved = json.load(f)
+  except FileNotFoundError:
+    raise UserError(f"{path} has no {path}.json saying what it was computed from; delete "
+                    "it to compute it again") from None
+  if saved != provenance:
+    differ = sorted(k for k in provenance if saved.get(k) != provenance[k])
+    raise UserError(f"{path} was computed for other {', '.join(differ)} ({saved}); delete it "
+                    "or name another --reference")
+  return np.load(path)
+
+
+def _save_reference(path: str, ref: np.ndarray, provenance: dict) -> None:
+  np.save(path, ref)
+  with open(path + ".json", "w", encoding="utf-8") as f:
+    json.dump(provenance, f)
+
+
 def _score(args: argparse.Namespace, pairs: str) -> None:
   """Prints one JSON line per checkpoint of args.checkpoints on the pair file `pairs`."""
-  data = None
+  data = provenance = None
   for spec in args.checkpoints:
     workdir, step = spec.rsplit(":", 1)
     config = run_record.saved_config(workdir)
     config.data.eval = pairs
     if data is None:
+      provenance = _provenance(config, pairs)
       model_path, _, data = run_lib.prepare(config, workdir, need_train=False)
       if args.reference and os.path.exists(args.reference):
-        data.eval[dpo.REFERENCE_KEY] = np.load(args.reference)
+        data.eval[dpo.REFERENCE_KEY] = _load_reference(args.reference, provenance)
+    elif _provenance(config, pairs) != provenance:
+      raise UserError(f"{spec} has another base model or row lengths than "
+                      f"{args.checkpoints[0]}: score it in a run of its own")
     task = tasks.of(config)  # Its loss decides how a reward is read (summed or averaged).
     run = run_lib.open_run(config, workdir, model_path, None, quiet=True, task=task,
                            step=int(step))
@@ -62,7 +100,7 @@ def _score(args: argparse.Namespace, pairs: str) -> None:
     if dpo.REFERENCE_KEY not in data.eval:
       data.eval[dpo.REFERENCE_KEY] = ref  # Later checkpoints reuse it (adapters off).
       if args.reference:
-        np.save(args.reference, ref)
+        _save_reference(args.reference, ref, provenance)
     if args.dump:
       np.savez(os.path.join(args.dump, spec.replace("/", "_").strip("_") + ".npz"),
                logps=logps, ref=ref, counts=counts)
@@ -84,8 +122,8 @@ def main(argv: list[str] | None = None) -> int:
   p.add_argument("--pairs", required=True, help="jsonl of held-out pairs")
   p.add_argument("--limit", type=int, default=0, help="use only the first N pairs")
   p.add_argument("--reference", default="",
-                 help=".npy of the pairs' reference log-probs (at the runs' max_length): read if "
-                      "it exists, else written")
+                 help=".npy of the pairs' reference log-probs: read if it exists (and was "
+                      "computed for the same model, rows and pairs), else written")
   p.add_argument("--dump", default="", help="a folder for each checkpoint's per-pair arrays")
   p.add_argument("checkpoints", nargs="+", help="WORKDIR:STEP")
   args = p.parse_args(argv)

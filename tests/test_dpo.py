@@ -428,3 +428,11 @@ def test_bench_dpo_heldout_equals_jaxft_eval_and_reuses_its_saved_reference(
     assert got["preference_accuracy"] == pytest.approx(want["preference_accuracy"], abs=1e-4)
     assert got["reward_margin"] == pytest.approx(want["reward_margin"], abs=1e-4)
     assert ref.exists()
+  record = json.loads((tmp_path / "ref.npy.json").read_text())
+  (tmp_path / "ref.npy.json").write_text(json.dumps({**record, "max_length": 7}))
+  args = ["--pairs", config.data.eval, "--reference", str(ref), f"{tmp_path / 'run'}:2"]
+  with pytest.raises(UserError, match="computed for other max_length"):
+    dpo_heldout.main(args)
+  (tmp_path / "ref.npy.json").unlink()
+  with pytest.raises(UserError, match="saying what it was computed from"):
+    dpo_heldout.main(args)
