@@ -8,8 +8,8 @@ adapters off) computed once; each checkpoint then costs one policy forward
 per pair, half of what `jaxft eval` spends on a fresh file. Every checkpoint
 must share the first one's base model and token rows (the reference and the
 rows are reused): a checkpoint that differs is an error. A saved --reference
-keeps beside it (REFERENCE.json) what it was computed from, and is refused for
-any other base model, row lengths or pair file. Prints one JSON line per
+R.npy keeps beside it, in R.npy.json, what it was computed from, and is
+refused for any other base model, row lengths or pair file. Prints one JSON line per
 checkpoint, with the standard error of its accuracy.
 """
 
