@@ -118,14 +118,19 @@ def run(blocks: Sequence[nnx.Module], x: Array, call: BlockCall, *, options: Opt
 STACKED = "stacked"
 
 
-def containers(model: nnx.Module) -> list[tuple]:
-  """Paths of the layer lists that `run` executes (e.g. ('encoder', 'layer'))."""
+def layer_lists(model: nnx.Module) -> list[tuple[tuple, nnx.List]]:
+  """(path, list) of each layer list that `run` executes (e.g. ('encoder', 'layer'))."""
   found = []
   for path, module in nnx.iter_modules(model):
     if isinstance(getattr(module, "stack_options", None), Options):
-      found += [tuple(path) + (name,) for name, value in vars(module).items()
+      found += [(tuple(path) + (name,), value) for name, value in vars(module).items()
                 if isinstance(value, nnx.List)]
   return found
+
+
+def containers(model: nnx.Module) -> list[tuple]:
+  """Paths of the layer lists that `run` executes (e.g. ('encoder', 'layer'))."""
+  return [path for path, _ in layer_lists(model)]
 
 
 def _stacked_value(values: list[Any]) -> Any:

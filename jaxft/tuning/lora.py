@@ -47,10 +47,7 @@ def in_last_layers(model: nnx.Module, paths: list[str], last_layers: int) -> lis
   if not last_layers:
     return paths
   first = {}  # Stack path prefix -> its first kept layer index.
-  for container in stack.containers(model):
-    blocks = model
-    for name in container:
-      blocks = blocks[name] if isinstance(name, int) else getattr(blocks, name)
+  for container, blocks in stack.layer_lists(model):
     first["/".join(map(str, container)) + "/"] = max(len(blocks) - last_layers, 0)
   def kept(path: str) -> bool:
     for prefix, start in first.items():
