@@ -9,8 +9,8 @@ per pair, half of what `jaxft eval` spends on a fresh file. Every checkpoint
 must share the first one's base model and token rows (the reference and the
 rows are reused): a checkpoint that differs is an error. A saved --reference
 R.npy keeps beside it, in R.npy.json, what it was computed from, and is
-refused for any other base model, row lengths or pair file. Prints one JSON line per
-checkpoint, with the standard error of its accuracy.
+refused for any other base model, row lengths or pair file. Prints one JSON
+line per checkpoint, with the standard error of its accuracy.
 """
 
 from __future__ import annotations
@@ -47,13 +47,12 @@ def _limited(path: str, limit: int) -> str:
   return out.name
 
 
-def _provenance(config: ml_collections.ConfigDict, pairs: str) -> dict:
+def _provenance(config: ml_collections.ConfigDict, pairs_sha256: str) -> dict:
   """What a reference's log-probs depend on: the base model, the rows' lengths, the pairs."""
-  with open(pairs, "rb") as f:
-    digest = hashlib.sha256(f.read()).hexdigest()
   return {"model": config.model.path, "frozen_dtype": config.model.get("frozen_dtype"),
           "max_length": config.data.max_length,
-          "max_prompt_length": config.data.get("max_prompt_length", 0), "pairs_sha256": digest}
+          "max_prompt_length": config.data.get("max_prompt_length", 0),
+          "pairs_sha256": pairs_sha256}
 
 
 def _load_reference(path: str, provenance: dict) -> np.ndarray:
@@ -79,17 +78,19 @@ def _save_reference(path: str, ref: np.ndarray, provenance: dict) -> None:
 
 def _score(args: argparse.Namespace, pairs: str) -> None:
   """Prints one JSON line per checkpoint of args.checkpoints on the pair file `pairs`."""
+  with open(pairs, "rb") as f:
+    digest = hashlib.sha256(f.read()).hexdigest()
   data = provenance = None
   for spec in args.checkpoints:
     workdir, step = spec.rsplit(":", 1)
     config = run_record.saved_config(workdir)
     config.data.eval = pairs
     if data is None:
-      provenance = _provenance(config, pairs)
+      provenance = _provenance(config, digest)
       model_path, _, data = run_lib.prepare(config, workdir, need_train=False)
       if args.reference and os.path.exists(args.reference):
         data.eval[dpo.REFERENCE_KEY] = _load_reference(args.reference, provenance)
-    elif _provenance(config, pairs) != provenance:
+    elif _provenance(config, digest) != provenance:
       raise UserError(f"{spec} has another base model or row lengths than "
                       f"{args.checkpoints[0]}: score it in a run of its own")
     task = tasks.of(config)  # Its loss decides how a reward is read (summed or averaged).
