@@ -275,6 +275,8 @@ def run(argv: Sequence[str]) -> int:
   distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
                          workdir=_WORKDIR.value if command == "train" else None)
   from jaxft import commands, train  # pylint: disable=g-import-not-at-top
+  # A signal that arrived while JAX was importing (the handler holds it there).
+  preemption.check("during start-up: nothing was written; rerun the same command to go on")
   if command == "train":
     print(json.dumps(train.train(_CONFIG.value, _WORKDIR.value, profile_steps=_PROFILE.value)))
   elif command == "eval":

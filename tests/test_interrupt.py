@@ -1,5 +1,6 @@
 """Ctrl-C (SIGINT) at any moment of `jaxft train` ends it with 130 and a clean message."""
 
+import importlib
 import json
 import os
 import signal
@@ -87,3 +88,27 @@ def test_an_error_without_a_signal_is_not_called_an_interrupt(monkeypatch):
   monkeypatch.setattr(cli, "run", signal_then_error)
   with pytest.raises(ValueError, match="real"):
     cli.main()
+
+
+def test_a_signal_during_an_import_waits_for_the_import_then_check_raises_it(
+    monkeypatch, tmp_path):
+  """Raised inside a C extension's initialisation (jaxlib under load), the signal's
+  KeyboardInterrupt comes out as a bare ImportError or a crash: so it is held."""
+  from jaxft.runtime import preemption  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(preemption, "_pending", None)  # Put back after: later tests see none.
+  (tmp_path / "interrupted_module.py").write_text(
+      "import os, signal, time\n"
+      "os.kill(os.getpid(), signal.SIGINT)\n"
+      "time.sleep(0.2)\n"
+      "COMPLETED = True\n")
+  monkeypatch.syspath_prepend(str(tmp_path))
+  previous = preemption.install()
+  try:
+    module = importlib.import_module("interrupted_module")
+    assert module.COMPLETED
+    assert preemption.pending() == signal.SIGINT
+    with pytest.raises(preemption.Interrupted, match="stopped by SIGINT"):
+      preemption.check()
+  finally:
+    preemption.restore(previous)
+    sys.modules.pop("interrupted_module", None)

@@ -9,9 +9,11 @@ raises `Interrupted` at once.
 
 Python runs a handler between bytecodes of the main thread, and an exception
 raised while a finaliser or gc callback runs (JAX's `_xla_gc_callback`) is
-printed as "Exception ignored" and dropped. So there the handler only
-remembers the signal, and `check()` (called where a run changes phase, and by
-the CLI after each command) raises it: no signal is lost. `Interrupted` is a
+printed as "Exception ignored" and dropped; an exception raised while a C
+extension initialises (jaxlib, tensorstore) comes out as a bare ImportError
+or worse, a crash. So in both places the handler only remembers the signal,
+and `check()` (called where a run changes phase, and by the CLI after each
+command) raises it: no signal is lost. `Interrupted` is a
 KeyboardInterrupt, which `except Exception` does not catch.
 """
 
@@ -48,11 +50,20 @@ def _in_finaliser(frame: FrameType | None) -> bool:
   return False
 
 
+def _in_import(frame: FrameType | None) -> bool:
+  """Whether a module is being imported (its code runs under importlib's frames)."""
+  while frame is not None:
+    if frame.f_code.co_filename.startswith("<frozen importlib"):
+      return True
+    frame = frame.f_back
+  return False
+
+
 def _handle(signum: int, frame: FrameType | None) -> None:
   global _pending
   first = _pending is None
   _pending = signum
-  if (_deferring and first) or _in_finaliser(frame):
+  if (_deferring and first) or _in_finaliser(frame) or _in_import(frame):
     return  # The loop saves and stops after the step in flight; or `check` raises it.
   raise Interrupted(signum)
 
