@@ -416,8 +416,8 @@ def main() -> None:
     signum = preemption.pending()
     if signum is None or not errors.caused_by(e, KeyboardInterrupt):
       raise
-    # The signal's KeyboardInterrupt came out as another error: a C extension being
-    # imported turns it into "ImportError: initialization failed" (tensorstore does).
+    # The signal's KeyboardInterrupt came out as another error: C code it passed
+    # through wrapped it (during imports the handler holds the signal instead).
     print(f"jaxft: stopped by {signal.Signals(signum).name}", file=sys.stderr)
     sys.exit(128 + signum)
   finally:

@@ -40,20 +40,18 @@ class Interrupted(KeyboardInterrupt):
     self.detail = detail
 
 
-def _in_finaliser(frame: FrameType | None) -> bool:
-  """Whether a gc callback or a __del__ is running: Python drops what they raise, loudly."""
+def _cannot_raise(frame: FrameType | None) -> bool:
+  """Whether the stack runs a finaliser or an import: what is raised there is dropped or mangled.
+
+  A gc callback's or __del__'s exception is printed and dropped; a module's
+  import runs under importlib's frames, and a C extension initialising there
+  (jaxlib, tensorstore) turns it into a bare ImportError, or crashes.
+  """
   callbacks = {getattr(cb, "__code__", None) for cb in gc.callbacks}
   while frame is not None:
-    if frame.f_code in callbacks or frame.f_code.co_name == "__del__":
-      return True
-    frame = frame.f_back
-  return False
-
-
-def _in_import(frame: FrameType | None) -> bool:
-  """Whether a module is being imported (its code runs under importlib's frames)."""
-  while frame is not None:
-    if frame.f_code.co_filename.startswith("<frozen importlib"):
+    code = frame.f_code
+    if (code in callbacks or code.co_name == "__del__"
+        or code.co_filename.startswith("<frozen importlib")):
       return True
     frame = frame.f_back
   return False
@@ -63,7 +61,7 @@ def _handle(signum: int, frame: FrameType | None) -> None:
   global _pending
   first = _pending is None
   _pending = signum
-  if (_deferring and first) or _in_finaliser(frame) or _in_import(frame):
+  if (_deferring and first) or _cannot_raise(frame):
     return  # The loop saves and stops after the step in flight; or `check` raises it.
   raise Interrupted(signum)
 
